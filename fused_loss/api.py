@@ -1,0 +1,175 @@
+"""Public API: argument checks with clear errors, reductions, and the nn.Module."""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from . import op  # noqa: F401  (registers the custom ops)
+from .options import BACKENDS, REDUCTIONS, LossOptions, chunk_rows
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class FusedCEAux(NamedTuple):
+    """Statistics the kernel has anyway (detached): for logging logit drift and z-loss."""
+
+    lse: Tensor  # fp32, shaped like labels, 0 where ignored
+    z_loss: Tensor  # the z-loss term, reduced like the loss
+    valid_tokens: Tensor  # int64 device scalar: labels != ignore_index
+
+
+def _pick_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda" and not interpreted:
+        raise ValueError(f"backend='triton' needs CUDA tensors (got {device.type}); use "
+                         "backend='torch' or 'auto', or set TRITON_INTERPRET=1 for the "
+                         "(slow) Triton interpreter")
+    return backend
+
+
+def _check_tensors(hidden: Tensor, weight: Tensor, labels: Tensor) -> None:
+    for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if type(t) is not Tensor and not isinstance(t, nn.Parameter):
+            raise ValueError(f"{name} must be a plain tensor, got {type(t).__name__} (for a "
+                             "DTensor pass .to_local() and its vocab_start/process_group)")
+    if hidden.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"labels must be int64 (or int32), got {labels.dtype}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [V_local, D], got shape {tuple(weight.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden [..., D] has D={hidden.shape[-1] if hidden.dim() else None} "
+                         f"but weight is [V_local, D] with D={weight.shape[1]}")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels shape {tuple(labels.shape)} must equal hidden's leading shape "
+                         f"{tuple(hidden.shape[:-1])}")
+    if weight.shape[0] < 1:
+        raise ValueError("weight has no vocabulary rows (V_local = 0)")
+    if not (hidden.device == weight.device == labels.device):
+        raise ValueError(f"hidden ({hidden.device}), weight ({weight.device}) and labels "
+                         f"({labels.device}) must be on one device")
+
+
+def fused_linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "sum",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    vocab_start: int = 0,
+    vocab_size: int | None = None,
+    process_group: dist.ProcessGroup | None = None,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    chunk_budget_bytes: int | None = None,
+    check_labels: bool = True,
+    return_aux: bool = False,
+):
+    """cross_entropy(hidden @ weight.T, labels) without ever holding the logits.
+
+    hidden [..., D], weight [V_local, D] (this rank's rows vocab_start.. of a vocabulary of
+    vocab_size, split over process_group), labels [...] int64. Returns the loss (every rank
+    the same), or (loss, FusedCEAux) with return_aux. The gradient of hidden is this rank's
+    partial sum over process_group: the caller reduces it (all-reduce / reduce-scatter).
+    z_loss adds z_loss * logsumexp**2 per token; logit_softcap applies cap*tanh(z/cap).
+    """
+    _check_tensors(hidden, weight, labels)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if logit_softcap is not None and logit_softcap <= 0:
+        raise ValueError(f"logit_softcap must be > 0 or None, got {logit_softcap}")
+    v_local = weight.shape[0]
+    if vocab_size is None:
+        if process_group is not None and dist.get_world_size(process_group) > 1:
+            raise ValueError("vocab_size (the global vocabulary) is required with a "
+                             "process_group of more than one rank")
+        vocab_size = vocab_start + v_local
+    if vocab_start + v_local > vocab_size:
+        raise ValueError(f"weight rows [{vocab_start}, {vocab_start + v_local}) exceed "
+                         f"vocab_size={vocab_size}")
+    opts = LossOptions(ignore_index, float(label_smoothing), float(z_loss),
+                       float(logit_softcap or 0.0), vocab_start, vocab_size)
+    backend = _pick_backend(backend, hidden.device)
+    group_name = ""
+    if process_group is not None and dist.get_world_size(process_group) > 1:
+        group_name = process_group.group_name
+
+    lead_shape = labels.shape
+    h = hidden.reshape(-1, hidden.shape[-1])
+    if h.stride(-1) != 1:  # a layout matter, not an error
+        h = h.contiguous()
+    y = labels.reshape(-1).to(torch.int64).contiguous()
+    chunk = chunk_rows(h.shape[0], v_local, h.element_size(), chunk_size, chunk_budget_bytes)
+    args = (opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.logit_softcap,
+            opts.vocab_start, opts.vocab_size, group_name, backend, chunk)
+    valid = (y != ignore_index).sum() if (reduction == "mean" or return_aux) else None
+
+    if reduction == "none":
+        loss, lse = torch.ops.fused_loss.lce_rows(h, weight, y, *args, check_labels)
+        z_term = z_loss * lse * lse
+        loss, lse, z_term = (t.reshape(lead_shape) for t in (loss, lse, z_term))
+    else:
+        want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+        loss, lse, _, _ = torch.ops.fused_loss.lce_sum(h, weight, y, *args, want_grad,
+                                                        check_labels)
+        z_term = z_loss * (lse * lse).sum()
+        if reduction == "mean":
+            # all tokens ignored -> 0, not torch's 0/0 = nan
+            denom = valid.clamp(min=1).to(loss.dtype)
+            loss, z_term = loss / denom, z_term / denom
+        lse = lse.reshape(lead_shape)
+    if not return_aux:
+        return loss
+    return loss, FusedCEAux(lse.detach(), z_term.detach(), valid)
+
+
+class FusedLinearCrossEntropy(nn.Module):
+    """An LM head that returns the loss: owns `weight` [V_local, D] like nn.Linear(D, V).
+
+    For vocabulary parallelism give this rank's slice size as out_features with vocab_start,
+    vocab_size and process_group; other keyword arguments are fused_linear_cross_entropy's.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, vocab_start: int = 0,
+                 vocab_size: int | None = None, process_group=None, device=None, dtype=None,
+                 **loss_options):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device,
+                                               dtype=dtype))
+        self.vocab_start, self.vocab_size = vocab_start, vocab_size
+        self.process_group = process_group
+        self.loss_options = loss_options
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)  # nn.Linear's default
+
+    def forward(self, hidden: Tensor, labels: Tensor):
+        return fused_linear_cross_entropy(hidden, self.weight, labels,
+                                          vocab_start=self.vocab_start,
+                                          vocab_size=self.vocab_size,
+                                          process_group=self.process_group,
+                                          **self.loss_options)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"vocab_start={self.vocab_start}, vocab_size={self.vocab_size}")

@@ -1,0 +1,108 @@
+"""The chunked algorithm, shared by both backends (they differ only in the row passes).
+
+For each chunk of C tokens (C from the memory budget):
+  1. z = h_c @ W^T                  vendor GEMM into ONE reused [C, V_local] buffer
+  2. row statistics of z            (max, sum-exp, target logit, logit sum), fp32
+  3. vocab parallel: one all-gather of the [C, 4] statistics -> full log-sum-exp
+  4. z := dloss/dz in place         no second [C, V] buffer
+  5. dh_c = z @ W,  dW += z^T @ h_c  (beta=1 into the dW buffer, see benchmarks/NOTES.md)
+So the [N, V] logits never exist, and the gradients are ready when the forward returns
+(6NDV FLOPs). With no gradient wanted, steps 4-5 are skipped (2NDV).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from . import rows_torch
+from .options import LossOptions
+from .vocab_parallel import check_tiling, combine_stats, resolve_group
+
+
+def rows_backend(backend: str) -> ModuleType:
+    if backend == "triton":
+        from . import rows_triton  # imported lazily: the torch path must not need a GPU stack
+        return rows_triton
+    return rows_torch
+
+
+def loss_from_stats(stats: torch.Tensor, labels: torch.Tensor, opts: LossOptions):
+    """Per-token loss and log-sum-exp from the merged statistics (0 where ignored)."""
+    row_max, sum_exp, target, logit_sum = stats.unbind(dim=1)
+    lse = row_max + torch.log(sum_exp)
+    loss = lse - (1.0 - opts.label_smoothing) * target + opts.z_loss * lse * lse
+    if opts.label_smoothing:
+        loss = loss - (opts.label_smoothing / opts.vocab_size) * logit_sum
+    valid = labels != opts.ignore_index
+    return torch.where(valid, loss, 0.0), torch.where(valid, lse, 0.0)
+
+
+def check_label_range(labels: torch.Tensor, opts: LossOptions) -> None:
+    """Labels outside [0, vocab_size) that are not ignore_index: a ValueError, never garbage.
+
+    Costs one host sync when the labels live on an accelerator; callers that checked the
+    labels on the host already pass check_labels=False.
+    """
+    bad = (labels != opts.ignore_index) & ((labels < 0) | (labels >= opts.vocab_size))
+    count = int(bad.sum())
+    if count:
+        example = int(labels[bad][0])
+        raise ValueError(
+            f"labels: {count} value(s) outside [0, {opts.vocab_size}) that are not "
+            f"ignore_index={opts.ignore_index}, e.g. {example}")
+
+
+def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: LossOptions, *,
+        backend: str, chunk: int, group_name: str, want_grad: bool,
+        lse_in: torch.Tensor | None = None, grad_rows: torch.Tensor | None = None):
+    """hidden [N, D], weight [V_local, D], labels [N] -> (loss [N], lse [N], dh, dW).
+
+    With lse_in and grad_rows (the backward of reduction="none"): recompute z, skip the
+    statistics and the collective, and return only (dh, dW) scaled per row by grad_rows.
+    """
+    rows = rows_backend(backend)
+    group = resolve_group(group_name) if group_name else None
+    if group is not None:
+        check_tiling(group_name, opts.vocab_start, weight.shape[0], opts.vocab_size)
+    n_tokens = hidden.shape[0]
+    recompute = lse_in is not None
+    if not recompute:
+        loss = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(loss)
+    if want_grad:
+        dh = torch.empty_like(hidden)
+        dw = torch.zeros_like(weight) if n_tokens == 0 else torch.empty_like(weight)
+    else:
+        dh = dw = hidden.new_empty(0)
+    buf = torch.empty(min(chunk, n_tokens), weight.shape[0], dtype=hidden.dtype,
+                      device=hidden.device)
+    unit_scale = torch.ones(1, dtype=torch.float32, device=hidden.device)
+    for first in range(0, n_tokens, chunk):
+        last = min(first + chunk, n_tokens)
+        h_c, y_c = hidden[first:last], labels[first:last]
+        z = buf[: last - first]
+        torch.mm(h_c, weight.t(), out=z)
+        if recompute:
+            rows.row_grad_(z, lse_in[first:last], y_c, grad_rows[first:last], opts)
+        elif want_grad and group is None and hasattr(rows, "row_stats_and_grad_"):
+            stats = rows.row_stats_and_grad_(z, y_c, opts)
+            loss[first:last], lse[first:last] = loss_from_stats(stats, y_c, opts)
+        else:
+            stats = rows.row_stats(z, y_c, opts)
+            if group is not None:
+                stats = combine_stats(stats, group)
+            loss[first:last], lse[first:last] = loss_from_stats(stats, y_c, opts)
+            if want_grad:
+                full_lse = stats[:, 0] + torch.log(stats[:, 1])
+                rows.row_grad_(z, full_lse, y_c, unit_scale.expand(last - first), opts)
+        if want_grad:
+            torch.mm(z, weight, out=dh[first:last])
+            if first == 0:
+                torch.mm(z.t(), h_c, out=dw)
+            else:
+                dw.addmm_(z.t(), h_c)
+    if recompute:
+        return dh, dw
+    return loss, lse, dh, dw

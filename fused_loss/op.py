@@ -1,0 +1,127 @@
+"""The custom ops: what torch.compile sees as opaque, and their autograd.
+
+  fused_loss::lce_sum            -> (loss sum, lse [N], dh, dW)   gradient in forward
+  fused_loss::lce_rows           -> (loss [N], lse [N])           reduction="none"
+  fused_loss::lce_rows_backward  -> (dh, dW)                      recompute with per-row grads
+
+The sum op computes the gradients in its forward (6NDV instead of 8NDV); its backward only
+multiplies them by the scalar upstream gradient. Per-token upstream gradients ("none") cannot
+be folded in that way, so that path recomputes the logits in backward instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import chunked
+from .options import LossOptions
+
+
+def _opts(ignore_index, label_smoothing, z_loss, logit_softcap, vocab_start, vocab_size):
+    return LossOptions(ignore_index, label_smoothing, z_loss, logit_softcap, vocab_start,
+                       vocab_size)
+
+
+@torch.library.custom_op("fused_loss::lce_sum", mutates_args=())
+def lce_sum(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int,
+            label_smoothing: float, z_loss: float, logit_softcap: float, vocab_start: int,
+            vocab_size: int, group_name: str, backend: str, chunk: int, want_grad: bool,
+            check_labels: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    opts = _opts(ignore_index, label_smoothing, z_loss, logit_softcap, vocab_start, vocab_size)
+    if check_labels:
+        chunked.check_label_range(labels, opts)
+    loss, lse, dh, dw = chunked.run(hidden, weight, labels, opts, backend=backend, chunk=chunk,
+                                    group_name=group_name, want_grad=want_grad)
+    return loss.sum(), lse, dh, dw
+
+
+@lce_sum.register_fake
+def _(hidden, weight, labels, *args):
+    want_grad = args[-2]
+    n = hidden.shape[0]
+    loss = hidden.new_empty((), dtype=torch.float32)
+    lse = hidden.new_empty(n, dtype=torch.float32)
+    if want_grad:
+        return loss, lse, torch.empty_like(hidden), torch.empty_like(weight)
+    return loss, lse, hidden.new_empty(0), hidden.new_empty(0)
+
+
+def _sum_setup_context(ctx, inputs, output):
+    _, _, dh, dw = output
+    ctx.save_for_backward(dh, dw)
+    ctx.scaled = False
+
+
+def _sum_backward(ctx, grad_loss, _grad_lse, _grad_dh, _grad_dw):
+    dh, dw = ctx.saved_tensors
+    if torch.compiler.is_compiling():
+        dh, dw = dh * grad_loss, dw * grad_loss
+    else:
+        # In place: a second dW-sized buffer would be the op's peak memory. The saved
+        # gradients are ours alone, so only a second backward through the graph could see
+        # the scaled values - refuse that instead of returning wrong gradients.
+        if ctx.scaled:
+            raise RuntimeError("fused_loss: backward through the same loss twice is not "
+                               "supported (the gradients were computed in forward)")
+        ctx.scaled = True
+        dh.mul_(grad_loss)
+        dw.mul_(grad_loss)
+    return (dh, dw) + (None,) * 12
+
+
+lce_sum.register_autograd(_sum_backward, setup_context=_sum_setup_context)
+
+
+@torch.library.custom_op("fused_loss::lce_rows", mutates_args=())
+def lce_rows(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int,
+             label_smoothing: float, z_loss: float, logit_softcap: float, vocab_start: int,
+             vocab_size: int, group_name: str, backend: str, chunk: int,
+             check_labels: bool) -> tuple[Tensor, Tensor]:
+    opts = _opts(ignore_index, label_smoothing, z_loss, logit_softcap, vocab_start, vocab_size)
+    if check_labels:
+        chunked.check_label_range(labels, opts)
+    loss, lse, _, _ = chunked.run(hidden, weight, labels, opts, backend=backend, chunk=chunk,
+                                  group_name=group_name, want_grad=False)
+    return loss, lse
+
+
+@lce_rows.register_fake
+def _(hidden, weight, labels, *args):
+    n = hidden.shape[0]
+    return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32)
+
+
+@torch.library.custom_op("fused_loss::lce_rows_backward", mutates_args=())
+def lce_rows_backward(hidden: Tensor, weight: Tensor, labels: Tensor, lse: Tensor,
+                      grad_rows: Tensor, ignore_index: int, label_smoothing: float,
+                      z_loss: float, logit_softcap: float, vocab_start: int, vocab_size: int,
+                      backend: str, chunk: int) -> tuple[Tensor, Tensor]:
+    opts = _opts(ignore_index, label_smoothing, z_loss, logit_softcap, vocab_start, vocab_size)
+    return chunked.run(hidden, weight, labels, opts, backend=backend, chunk=chunk, group_name="",
+                       want_grad=True, lse_in=lse, grad_rows=grad_rows.float().contiguous())
+
+
+@lce_rows_backward.register_fake
+def _(hidden, weight, *args):
+    return torch.empty_like(hidden), torch.empty_like(weight)
+
+
+def _rows_setup_context(ctx, inputs, output):
+    hidden, weight, labels = inputs[:3]
+    ctx.save_for_backward(hidden, weight, labels, output[1])
+    # everything but group_name and check_labels: the recompute needs no collective, since
+    # the saved lse is already the full-vocabulary one
+    ctx.options = inputs[3:9] + inputs[10:12]
+
+
+def _rows_backward(ctx, grad_loss, _grad_lse):
+    hidden, weight, labels, lse = ctx.saved_tensors
+    (ignore_index, smoothing, z_loss, cap, vocab_start, vocab_size, backend,
+     chunk) = ctx.options
+    dh, dw = lce_rows_backward(hidden, weight, labels, lse, grad_loss, ignore_index, smoothing,
+                               z_loss, cap, vocab_start, vocab_size, backend, chunk)
+    return (dh, dw) + (None,) * 11
+
+
+lce_rows.register_autograd(_rows_backward, setup_context=_rows_setup_context)

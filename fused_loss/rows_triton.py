@@ -1,0 +1,152 @@
+"""The per-row passes over one logits chunk as Triton kernels: the product on CUDA.
+
+Same contract as rows_torch. One program per row walks the vocabulary slice in blocks: the
+statistics pass keeps an online max / sum-exp in fp32 (one exp per element); the gradient
+pass rewrites the row in place. `row_stats_and_grad_` does both in one launch when no
+collective has to run between them (a single rank): the row is re-read while it is still in L2.
+
+Offsets are int64 (`row * stride` passes 2^31 at 32k tokens x 128k vocab). Labels are only
+compared, never used as an address outside [0, V_local): out-of-range labels cannot fault.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .options import LossOptions
+
+_BLOCK_V = 4096
+_NUM_WARPS = 8
+
+
+@triton.jit
+def _cap(x, cap, HAS_CAP: tl.constexpr):
+    if HAS_CAP:
+        # tanh(u) = 1 - 2 / (exp(2u) + 1): exact at +-inf, no libdevice (runs in the interpreter).
+        return cap * (1.0 - 2.0 / (tl.exp(2.0 * x / cap) + 1.0))
+    else:
+        return x
+
+
+@triton.jit
+def _stats(z_row, V_local, local_target, on_slice, cap,
+           HAS_CAP: tl.constexpr, NEED_SUM: tl.constexpr, BLOCK_V: tl.constexpr):
+    row_max = -float("inf")
+    sum_exp = 0.0
+    logit_sum = 0.0
+    for start in range(0, V_local, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < V_local
+        y = _cap(tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32), cap, HAS_CAP)
+        y = tl.where(mask, y, -float("inf"))
+        new_max = tl.maximum(row_max, tl.max(y, 0))
+        sum_exp = sum_exp * tl.exp(row_max - new_max) + tl.sum(tl.exp(y - new_max), 0)
+        row_max = new_max
+        if NEED_SUM:
+            logit_sum += tl.sum(tl.where(mask, y, 0.0), 0)
+    target = tl.load(z_row + local_target, mask=on_slice, other=0.0).to(tl.float32)
+    target = tl.where(on_slice, _cap(target, cap, HAS_CAP), 0.0)
+    return row_max, sum_exp, target, logit_sum
+
+
+@triton.jit
+def _grad(z_row, V_local, lse, scale, local_target, on_slice, valid, smoothing, z_loss,
+          inv_vocab, cap, HAS_CAP: tl.constexpr, BLOCK_V: tl.constexpr):
+    p_coef = 1.0 + 2.0 * z_loss * lse
+    off = smoothing * inv_vocab
+    hit = tl.where(on_slice, 1.0 - smoothing, 0.0)
+    for start in range(0, V_local, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < V_local
+        y = _cap(tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32), cap, HAS_CAP)
+        g = tl.exp(y - lse) * p_coef - off - tl.where(cols == local_target, hit, 0.0)
+        if HAS_CAP:
+            g = g * (1.0 - (y / cap) * (y / cap))
+        g = tl.where(valid, g * scale, 0.0)
+        tl.store(z_row + cols, g.to(z_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _row_target(labels_ptr, row, vocab_start, V_local, ignore_index):
+    label = tl.load(labels_ptr + row)
+    local = label - vocab_start
+    on_slice = (local >= 0) & (local < V_local)
+    return tl.where(on_slice, local, 0), on_slice, label != ignore_index
+
+
+@triton.jit
+def _stats_kernel(z_ptr, stride_z, labels_ptr, stats_ptr, V_local, vocab_start, ignore_index,
+                  cap, HAS_CAP: tl.constexpr, NEED_SUM: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * stride_z
+    local, on_slice, _ = _row_target(labels_ptr, row, vocab_start, V_local, ignore_index)
+    m, s, t, a = _stats(z_row, V_local, local, on_slice, cap, HAS_CAP, NEED_SUM, BLOCK_V)
+    tl.store(stats_ptr + row * 4 + 0, m)
+    tl.store(stats_ptr + row * 4 + 1, s)
+    tl.store(stats_ptr + row * 4 + 2, t)
+    tl.store(stats_ptr + row * 4 + 3, a)
+
+
+@triton.jit
+def _grad_kernel(z_ptr, stride_z, labels_ptr, lse_ptr, scale_ptr, stride_scale, V_local,
+                 vocab_start, ignore_index, smoothing, z_loss, inv_vocab, cap,
+                 HAS_CAP: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    local, on_slice, valid = _row_target(labels_ptr, row, vocab_start, V_local, ignore_index)
+    lse = tl.load(lse_ptr + row)
+    scale = tl.load(scale_ptr + row * stride_scale)
+    _grad(z_ptr + row * stride_z, V_local, lse, scale, local, on_slice, valid, smoothing, z_loss,
+          inv_vocab, cap, HAS_CAP, BLOCK_V)
+
+
+@triton.jit
+def _stats_and_grad_kernel(z_ptr, stride_z, labels_ptr, stats_ptr, V_local, vocab_start,
+                           ignore_index, smoothing, z_loss, inv_vocab, cap,
+                           HAS_CAP: tl.constexpr, NEED_SUM: tl.constexpr,
+                           BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * stride_z
+    local, on_slice, valid = _row_target(labels_ptr, row, vocab_start, V_local, ignore_index)
+    m, s, t, a = _stats(z_row, V_local, local, on_slice, cap, HAS_CAP, NEED_SUM, BLOCK_V)
+    tl.store(stats_ptr + row * 4 + 0, m)
+    tl.store(stats_ptr + row * 4 + 1, s)
+    tl.store(stats_ptr + row * 4 + 2, t)
+    tl.store(stats_ptr + row * 4 + 3, a)
+    _grad(z_row, V_local, m + tl.log(s), 1.0, local, on_slice, valid, smoothing, z_loss,
+          inv_vocab, cap, HAS_CAP, BLOCK_V)
+
+
+def _common(z: torch.Tensor, opts: LossOptions) -> dict:
+    return dict(V_local=z.shape[1], vocab_start=opts.vocab_start, ignore_index=opts.ignore_index,
+                cap=float(opts.logit_softcap or 1.0), HAS_CAP=bool(opts.logit_softcap),
+                BLOCK_V=min(_BLOCK_V, triton.next_power_of_2(z.shape[1])),
+                num_warps=_NUM_WARPS)
+
+
+def _grad_consts(opts: LossOptions) -> dict:
+    return dict(smoothing=float(opts.label_smoothing), z_loss=float(opts.z_loss),
+                inv_vocab=1.0 / opts.vocab_size)
+
+
+def row_stats(z: torch.Tensor, labels: torch.Tensor, opts: LossOptions) -> torch.Tensor:
+    stats = torch.empty(z.shape[0], 4, dtype=torch.float32, device=z.device)
+    _stats_kernel[(z.shape[0],)](z, z.stride(0), labels, stats,
+                                 NEED_SUM=bool(opts.label_smoothing), **_common(z, opts))
+    return stats
+
+
+def row_grad_(z: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, row_scale: torch.Tensor,
+              opts: LossOptions) -> None:
+    _grad_kernel[(z.shape[0],)](z, z.stride(0), labels, lse, row_scale, row_scale.stride(0),
+                                **_grad_consts(opts), **_common(z, opts))
+
+
+def row_stats_and_grad_(z: torch.Tensor, labels: torch.Tensor, opts: LossOptions) -> torch.Tensor:
+    """Single rank only: statistics, then z := dloss/dz with unit scale, in one launch."""
+    stats = torch.empty(z.shape[0], 4, dtype=torch.float32, device=z.device)
+    _stats_and_grad_kernel[(z.shape[0],)](z, z.stride(0), labels, stats,
+                                          NEED_SUM=bool(opts.label_smoothing),
+                                          **_grad_consts(opts), **_common(z, opts))
+    return stats
