@@ -1,0 +1,1 @@
+"""torchtitan integration of the fused linear + cross-entropy loss (see README)."""

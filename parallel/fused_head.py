@@ -1,0 +1,112 @@
+"""The fused LM head: `model.output` computes the loss from hidden states.
+
+With `[fused_ce] enable` the Transformer stops at the normed hidden states and
+the loss function calls the head module once, `head(hidden, labels) -> sum
+loss`. Calling the module (rather than reading its weight) matters: FSDP2's
+pre-forward hook all-gathers the weight, so the fused op sees the unsharded
+weight, never the sharded DTensor parameter.
+
+The head is an `nn.Linear` with the same `weight` (`output.weight`, [V, D]),
+so checkpoints move between fused and baseline runs, and torchtitan's own TP
+plan for `output` applies to it unchanged: with loss_parallel off that is
+`ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())`, which
+shards the weight Shard(0) over the vocabulary and all-gathers the
+sequence-parallel hidden states to Replicate before `forward`.
+"""
+
+import torch
+import torch.nn as nn
+from torch.distributed.tensor import DTensor, Partial, Replicate
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from fused_loss import fused_linear_cross_entropy
+
+from parallel.config import FusedCE
+
+IGNORE_INDEX = -100  # torchtitan's (components/loss.py)
+
+
+class FusedLMHead(nn.Linear):
+    """`nn.Linear(dim, vocab, bias=False)` whose forward is the fused linear + cross-entropy.
+
+    `stats` keeps device-side running sums of the op's side outputs over
+    training steps (no host sync): `lse_sum` (sum of logsumexp over valid
+    tokens), `z_loss` (sum of the z-loss term) and `valid_tokens`. Whoever
+    logs them takes them with `pop_stats()`.
+    """
+
+    def __init__(self, linear: nn.Linear, cfg: FusedCE):
+        super().__init__(linear.in_features, linear.out_features, bias=False, device="meta")
+        self.weight = linear.weight  # the same Parameter: same name, shape, init and checkpoint key
+        self.options = dict(
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",  # torchtitan divides by the global valid-token count
+            label_smoothing=cfg.label_smoothing,
+            z_loss=cfg.z_loss,
+            logit_softcap=cfg.logit_softcap or None,
+            backend=cfg.backend,
+            chunk_size=cfg.chunk_size or None,
+            chunk_budget_bytes=cfg.chunk_budget_mib * 2**20,
+            check_labels=False,  # the trainer checks the CPU labels instead (a device check syncs)
+        )
+        self.stats: dict[str, torch.Tensor] = {}
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        weight, mesh, parallel = self.weight, None, {}
+        if isinstance(weight, DTensor):
+            # Tensor parallel: this rank holds vocab rows [vocab_start, vocab_start + V_local)
+            # (uneven shards allowed). The input gradient of the op is a partial sum over
+            # the TP ranks; marking it Partial lets DTensor reduce-scatter it back to Shard(1).
+            mesh = weight.device_mesh
+            _, offset = compute_local_shape_and_global_offset(weight.shape, mesh, weight.placements)
+            parallel = dict(vocab_start=offset[0], vocab_size=weight.shape[0], process_group=mesh.get_group())
+            hidden = hidden.redistribute(mesh, [Replicate()]).to_local(grad_placements=[Partial()])
+            weight = weight.to_local()
+
+        device_type = hidden.device.type
+        if torch.is_autocast_enabled(device_type):
+            # The op takes hidden and weight in one dtype; autocast would have run the head in its dtype.
+            dtype = torch.get_autocast_dtype(device_type)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            loss, aux = fused_linear_cross_entropy(
+                hidden, weight, labels, **self.options, **parallel, return_aux=True
+            )
+        if self.training:
+            self._accumulate(aux)
+
+        if mesh is not None:
+            # Every TP rank computed the same full loss. torchtitan's ColwiseParallel output
+            # hook expects a DTensor and hands back its local value.
+            loss = DTensor.from_local(loss, mesh, [Replicate()], run_check=False)
+        return loss
+
+    @torch.no_grad()
+    def _accumulate(self, aux) -> None:
+        step = {"lse_sum": aux.lse.sum(), "z_loss": aux.z_loss.float(), "valid_tokens": aux.valid_tokens}
+        for key, value in step.items():
+            self.stats[key] = self.stats[key] + value if key in self.stats else value
+
+    def pop_stats(self) -> dict[str, torch.Tensor]:
+        stats, self.stats = self.stats, {}
+        return stats
+
+
+class FusedCELoss:
+    """What `build_loss_fn` returns with `[fused_ce] enable`: `pred` is the hidden
+    states, and the model's head computes the sum loss. The trainer binds the head
+    after the model is built (the loss is built before); the validator holds this
+    same object, so it goes through the fused path too."""
+
+    head: FusedLMHead | None = None
+
+    def bind(self, head: FusedLMHead) -> None:
+        self.head = head
+
+    def __call__(self, pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.head is None:
+            raise RuntimeError(
+                "[fused_ce] the loss has no FusedLMHead bound; launch with "
+                "`python -m parallel.train` (run_train.sh does), which binds it"
+            )
+        return self.head(pred, labels)

@@ -1,0 +1,83 @@
+"""Training entry point: `python -m parallel.train` (run_train.sh's default TRAIN_FILE).
+
+torchtitan's Trainer, plus the `[fused_ce]` start-up check (before any process
+group, device or memory exists), binding of the fused loss to the model's head,
+and the label range check on the CPU copy of each batch.
+"""
+
+import sys
+
+from parallel import platform
+
+platform.apply()  # before torchtitan is imported: it binds the device type at import time
+
+import torch  # noqa: E402
+from torchtitan.components.loss import IGNORE_INDEX  # noqa: E402
+from torchtitan.tools.logging import logger  # noqa: E402
+from torchtitan.train import main, Trainer  # noqa: E402
+
+from parallel import config  # noqa: E402
+from parallel.fused_head import FusedCELoss  # noqa: E402
+from parallel.model import FLAVORS, MODEL_NAME  # noqa: E402
+from parallel.parallelize import PP_REFUSAL  # noqa: E402
+
+
+class JobRefused(ValueError):
+    """A job `[fused_ce]` cannot run; the message names the setting at fault."""
+
+
+def check_job(job_config) -> None:
+    cfg = job_config.fused_ce
+    if not cfg.enable:
+        return
+    pp = job_config.parallelism.pipeline_parallel_degree
+    if pp > 1:
+        raise JobRefused(PP_REFUSAL.format(degree=pp))
+    if job_config.model.name != MODEL_NAME:
+        raise JobRefused(
+            f"[fused_ce] enable=true needs model.name = {MODEL_NAME!r} (torchtitan's llama3 with "
+            f"the fused head); got {job_config.model.name!r}. Set --model.name {MODEL_NAME}, "
+            f"or turn the fused loss off with --fused_ce.no-enable."
+        )
+    if job_config.model.flavor not in FLAVORS:
+        raise JobRefused(f"model.flavor {job_config.model.flavor!r} is not one of {', '.join(FLAVORS)}")
+    try:
+        config.validate(
+            cfg, FLAVORS[job_config.model.flavor].vocab_size, job_config.parallelism.tensor_parallel_degree
+        )
+    except ValueError as e:
+        raise JobRefused(str(e)) from None
+
+
+def check_labels(labels: torch.Tensor, vocab_size: int) -> None:
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
+    if bad.any():
+        raise ValueError(
+            f"[fused_ce] check_labels: {int(bad.sum())} label(s) outside [0, {vocab_size}), "
+            f"e.g. {int(labels[bad][0])}: the tokenizer's vocabulary must fit in the model flavor's "
+            f"vocab_size ({vocab_size})"
+        )
+
+
+class FusedCETrainer(Trainer):
+    def __init__(self, job_config):
+        check_job(job_config)
+        super().__init__(job_config)
+        if isinstance(self.loss_fn, FusedCELoss):
+            self.loss_fn.bind(self.model_parts[0].output)
+
+    def batch_generator(self, data_iterable):
+        # Labels are still on the CPU here, so checking them costs no device sync.
+        check = self.job_config.fused_ce.enable and self.job_config.fused_ce.check_labels
+        for input_dict, labels in super().batch_generator(data_iterable):
+            if check:
+                check_labels(labels, self.model_args.vocab_size)
+            yield input_dict, labels
+
+
+if __name__ == "__main__":
+    try:
+        main(FusedCETrainer)
+    except JobRefused as e:
+        logger.error(str(e))
+        sys.exit(2)

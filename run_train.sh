@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Launch a training job: torchtitan's run_train.sh, plus multi-node and a CPU fallback.
+#
+#   ./run_train.sh [torchtitan/--fused_ce.* options...]
+#
+# NGPU          processes per node (default: the visible GPUs; 1 CPU process when there are none)
+# CONFIG_FILE   TOML job (default train_configs/debug_model.toml)
+# LOG_RANK      local ranks whose output is shown (default 0; e.g. 0,1)
+# TRAIN_FILE    python module to run (default parallel.train)
+# COMM_MODE     fake_backend | local_tensor: one-process dry run of an NGPU-rank job (1 step)
+# NNODES, NODE_RANK, RDZV_ENDPOINT (host:port of node 0), RDZV_ID: multi-node over torchrun's
+#               c10d rendezvous; run the same command on every node.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+CONFIG_FILE=$(realpath "${CONFIG_FILE:-$here/train_configs/debug_model.toml}")
+cd "$here"  # the configs name repository paths (tests/assets, ./outputs)
+
+gpus=0
+if command -v nvidia-smi >/dev/null 2>&1; then
+    gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+fi
+NGPU=${NGPU:-$(( gpus > 0 ? gpus : 1 ))}
+LOG_RANK=${LOG_RANK:-0}
+TRAIN_FILE=${TRAIN_FILE:-parallel.train}
+COMM_MODE=${COMM_MODE:-}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+RDZV_ID=${RDZV_ID:-fused_ce}
+if (( NNODES > 1 )) && [[ -z "${RDZV_ENDPOINT:-}" ]]; then
+    echo "run_train.sh: NNODES=$NNODES needs RDZV_ENDPOINT=host:port of node 0" >&2
+    exit 2
+fi
+RDZV_ENDPOINT=${RDZV_ENDPOINT:-localhost:0}
+
+# The embedded data sets are local files; never reach for the Hub unless asked to.
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1}
+export HF_DATASETS_CACHE=${HF_DATASETS_CACHE:-$here/outputs/.hf_datasets_cache}
+if (( gpus > 0 )); then
+    export PYTORCH_ALLOC_CONF=${PYTORCH_ALLOC_CONF:-expandable_segments:True}
+fi
+export LOG_RANK
+
+# Makes the [fused_ce] section known to torchtitan's config parser.
+config_args=(--job.config_file "$CONFIG_FILE" --job.custom_config_module=parallel.config)
+
+if [[ -n "$COMM_MODE" ]]; then
+    # Like torchtitan's script: the forced flags come last, so they win.
+    NGPU=$NGPU LOCAL_RANK=0 exec python3 -m "$TRAIN_FILE" "${config_args[@]}" "$@" \
+        --comm.mode="$COMM_MODE" --training.steps=1
+fi
+
+exec torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$NGPU" \
+    --rdzv_backend c10d --rdzv_endpoint="$RDZV_ENDPOINT" --rdzv_id="$RDZV_ID" \
+    --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
+    -m "$TRAIN_FILE" "${config_args[@]}" "$@"
