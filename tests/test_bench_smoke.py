@@ -1,0 +1,80 @@
+"""Smoke test of benchmarks/bench_kernel.py on CPU: --quick runs the whole pipeline
+(inputs, fp32 reference, timing, accuracy, table) on tiny shapes in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "bench_kernel.py"
+
+
+def _run(*extra, timeout=60):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "2")
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--device", "cpu", *extra],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def _table(out: str) -> list[str]:
+    lines = out.strip().splitlines()
+    # the Markdown table is the last thing printed
+    i = len(lines) - 1
+    while i >= 0 and lines[i].startswith("|"):
+        i -= 1
+    return lines[i + 1 :]
+
+
+def test_quick_cpu_prints_table(tmp_path):
+    res = tmp_path / "RESULTS.md"
+    p = _run("--results", str(res), "--no-append")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    table = _table(p.stdout)
+    assert table, p.stdout[-2000:]
+    assert table[0].startswith("| shape (N, D, V) | impl | ms |"), table[0]
+    assert re.fullmatch(r"\|(---\|)+", table[1]), table[1]
+    body = table[2:]
+    impls = [r.split("|")[2].strip() for r in body]
+    for name in ("fused", "eager", "compile", "liger", "cce", "floor"):
+        assert name in impls, (name, impls)
+    rows = {}
+    for r in body:
+        cells = [c.strip() for c in r.split("|")[1:-1]]
+        rows.setdefault(cells[1], []).append(cells)
+    # eager runs on CPU: a time and small errors against the fp32 reference
+    for cells in rows["eager"]:
+        assert float(cells[2]) > 0
+        for err in cells[7:10]:
+            assert float(err) < 2e-2, cells
+    # CUDA-only anchors are reported as n/a, not crashes
+    for name in ("liger", "cce"):
+        for cells in rows[name]:
+            assert cells[2].startswith("n/a"), cells
+    # the fused op: either measured with small errors, or reported n/a when not importable
+    for cells in rows["fused"]:
+        if not cells[2].startswith("n/a"):
+            assert cells[-1] == "ok", cells
+            for err in cells[7:10]:
+                assert float(err) < 2e-2, cells
+    # the floor row is the reference of the 'vs GEMM floor' column
+    for cells in rows["floor"]:
+        assert float(cells[5]) == 1.0
+    # header of the appended block is printed too; nothing written with --no-append
+    assert "- command: `benchmarks/bench_kernel.py --quick" in p.stdout
+    assert not res.exists()
+
+
+def test_quick_cpu_appends(tmp_path):
+    res = tmp_path / "RESULTS.md"
+    p = _run("--results", str(res), "--impls", "eager,floor", "--shapes", "64x16x100")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    text = res.read_text()
+    assert "## Kernel benchmark" in text and "- device: CPU" in text
+    assert "| shape (N, D, V) | impl |" in text and "torch " in text
