@@ -1,0 +1,183 @@
+"""Metrics for fused cross-entropy and CPU memory. Works without torchtitan.
+
+The trainer (``parallel/train.py``) uses this module. The API::
+
+    from parallel.metrics import FusedCEStats, cpu_memory_metrics
+
+    stats = FusedCEStats()                       # one per trainer
+    # every micro-batch, with FusedCEAux from fused_linear_cross_entropy(..., return_aux=True):
+    stats.update(aux.lse.sum(), z_loss_sum, aux.valid_tokens)   # device tensors; no host sync
+    # on log steps only (torchtitan: metrics_processor.should_log(step)):
+    stats.flush(metrics_processor.logger, step)  # logs fused_ce/lse_mean and fused_ce/z_loss, then resets
+
+    # on CPU runs, on log steps:
+    metrics_processor.logger.log(cpu_memory_metrics(), step)   # {"memory/cpu_rss_peak(GiB)": ...}
+    reset_cpu_rss_peak()   # optional: the next value covers one log window, like torchtitan's GPU peaks
+
+``FusedCEStats.update(lse_sum, z_loss_sum, valid_tokens)``
+    * ``lse_sum``: the sum of log-sum-exp over the valid (non-ignored) tokens of the
+      micro-batch. ``FusedCEAux.lse`` is already 0 at ignored positions, so pass
+      ``aux.lse.sum()``. A tensor with more than one element is summed on its device.
+    * ``z_loss_sum``: the z-loss added to the loss, summed over the same tokens
+      (coefficient included). With ``reduction="sum"`` this is ``aux.z_loss``. With
+      ``reduction="mean"`` pass ``aux.z_loss * aux.valid_tokens``.
+    * ``valid_tokens``: the number of non-ignored tokens (``aux.valid_tokens``).
+    Python numbers work too. The values are added in place into one float64 device
+    buffer (float32 on MPS). The buffer is on ``FusedCEStats(device=...)``, or else on
+    the device of the first tensor passed. ``update`` never reads a value back to the host, so it
+    adds no sync to the step.
+
+``FusedCEStats.flush(logger, step) -> dict``
+    Reads the buffer to the host with one ``.tolist()``. Logs
+    ``{"fused_ce/lse_mean": sum_lse / tokens, "fused_ce/z_loss": sum_z / tokens}``
+    through ``logger.log(dict, step)``, zeroes the buffer, and returns the dict.
+    It logs nothing and returns ``{}`` if no tokens were counted since the last flush.
+    Call it only on log steps, because it syncs.
+    ``lse_mean`` is the mean log-sum-exp per valid token. It is the logit-drift signal
+    that z-loss is meant to control.
+    ``FusedCEStats(reduce_group=g)`` sums the buffer over the process group ``g``
+    before reading it, with one all-reduce. Use the data-parallel group, never the
+    TP/vocab group, because TP ranks hold identical values. Every rank in ``g`` must
+    then call ``flush`` at the same steps. Non-logging ranks pass torchtitan's no-op logger.
+
+``cpu_rss_peak_gib() -> float``
+    The peak resident set size of this process in GiB. It reads ``VmHWM`` from
+    ``/proc/self/status`` and falls back to ``resource.getrusage``. The value is
+    monotonic unless ``reset_cpu_rss_peak()`` is called.
+``reset_cpu_rss_peak() -> bool``
+    Resets the kernel's peak-RSS counter (writes "5" to ``/proc/self/clear_refs``,
+    Linux >= 4.0). Returns False where this is not possible.
+``cpu_memory_metrics() -> dict``
+    ``{CPU_RSS_PEAK_TAG: cpu_rss_peak_gib()}``. The tag is
+    ``"memory/cpu_rss_peak(GiB)"``, so a CPU RSS value cannot be mistaken for
+    torchtitan's device-memory tags (``memory/max_reserved(GiB)``, ...).
+    ``parallel.report`` recognises these tags.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Protocol
+
+import torch
+
+__all__ = [
+    "CPU_RSS_PEAK_TAG",
+    "LSE_MEAN_TAG",
+    "Z_LOSS_TAG",
+    "FusedCEStats",
+    "cpu_memory_metrics",
+    "cpu_rss_peak_gib",
+    "reset_cpu_rss_peak",
+]
+
+LSE_MEAN_TAG = "fused_ce/lse_mean"
+Z_LOSS_TAG = "fused_ce/z_loss"
+CPU_RSS_PEAK_TAG = "memory/cpu_rss_peak(GiB)"
+
+_GIB = 1024**3
+
+
+class _Logger(Protocol):
+    def log(self, metrics: dict[str, Any], step: int) -> None: ...
+
+
+class FusedCEStats:
+    """Accumulates fused cross-entropy statistics on the device. See the module docstring."""
+
+    # Buffer slots.
+    _LSE, _Z, _N = 0, 1, 2
+
+    def __init__(self, reduce_group: Any = None, device: Any = None) -> None:
+        self.reduce_group = reduce_group
+        self.device = torch.device(device) if device is not None else None
+        self._buf: torch.Tensor | None = None  # [3]: sum_lse, sum_z, valid_tokens
+
+    def _buffer_for(self, *values: Any) -> torch.Tensor:
+        if self._buf is None:
+            device = self.device or next(
+                (v.device for v in values if isinstance(v, torch.Tensor)),
+                torch.device("cpu"),
+            )
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            self._buf = torch.zeros(3, dtype=dtype, device=device)
+        return self._buf
+
+    @staticmethod
+    def _as_addend(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            v = v.detach()
+            if v.numel() != 1:  # numel is metadata: no sync
+                v = v.sum()
+            return v.reshape(())
+        return float(v)  # a Python number; nothing to sync
+
+    def update(self, lse_sum: Any, z_loss_sum: Any, valid_tokens: Any) -> None:
+        """Add one micro-batch's sums to the device buffer. Does not sync."""
+        buf = self._buffer_for(lse_sum, z_loss_sum, valid_tokens)
+        for slot, v in ((self._LSE, lse_sum), (self._Z, z_loss_sum), (self._N, valid_tokens)):
+            v = self._as_addend(v)
+            if isinstance(v, torch.Tensor) and v.device != buf.device and v.device.type != "cpu":
+                v = v.to(buf.device, non_blocking=True)
+            # A 0-dim CPU tensor is added to a device buffer as a scalar, which needs no sync.
+            buf[slot].add_(v)
+
+    def reset(self) -> None:
+        if self._buf is not None:
+            self._buf.zero_()
+
+    def flush(self, logger: _Logger, step: int) -> dict[str, float]:
+        """Sync once, log the per-token means, reset. Call only on log steps."""
+        if self._buf is None:
+            return {}
+        buf = self._buf
+        if self.reduce_group is not None:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                buf = buf.clone()
+                dist.all_reduce(buf, group=self.reduce_group)
+        sum_lse, sum_z, n = buf.tolist()  # the single host transfer
+        self.reset()
+        if n <= 0:
+            return {}
+        metrics = {LSE_MEAN_TAG: sum_lse / n, Z_LOSS_TAG: sum_z / n}
+        logger.log(metrics, step)
+        return metrics
+
+
+def cpu_rss_peak_gib() -> float:
+    """Peak resident set size of this process, in GiB (VmHWM; falls back to getrusage)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / _GIB  # the value is in kB
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource
+
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss is in bytes on macOS and in KiB on Linux and the BSDs.
+    return (maxrss if sys.platform == "darwin" else maxrss * 1024) / _GIB
+
+
+def reset_cpu_rss_peak() -> bool:
+    """Reset the peak-RSS counter (Linux clear_refs "5"). Returns False where this is unsupported."""
+    try:
+        fd = os.open("/proc/self/clear_refs", os.O_WRONLY)
+    except OSError:
+        return False
+    try:
+        os.write(fd, b"5")
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def cpu_memory_metrics() -> dict[str, float]:
+    """``{"memory/cpu_rss_peak(GiB)": cpu_rss_peak_gib()}``. This is ready for ``logger.log``."""
+    return {CPU_RSS_PEAK_TAG: cpu_rss_peak_gib()}

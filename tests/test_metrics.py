@@ -1,0 +1,165 @@
+"""Tests for parallel.metrics: FusedCEStats and the CPU memory helpers (CPU, fast)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from parallel.metrics import (  # noqa: E402
+    CPU_RSS_PEAK_TAG,
+    FusedCEStats,
+    cpu_memory_metrics,
+    cpu_rss_peak_gib,
+    reset_cpu_rss_peak,
+)
+
+
+class RecordingLogger:
+    def __init__(self):
+        self.calls: list[tuple[dict, int]] = []
+
+    def log(self, metrics, step):
+        self.calls.append((dict(metrics), step))
+
+
+def micro_batches(seed=0):
+    """Per-token lse (0 where ignored) with labels, as FusedCEAux would give."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(3):
+        lse = 9.0 + torch.rand(4, 16, generator=g) * 3
+        valid = torch.rand(4, 16, generator=g) > 0.25
+        lse = torch.where(valid, lse, torch.zeros_like(lse))
+        out.append((lse, valid))
+    return out
+
+
+def test_hand_computation():
+    coef = 1e-4
+    stats = FusedCEStats()
+    logger = RecordingLogger()
+    batches = micro_batches()
+    tot_lse = tot_z = tot_n = 0.0
+    for lse, valid in batches:
+        z_sum = coef * (lse.double() ** 2).sum()
+        stats.update(lse.sum(), z_sum, valid.sum())
+        tot_lse += sum(float(x) for x in lse[valid].tolist())
+        tot_z += sum(coef * float(x) ** 2 for x in lse[valid].tolist())
+        tot_n += int(valid.sum())
+    out = stats.flush(logger, step=10)
+    assert logger.calls == [(out, 10)]
+    assert set(out) == {"fused_ce/lse_mean", "fused_ce/z_loss"}
+    assert out["fused_ce/lse_mean"] == pytest.approx(tot_lse / tot_n, rel=1e-6)
+    assert out["fused_ce/z_loss"] == pytest.approx(tot_z / tot_n, rel=1e-6)
+    assert 9.0 < out["fused_ce/lse_mean"] < 12.0
+
+
+def test_flush_resets_and_empty_flush_logs_nothing():
+    stats = FusedCEStats()
+    logger = RecordingLogger()
+    assert stats.flush(logger, 1) == {}  # never updated
+    stats.update(torch.tensor(20.0), torch.tensor(0.4), torch.tensor(4))
+    assert stats.flush(logger, 1) == {"fused_ce/lse_mean": 5.0, "fused_ce/z_loss": pytest.approx(0.1)}
+    assert stats.flush(logger, 2) == {}  # reset after flush: nothing since
+    stats.update(torch.tensor(3.0), torch.tensor(0.0), torch.tensor(1))
+    assert stats.flush(logger, 3)["fused_ce/lse_mean"] == 3.0
+    assert [s for _, s in logger.calls] == [1, 3]
+
+
+def test_non_scalar_and_python_number_inputs():
+    stats = FusedCEStats()
+    stats.update(torch.tensor([1.0, 2.0, 0.0]), 0.3, 2)  # per-token lse is summed on the device
+    stats.update(torch.tensor(3.0, dtype=torch.bfloat16), torch.tensor(0.3), torch.tensor(1, dtype=torch.int64))
+    out = stats.flush(RecordingLogger(), 1)
+    assert out["fused_ce/lse_mean"] == pytest.approx(2.0)
+    assert out["fused_ce/z_loss"] == pytest.approx(0.2)
+
+
+def test_update_does_not_sync(monkeypatch):
+    """update() must never read a value back to the host. Only flush may do that, once."""
+    stats = FusedCEStats()
+    host_reads = []
+
+    def forbid(name):
+        orig = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, **k):
+            host_reads.append(name)
+            return orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "numpy"):
+        forbid(name)
+
+    for lse, valid in micro_batches():
+        stats.update(lse.sum(), (1e-4 * lse**2).sum(), valid.sum())
+    assert host_reads == [], f"update() read values to the host: {host_reads}"
+
+    stats.flush(RecordingLogger(), 5)
+    assert host_reads == ["tolist"]  # one host transfer per flush
+
+
+def test_update_on_meta_tensors():
+    """Meta tensors have no data, so any host sync in update() would raise."""
+    stats = FusedCEStats()
+    for _ in range(2):
+        stats.update(
+            torch.empty(4, 8, device="meta"),
+            torch.empty((), device="meta"),
+            torch.empty((), dtype=torch.int64, device="meta"),
+        )
+    assert stats._buf is not None and stats._buf.device.type == "meta"
+
+
+def test_buffer_is_in_place():
+    stats = FusedCEStats()
+    stats.update(torch.tensor(1.0), torch.tensor(0.0), torch.tensor(1))
+    buf = stats._buf
+    ptr = buf.data_ptr()
+    stats.update(torch.tensor(1.0), torch.tensor(0.0), torch.tensor(1))
+    stats.flush(RecordingLogger(), 1)
+    assert stats._buf is buf and buf.data_ptr() == ptr and buf.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_cpu_rss_peak():
+    peak = cpu_rss_peak_gib()
+    assert 0.001 < peak < 1024
+    x = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB touched
+    x.add_(1)
+    assert cpu_rss_peak_gib() >= peak
+    del x
+    m = cpu_memory_metrics()
+    assert list(m) == [CPU_RSS_PEAK_TAG] == ["memory/cpu_rss_peak(GiB)"]
+    assert m[CPU_RSS_PEAK_TAG] > 0
+
+
+def test_cpu_rss_peak_fallback(monkeypatch):
+    import builtins
+
+    real_open = builtins.open
+
+    def no_proc(path, *a, **k):
+        if str(path).startswith("/proc/self/status"):
+            raise OSError("no /proc")
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", no_proc)
+    assert 0.001 < cpu_rss_peak_gib() < 1024
+
+
+def test_reset_cpu_rss_peak():
+    big = torch.ones(256 * 1024 * 1024 // 4)  # 256 MiB
+    big.add_(1)
+    before = cpu_rss_peak_gib()
+    del big
+    if not reset_cpu_rss_peak():
+        pytest.skip("clear_refs not supported here")
+    assert cpu_rss_peak_gib() < before - 0.1  # the peak now tracks the current RSS
