@@ -1,0 +1,171 @@
+"""CPU tests of benchmarks/e2e.py: torchtitan log-line parsing, parity, table, and the
+driver loop against a fake launcher (no torchtitan, no GPU)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import e2e  # noqa: E402
+
+# torchtitan 0.2.2 components/metrics.py, MetricsProcessor.log (with tools/utils.py Color codes)
+RED, GREEN, ORANGE, TURQ, BLUE, CYAN, MAGENTA, RESET = (
+    "\033[31m", "\033[32m", "\033[38;2;180;60;0m", "\033[38;2;54;234;195m",
+    "\033[34m", "\033[36m", "\033[35m", "\033[39m")
+
+
+def titan_line(step, loss, grad_norm=1.2345, mem=52.19, pct=36.5, tps=38328.4, tflops=412.3, mfu=41.7, color=True,
+               prefix="[rank0]:[titan] 2026-11-22 02:40:01,123 - root - INFO - "):
+    c = (RED, GREEN, ORANGE, TURQ, BLUE, CYAN, MAGENTA, RESET) if color else ("",) * 8
+    return prefix + (
+        f"{c[0]}step: {step:2}  "
+        f"{c[1]}loss: {loss:8.5f}  "
+        f"{c[2]}grad_norm: {grad_norm:7.4f}  "
+        f"{c[3]}memory: {mem:5.2f}GiB"
+        f"({pct:.2f}%)  "
+        f"{c[4]}tps: {round(tps):,}  "
+        f"{c[5]}tflops: {tflops:,.2f}  "
+        f"{c[6]}mfu: {mfu:.2f}%{c[7]}"
+    )
+
+
+# captured verbatim format (ANSI escapes included) of one step line
+SAMPLE = ("[rank0]:[titan] 2026-11-22 02:40:01,123 - root - INFO - \x1b[31mstep:  1  \x1b[32mloss: 12.25442  "
+          "\x1b[38;2;180;60;0mgrad_norm: 15.0310  \x1b[38;2;54;234;195mmemory: 52.19GiB(36.50%)  "
+          "\x1b[34mtps: 1,234  \x1b[36mtflops: 71.80  \x1b[35mmfu: 7.26%\x1b[39m")
+
+
+def test_sample_line():
+    assert titan_line(1, 12.25442, 15.031, 52.19, 36.5, 1234, 71.8, 7.26) == SAMPLE
+    sm = e2e.parse_line(SAMPLE)
+    assert sm is not None
+    assert (sm.step, sm.loss, sm.grad_norm, sm.mem_gib, sm.mem_pct, sm.tps, sm.tflops, sm.mfu, sm.rank) == (
+        1, 12.25442, 15.031, 52.19, 36.5, 1234.0, 71.8, 7.26, 0)
+
+
+@pytest.mark.parametrize("color", [True, False])
+@pytest.mark.parametrize("prefix", ["", "[titan] 2026-11-22 02:40:01,123 - root - INFO - ", "[rank1]:[titan] x - root - INFO - "])
+def test_variants(color, prefix):
+    line = titan_line(123, 2.5, tps=1234567, mem=121.94, pct=85.02, color=color, prefix=prefix)
+    sm = e2e.parse_line(line)
+    assert sm.step == 123 and sm.loss == 2.5 and sm.tps == 1234567 and sm.mem_gib == 121.94
+    assert sm.rank == (1 if prefix.startswith("[rank1]") else None)
+
+
+def test_non_step_lines_ignored():
+    val = ("[titan] t - root - INFO - \x1b[33mvalidate step:  5  \x1b[32mloss:  2.1234  "
+           "\x1b[38;2;54;234;195mmemory: 10.00GiB(5.00%)  \x1b[34mtps: 1,000\x1b[39m")
+    assert e2e.parse_line(val) is None
+    assert e2e.parse_line("[titan] t - root - INFO - Training starts at step 1") is None
+    assert e2e.parse_line("warmup_steps: 200") is None
+
+
+def test_parse_log_lowest_rank_and_nan():
+    text = "\n".join([
+        titan_line(1, 10.0, prefix="[rank1]:"), titan_line(1, 11.0, prefix="[rank0]:"),
+        "some noise", titan_line(2, float("nan")), titan_line(3, 9.0, tps=5000),
+    ])
+    steps = e2e.parse_log(text)
+    assert sorted(steps) == [1, 2, 3]
+    assert steps[1].loss == 11.0 and steps[1].rank == 0
+    assert steps[2].loss != steps[2].loss  # nan
+
+
+def _res(mode, losses, mem=10.0, tps=(100, 200, 300), status="ok"):
+    r = e2e.RunResult("c", mode, [], "x.log", status=status, expected_steps=len(losses))
+    for i, l in enumerate(losses, 1):
+        r.steps[i] = e2e.StepMetrics(i, l, 1.0, mem + i * 0.1, 10.0, tps[(i - 1) % len(tps)])
+    return r
+
+
+def test_parity_and_table():
+    base = _res("baseline", [10.0, 9.0, 8.0], mem=50.0)
+    fused = _res("fused", [10.0, 9.0, 8.004], mem=40.0)
+    v, d, tol = e2e.parity(base, fused, "bf16")
+    assert v == "PASS" and abs(d - 0.004 / 8.0) < 1e-12 and tol == 1e-3
+    assert e2e.parity(base, fused, "fp32")[0] == "FAIL"
+    assert base.max_mem == pytest.approx(50.3) and base.median_tps == 250  # steps 2,3: 200,300
+    table, failures = e2e.make_table([("fsdp2", "bf16", base, fused)], (1, 3))
+    lines = table.splitlines()
+    assert lines[0].startswith("| case | mode | status | loss@1 | loss@3 |")
+    assert len(lines) == 4 and not failures
+    cells = [c.strip() for c in lines[3].split("|")[1:-1]]
+    assert cells[1] == "fused" and cells[4] == "8.00400" and cells[6].startswith("PASS")
+    assert float(cells[9]) == pytest.approx(40.3 / 50.3, abs=1e-3)
+    bad = _res("fused", [10.0], status="OOM")
+    _, failures = e2e.make_table([("x", "bf16", base, bad)])
+    assert failures and failures[0][1] == "n/a"
+
+
+FAKE = textwrap.dedent('''\
+    #!/usr/bin/env python3
+    import os, sys
+    sys.path.insert(0, {bench!r})
+    sys.path.insert(0, {tests!r})
+    from test_e2e_parse import titan_line
+    a = sys.argv[1:]
+    steps = int(a[a.index("--training.steps") + 1])
+    fused = "--fused_ce.enable" in a
+    print("[rank0]:[titan] x - root - INFO - NGPU=%s config=%s args=%s" % (os.environ["NGPU"], os.environ["CONFIG_FILE"], a))
+    if "--parallelism.context_parallel_degree" in a and fused:
+        print("[rank0]: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+        sys.exit(1)
+    seq = int(a[a.index("--training.seq_len") + 1]) if "--training.seq_len" in a else 8192
+    if seq > (32768 if fused else 16384):
+        print("torch.OutOfMemoryError: CUDA out of memory."); sys.exit(1)
+    for s in range(1, steps + 1):
+        loss = 12.0 - 0.1 * s + (1e-5 if fused else 0.0)
+        if "--parallelism.tensor_parallel_degree" in a and fused:
+            loss += 0.01
+        print(titan_line(s, loss, mem=30.0 if fused else 50.0, tps=1000.0 * s))
+''')
+
+
+@pytest.fixture
+def fake_launcher(tmp_path):
+    p = tmp_path / "fake_run_train.sh"
+    p.write_text(FAKE.format(bench=str(ROOT / "benchmarks"), tests=str(ROOT / "tests")))
+    p.chmod(p.stat().st_mode | stat.S_IEXEC)
+    return p
+
+
+def test_driver_with_fake_launcher(tmp_path, fake_launcher, capsys):
+    rc = e2e.main(["--launcher", str(fake_launcher), "--cases", "fsdp2,tp2,cp2,fsdp2_accum2", "--steps", "12",
+                   "--out", str(tmp_path / "out"), "--results", str(tmp_path / "R.md"), "--timeout", "60"])
+    out = capsys.readouterr().out
+    assert rc == 1  # tp2 parity fails
+    text = (tmp_path / "R.md").read_text()
+    assert "## End-to-end" in text and "| fsdp2 | baseline | ok |" in text
+    assert "PASS (1e-03, bf16)" in text and "FAIL (1e-04, fp32)" in text
+    assert "| cp2 | baseline | ok |" in text and "| fused | OOM |" in text
+    assert "CUDA out of memory" in text  # failing run's last log lines shown
+    assert (tmp_path / "out" / "fsdp2_fused.log").exists()
+    log = (tmp_path / "out" / "fsdp2_accum2_baseline.log").read_text()
+    assert "'--training.global_batch_size', '8'" in log and "'--debug.seed', '42'" in log
+    assert out.rstrip().splitlines()[-1].startswith("    ") or "|" in out  # table printed last
+
+
+def test_max_seq_with_fake_launcher(tmp_path, fake_launcher):
+    rc = e2e.main(["--launcher", str(fake_launcher), "--max-seq", "--seq-max", "131072",
+                   "--out", str(tmp_path / "out"), "--results", str(tmp_path / "R.md"), "--timeout", "60"])
+    assert rc == 0
+    text = (tmp_path / "R.md").read_text()
+    assert "| baseline | 16384 | 32768 (OOM) |" in text
+    assert "| fused | 32768 | 65536 (OOM) |" in text
+
+
+def test_timeout_kills_run(tmp_path):
+    p = tmp_path / "slow.sh"
+    p.write_text("#!/bin/sh\necho started\nsleep 60\n")
+    p.chmod(0o755)
+    rc = e2e.main(["--launcher", str(p), "--cases", "fsdp2", "--steps", "2", "--timeout", "1",
+                   "--out", str(tmp_path / "o"), "--no-append"])
+    assert rc == 2
