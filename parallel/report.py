@@ -34,9 +34,11 @@ Memory tags. Any scalar tag under ``memory/`` counts as a memory amount, except
 percentages (``...(%)``) and counters (``memory/num_*``). A series whose values are
 all <= 0 is ignored; torchtitan logs -1 bytes when the device has no allocator
 stats. The table uses the first tag in this order that every run has:
-``memory/max_reserved(GiB)``, ``memory/max_active(GiB)``, then any tag containing
-``cpu_rss`` (``memory/cpu_rss_peak(GiB)`` from ``parallel.metrics``), then the other
-memory tags in alphabetical order. If no tag is common to all runs, each run uses
+``memory/max_reserved(GiB)``, ``memory/max_active(GiB)``,
+``memory/cpu_rss_peak(GiB)``, ``memory/cpu_rss_current(GiB)``, any other tag
+containing ``cpu_rss``, then the rest in alphabetical order. CPU runs log the
+``cpu_rss`` tags: ``parallel/platform.py`` renames torchtitan's tags, and
+``parallel.metrics.cpu_memory_metrics`` also writes them. If no tag is common to all runs, each run uses
 its own first tag and the ratio is "n/a". The table always names the tag it used.
 The plot draws every memory-amount tag: a colour for each run and a line style for
 each tag.
@@ -65,7 +67,13 @@ TPS_TAG = "throughput(tps)"
 LSE_TAG = "fused_ce/lse_mean"
 ZLOSS_TAG = "fused_ce/z_loss"
 MEMORY_PREFIX = "memory/"
-MEMORY_PRIORITY = ("memory/max_reserved(GiB)", "memory/max_active(GiB)")
+MEMORY_PRIORITY = (
+    "memory/max_reserved(GiB)",
+    "memory/max_active(GiB)",
+    # CPU runs: parallel/platform.py renames max_reserved -> cpu_rss_peak, max_active -> cpu_rss_current.
+    "memory/cpu_rss_peak(GiB)",
+    "memory/cpu_rss_current(GiB)",
+)
 
 
 class ReportError(Exception):

@@ -78,6 +78,25 @@ def run_report(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+class _Result:
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def report_inproc(capsys):
+    """Like run_report, but calls parallel.report.main in this process (fast). The CLI path has its own tests."""
+    from parallel.report import main
+
+    def run(*args: str) -> _Result:
+        capsys.readouterr()
+        rc = main(list(args))
+        cap = capsys.readouterr()
+        return _Result(rc, cap.out, cap.err)
+
+    return run
+
+
 def parse_table(md: str, first_header: str = "run") -> tuple[list[str], list[list[str]]]:
     """The first Markdown table whose header starts with ``| {first_header} |``."""
     lines = md.splitlines()
@@ -178,18 +197,18 @@ def test_report_numbers_and_png(two_runs, tmp_path):
     assert summary["runs"][0]["folder"].endswith(os.path.join("tb", "20261122-0230"))
 
 
-def test_default_labels_and_three_runs(two_runs, tmp_path):
+def test_default_labels_and_three_runs(two_runs, tmp_path, report_inproc):
     a_dir, b_dir, va, vb = two_runs
     c_dir = tmp_path / "run_c"
     write_run(c_dir, gpu_series(12.0, 7.9, 30000.0, 11.5))
     out = tmp_path / "r3"
-    res = run_report(str(a_dir), str(b_dir), str(c_dir), "--out", str(out))
+    res = report_inproc(str(a_dir), str(b_dir), str(c_dir), "--out", str(out))
     assert res.returncode == 0, res.stderr
     _, rows = parse_table((out / "report.md").read_text())
     assert [r[0] for r in rows] == ["run_a", "20261122-0245", "run_c"]
 
 
-def test_cpu_memory_tags(tmp_path):
+def test_cpu_memory_tags(tmp_path, report_inproc):
     """CPU runs: the device tags hold torchtitan's -1-byte sentinel, and memory comes from cpu_rss_peak."""
     n = len(STEPS)
     sentinel = -1 / 1024**3
@@ -204,7 +223,7 @@ def test_cpu_memory_tags(tmp_path):
     va = write_run(tmp_path / "cpu_a", cpu_series(2.0, 900.0))
     vb = write_run(tmp_path / "cpu_b", cpu_series(1.5, 1000.0))
     out = tmp_path / "rep"
-    res = run_report(str(tmp_path / "cpu_a"), str(tmp_path / "cpu_b"), "--out", str(out))
+    res = report_inproc(str(tmp_path / "cpu_a"), str(tmp_path / "cpu_b"), "--out", str(out))
     assert res.returncode == 0, res.stderr
     header, rows = parse_table((out / "report.md").read_text())
     col = {h: i for i, h in enumerate(header)}
@@ -215,7 +234,37 @@ def test_cpu_memory_tags(tmp_path):
     check_cell(rows[1][col["steady memory ratio"]], eb["steady"] / ea["steady"], "cpu steady ratio")
 
 
-def test_mixed_memory_tags_ratio_na(tmp_path):
+def test_cpu_tags_as_platform_renames_them(tmp_path, report_inproc):
+    """parallel/platform.py renames max_reserved -> cpu_rss_peak, max_active -> cpu_rss_current on CPU."""
+    n = len(STEPS)
+
+    def renamed(peak0: float) -> dict[str, list[float]]:
+        s = gpu_series(1.0, 8.0, 900.0, 11.0)
+        for k in [k for k in s if k.startswith("memory/")]:
+            del s[k]
+        s["memory/cpu_rss_current(GiB)"] = [peak0 - 0.2 + 0.001 * i for i in range(n)]
+        s["memory/cpu_rss_current(%)"] = [3.0] * n
+        s["memory/cpu_rss_peak(GiB)"] = [peak0 + 0.002 * i + (0.5 if i == 2 else 0) for i in range(n)]
+        s["memory/cpu_rss_peak(%)"] = [4.0] * n
+        return s
+
+    va = write_run(tmp_path / "a", renamed(1.2))
+    vb = write_run(tmp_path / "b", renamed(0.9))
+    out = tmp_path / "rep"
+    res = report_inproc(str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    header, rows = parse_table((out / "report.md").read_text())
+    col = {h: i for i, h in enumerate(header)}
+    tag = "memory/cpu_rss_peak(GiB)"
+    ea, eb = expected_stats(va, tag), expected_stats(vb, tag)
+    for row, e in ((rows[0], ea), (rows[1], eb)):
+        assert row[col["memory tag"]] == f"`{tag}`"
+        check_cell(row[col["peak memory"]], e["peak"], "peak")
+        check_cell(row[col["steady memory"]], e["steady"], "steady")
+        check_cell(row[col["peak memory ratio"]], e["peak"] / ea["peak"], "peak ratio")
+
+
+def test_mixed_memory_tags_ratio_na(tmp_path, report_inproc):
     """A GPU run against a CPU run: no common memory tag, so the memory ratios are n/a and a warning is shown."""
     write_run(tmp_path / "gpu", gpu_series(10.0, 8.0, 40000.0, 11.0))
     s = gpu_series(1.0, 8.0, 900.0, 11.0)
@@ -224,7 +273,7 @@ def test_mixed_memory_tags_ratio_na(tmp_path):
     s["memory/cpu_rss_peak(GiB)"] = [3.0] * len(STEPS)
     write_run(tmp_path / "cpu", s)
     out = tmp_path / "rep"
-    res = run_report(str(tmp_path / "gpu"), str(tmp_path / "cpu"), "--out", str(out))
+    res = report_inproc(str(tmp_path / "gpu"), str(tmp_path / "cpu"), "--out", str(out))
     assert res.returncode == 0, res.stderr
     md = (out / "report.md").read_text()
     assert "Warning" in md
@@ -246,25 +295,25 @@ def test_refuses_empty_folder(two_runs, tmp_path):
     assert not (tmp_path / "rep" / "report.md").exists()
 
 
-def test_refuses_missing_path(two_runs, tmp_path):
+def test_refuses_missing_path(two_runs, tmp_path, report_inproc):
     a_dir, *_ = two_runs
     missing = tmp_path / "nope"
-    res = run_report(str(a_dir), str(missing), "--out", str(tmp_path / "rep"))
+    res = report_inproc(str(a_dir), str(missing), "--out", str(tmp_path / "rep"))
     assert res.returncode == 2 and str(missing) in res.stderr
 
 
-def test_refuses_missing_required_tag(two_runs, tmp_path):
+def test_refuses_missing_required_tag(two_runs, tmp_path, report_inproc):
     a_dir, *_ = two_runs
     s = gpu_series(10.0, 8.0, 40000.0, 11.0)
     del s["throughput(tps)"]
     bad = tmp_path / "no_tps"
     write_run(bad, s)
-    res = run_report(str(a_dir), str(bad), "--out", str(tmp_path / "rep"))
+    res = report_inproc(str(a_dir), str(bad), "--out", str(tmp_path / "rep"))
     assert res.returncode == 2
     assert str(bad) in res.stderr and "throughput(tps)" in res.stderr
 
 
-def test_refuses_run_without_memory(two_runs, tmp_path):
+def test_refuses_run_without_memory(two_runs, tmp_path, report_inproc):
     a_dir, *_ = two_runs
     s = gpu_series(10.0, 8.0, 40000.0, 11.0)
     for k in [k for k in s if k.startswith("memory/")]:
@@ -272,25 +321,25 @@ def test_refuses_run_without_memory(two_runs, tmp_path):
     s["memory/max_reserved(%)"] = [5.0] * len(STEPS)  # a percentage is not a memory amount
     bad = tmp_path / "no_mem"
     write_run(bad, s)
-    res = run_report(str(a_dir), str(bad), "--out", str(tmp_path / "rep"))
+    res = report_inproc(str(a_dir), str(bad), "--out", str(tmp_path / "rep"))
     assert res.returncode == 2
     assert str(bad) in res.stderr and "memory/" in res.stderr
 
 
-def test_refuses_ambiguous_parent(tmp_path):
+def test_refuses_ambiguous_parent(tmp_path, report_inproc):
     parent = tmp_path / "dump"
     write_run(parent / "tb" / "20261122-0230", gpu_series(10.0, 8.0, 40000.0, 11.0))
     write_run(parent / "tb" / "20261122-0300", gpu_series(10.0, 8.0, 40000.0, 11.0))
     other = tmp_path / "other"
     write_run(other, gpu_series(10.0, 8.0, 40000.0, 11.0))
-    res = run_report(str(parent), str(other), "--out", str(tmp_path / "rep"))
+    res = report_inproc(str(parent), str(other), "--out", str(tmp_path / "rep"))
     assert res.returncode == 2
     assert str(parent) in res.stderr and "20261122-0230" in res.stderr and "20261122-0300" in res.stderr
 
 
-def test_refuses_bad_labels(two_runs, tmp_path):
+def test_refuses_bad_labels(two_runs, tmp_path, report_inproc):
     a_dir, b_dir, *_ = two_runs
-    res = run_report(str(a_dir), str(b_dir), "--out", str(tmp_path / "rep"), "--labels", "only_one")
+    res = report_inproc(str(a_dir), str(b_dir), "--out", str(tmp_path / "rep"), "--labels", "only_one")
     assert res.returncode == 2 and "--labels" in res.stderr
 
 
