@@ -163,3 +163,21 @@ def test_reset_cpu_rss_peak():
     if not reset_cpu_rss_peak():
         pytest.skip("clear_refs not supported here")
     assert cpu_rss_peak_gib() < before - 0.1  # the peak now tracks the current RSS
+
+
+def test_reduce_group_single_process(tmp_path):
+    """With reduce_group, flush all-reduces the sums first (here a 1-rank gloo group)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        stats = FusedCEStats(reduce_group=dist.group.WORLD)
+        stats.update(torch.tensor(22.0), torch.tensor(0.2), torch.tensor(2))
+        out = stats.flush(RecordingLogger(), 1)
+        assert out == {"fused_ce/lse_mean": 11.0, "fused_ce/z_loss": pytest.approx(0.1)}
+        assert stats._buf.tolist() == [0.0, 0.0, 0.0]
+    finally:
+        dist.destroy_process_group()
