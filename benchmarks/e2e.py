@@ -448,10 +448,15 @@ def run_max_seq(opts):
         s *= 2
     lb = opts.max_seq_local_batch
     rows = []
+    t_start = time.time()
     for mode in ("baseline", "fused"):
         longest, first_fail = None, None
         per = []
         for seq in seqs:
+            if opts.budget and time.time() - t_start > opts.budget:
+                print(f"[e2e] max-seq {mode} seq {seq}: skipped, --budget {opts.budget}s spent", flush=True)
+                first_fail = (seq, RunResult("maxseq", mode, [], "", status="skipped (budget)"))
+                break
             a = ["--training.steps", str(opts.max_seq_steps), "--metrics.log_freq", "1",
                  "--debug.seed", str(opts.seed), "--training.seq_len", str(seq)]
             if lb:

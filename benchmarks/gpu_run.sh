@@ -1,0 +1,183 @@
+#!/usr/bin/env bash
+# The ONE command to run on the device machine (run from the repository root, .gpu-wheels carried).
+#
+#   bash benchmarks/gpu_run.sh kernel   # 1 GPU : pytest -m gpu, bench_kernel.py (4 shapes), --sweep
+#   bash benchmarks/gpu_run.sh multi    # 2 GPUs: pytest -m multigpu, vocab-parallel bench (torchrun), e2e.py
+#   bash benchmarks/gpu_run.sh e2e      # 2 GPUs: e2e.py only (all default cases; give it the whole budget)
+#   bash benchmarks/gpu_run.sh maxseq   # 1 GPU : e2e.py --max-seq (longest seq_len, baseline vs fused)
+#
+# Every step's output is tee'd to $OUT/<step>.log; a failing step never aborts the script; a table of
+# return codes and the benchmark tables are printed last. Knobs (environment variables):
+#   BUDGET_S        whole-script budget in seconds (default 540 = 9 min); later steps get what is left
+#   PYTEST_TIMEOUT  per pytest step (default 150)      SKIP_PYTEST=1 / SKIP_BENCH=1 / SKIP_SWEEP=1 / SKIP_E2E=1
+#   BENCH_ARGS      extra args for bench_kernel.py default run (e.g. "--impls fused,compile,floor --reps 5")
+#   SWEEP_ARGS      extra args for bench_kernel.py --sweep (e.g. "--sweep-impls fused")
+#   VP_ARGS         extra args for the vocab-parallel run (e.g. "--vp-shapes 8192x4096x128256")
+#   E2E_CASES       (multi default: fsdp2,tp2,cp2; e2e default: all six)   E2E_STEPS (default 20)
+#   E2E_TIMEOUT     per training run (default 300)     E2E_ARGS extra args for e2e.py
+#   NO_APPEND=1     do not append to benchmarks/RESULTS.md
+set -u
+MODE="${1:-kernel}"
+shift || true
+cd "$(dirname "$0")/.." || exit 1
+ROOT="$PWD"
+OUT="${OUT:-$ROOT/outputs/gpu_run}"
+mkdir -p "$OUT"
+T0=$(date +%s)
+BUDGET_S="${BUDGET_S:-540}"
+PYTEST_TIMEOUT="${PYTEST_TIMEOUT:-150}"
+APPEND=""
+[ "${NO_APPEND:-0}" = "1" ] && APPEND="--no-append"
+# never unset the machine's NVLink-multicast guards
+export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}" TORCH_SYMM_MEM_DISABLE_MULTICAST="${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}" NVSHMEM_DISABLE_NVLS="${NVSHMEM_DISABLE_NVLS:-1}"
+
+STEPS=()
+RCS=()
+SECS=()
+
+left() { echo $(( BUDGET_S - ($(date +%s) - T0) )); }
+
+# run_step NAME TIMEOUT_S CMD... : tee to $OUT/NAME.log, bounded by min(TIMEOUT_S, budget left)
+run_step() {
+    local name="$1" tmo="$2"
+    shift 2
+    local l
+    l=$(left)
+    if [ "$l" -lt 20 ]; then
+        echo "=== [$name] skipped: budget spent ($BUDGET_S s)" | tee "$OUT/$name.log"
+        STEPS+=("$name"); RCS+=("skip"); SECS+=(0)
+        return 0
+    fi
+    [ "$tmo" -gt "$l" ] && tmo="$l"
+    echo "=== [$name] $(date -u +%H:%M:%S) timeout ${tmo}s: $*"
+    local s=$(date +%s)
+    timeout --signal=TERM --kill-after=20 "$tmo" "$@" 2>&1 | tee "$OUT/$name.log"
+    local rc=${PIPESTATUS[0]}
+    local d=$(( $(date +%s) - s ))
+    [ "$rc" = "124" ] && rc="124(timeout)"
+    echo "=== [$name] rc=$rc in ${d}s"
+    STEPS+=("$name"); RCS+=("$rc"); SECS+=("$d")
+}
+
+# ---------------------------------------------------------------------------------- setup
+setup() {
+    local s=$(date +%s)
+    {
+        echo "mode=$MODE date=$(date -u +%FT%TZ) host=$(hostname)"
+        nvidia-smi --query-gpu=index,name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>&1
+        if ls .gpu-wheels/*.whl >/dev/null 2>&1; then
+            python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu-wheels/*.whl
+            echo "pip rc=$?"
+        else
+            echo "WARNING: no .gpu-wheels/*.whl (carry .gpu-wheels); liger/cce/torchtitan will be n/a"
+        fi
+    } 2>&1 | tee "$OUT/setup.log"
+    export PYTHONPATH="/tmp/site:$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
+    python3 - <<'EOF' 2>&1 | tee -a "$OUT/setup.log"
+import torch, importlib
+from importlib.metadata import version
+print("torch", torch.__version__, "cuda", torch.version.cuda, "devices", torch.cuda.device_count(),
+      [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])
+for p in ("triton", "liger_kernel", "cut_cross_entropy", "torchtitan", "torchdata", "tyro", "datasets"):
+    try:
+        print(p, version(p))
+    except Exception as e:
+        print(p, "MISSING", type(e).__name__)
+try:
+    import fused_loss
+    print("fused_loss ok:", [n for n in ("fused_linear_cross_entropy", "FusedLinearCrossEntropy") if hasattr(fused_loss, n)])
+except Exception as e:
+    print("fused_loss import FAILED:", repr(e))
+EOF
+    STEPS+=("setup"); RCS+=("0"); SECS+=($(( $(date +%s) - s )))
+}
+
+last_table() {  # print the last Markdown table of a log (the benchmark scripts print it last)
+    [ -f "$1" ] || return 0
+    awk '/^\|/{ if (!intable) { buf=""; intable=1 } buf = buf $0 "\n"; next } { if (intable) { last=buf; intable=0 } }
+         END { if (intable) last=buf; printf "%s", last }' "$1"
+}
+
+summary() {
+    echo
+    echo "==================== summary ($MODE, $(( $(date +%s) - T0 ))s, logs in $OUT) ===================="
+    for f in "$@"; do
+        if [ -f "$OUT/$f.log" ]; then
+            echo "--- $f"
+            last_table "$OUT/$f.log"
+        fi
+    done
+    for f in "$OUT"/pytest_*.log; do
+        [ -f "$f" ] && echo "--- $(basename "$f" .log): $(grep -E '(passed|failed|error|skipped|no tests ran)' "$f" | tail -1)"
+    done
+    echo
+    echo "| step | rc | seconds |"
+    echo "|---|---|---|"
+    local i
+    for i in "${!STEPS[@]}"; do
+        echo "| ${STEPS[$i]} | ${RCS[$i]} | ${SECS[$i]} |"
+    done
+    cp -f benchmarks/RESULTS.md "$OUT/RESULTS.md" 2>/dev/null || true
+}
+
+setup
+
+case "$MODE" in
+kernel)
+    if [ "${SKIP_PYTEST:-0}" != "1" ]; then
+        run_step pytest_gpu "$PYTEST_TIMEOUT" python3 -m pytest -m gpu tests -q --maxfail=5 \
+            --junitxml="$OUT/pytest_gpu.xml" -p no:cacheprovider
+    fi
+    if [ "${SKIP_BENCH:-0}" != "1" ]; then
+        # shellcheck disable=SC2086
+        run_step bench_kernel 330 python3 benchmarks/bench_kernel.py $APPEND ${BENCH_ARGS:-}
+    fi
+    if [ "${SKIP_SWEEP:-0}" != "1" ]; then
+        # shellcheck disable=SC2086
+        run_step bench_sweep 200 python3 benchmarks/bench_kernel.py --sweep $APPEND ${SWEEP_ARGS:-}
+    fi
+    summary bench_kernel bench_sweep
+    ;;
+multi)
+    if [ "${SKIP_PYTEST:-0}" != "1" ]; then
+        run_step pytest_multigpu "$PYTEST_TIMEOUT" python3 -m pytest -m multigpu tests -q --maxfail=5 \
+            --junitxml="$OUT/pytest_multigpu.xml" -p no:cacheprovider
+    fi
+    if [ "${SKIP_BENCH:-0}" != "1" ]; then
+        # shellcheck disable=SC2086
+        run_step bench_vocab_parallel 180 torchrun --standalone --nproc_per_node 2 \
+            benchmarks/bench_kernel.py --vocab-parallel $APPEND ${VP_ARGS:-}
+    fi
+    if [ "${SKIP_E2E:-0}" != "1" ]; then
+        # shellcheck disable=SC2086
+        run_step e2e "$(left)" python3 benchmarks/e2e.py --cases "${E2E_CASES:-fsdp2,tp2,cp2}" \
+            --steps "${E2E_STEPS:-20}" --timeout "${E2E_TIMEOUT:-300}" --budget "$(( $(left) - 60 ))" \
+            --out "$OUT/e2e" $APPEND ${E2E_ARGS:-}
+    fi
+    summary bench_vocab_parallel e2e
+    ;;
+e2e)
+    # shellcheck disable=SC2086
+    run_step e2e "$(left)" python3 benchmarks/e2e.py \
+        --cases "${E2E_CASES:-fsdp2,tp2,cp2,fsdp2_reshard_always,fsdp2_accum2,fsdp2_compile}" \
+        --steps "${E2E_STEPS:-20}" --timeout "${E2E_TIMEOUT:-300}" --budget "$(( $(left) - 60 ))" \
+        --out "$OUT/e2e" $APPEND ${E2E_ARGS:-}
+    summary e2e
+    ;;
+maxseq)
+    # shellcheck disable=SC2086
+    run_step e2e_maxseq "$(left)" python3 benchmarks/e2e.py --max-seq --timeout "${E2E_TIMEOUT:-240}" \
+        --budget "$(( $(left) - 60 ))" \
+        --out "$OUT/e2e_maxseq" $APPEND ${E2E_ARGS:-}
+    summary e2e_maxseq
+    ;;
+*)
+    echo "usage: $0 kernel|multi|e2e|maxseq" >&2
+    exit 2
+    ;;
+esac
+# exit status: 0 if every step returned 0
+for rc in "${RCS[@]}"; do
+    case "$rc" in 0|skip) ;; *) exit 1 ;; esac
+done
+exit 0
