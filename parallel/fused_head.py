@@ -109,4 +109,6 @@ class FusedCELoss:
                 "[fused_ce] the loss has no FusedLMHead bound; launch with "
                 "`python -m parallel.train` (run_train.sh does), which binds it"
             )
-        return self.head(pred, labels)
+        # labels by keyword: under TP, ColwiseParallel's input hook rewrites the
+        # positional args to (hidden,) and would drop them.
+        return self.head(pred, labels=labels)

@@ -21,11 +21,11 @@ def parallelize(model, parallel_dims, job_config):
         # Swap the head on the meta model before TP/FSDP see it, so that torchtitan's
         # plans (ColwiseParallel for `output`, the [norm, output] FSDP unit) apply to it.
         model.output = FusedLMHead(model.output, job_config.fused_ce)
-        if not job_config.parallelism.disable_loss_parallel:
-            # loss_parallel shards logits; the fused head never makes logits and is
-            # vocab-parallel by itself. The trainer reads this flag after parallelize.
+        # loss_parallel shards logits; the fused head never makes logits and is
+        # vocab-parallel by itself. The trainer reads this flag after parallelize.
+        if parallel_dims.tp_enabled and not job_config.parallelism.disable_loss_parallel:
             logger.info("[fused_ce] loss_parallel is off: the fused head is vocab-parallel itself")
-            job_config.parallelism.disable_loss_parallel = True
+        job_config.parallelism.disable_loss_parallel = True
     return parallelize_llama(model, parallel_dims, job_config)
 
 
