@@ -22,6 +22,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from fused_loss import fused_linear_cross_entropy
 
 from parallel.config import FusedCE
+from parallel.metrics import FusedCEStats
 
 IGNORE_INDEX = -100  # torchtitan's (components/loss.py)
 
@@ -29,10 +30,9 @@ IGNORE_INDEX = -100  # torchtitan's (components/loss.py)
 class FusedLMHead(nn.Linear):
     """`nn.Linear(dim, vocab, bias=False)` whose forward is the fused linear + cross-entropy.
 
-    `stats` keeps device-side running sums of the op's side outputs over
-    training steps (no host sync): `lse_sum` (sum of logsumexp over valid
-    tokens), `z_loss` (sum of the z-loss term) and `valid_tokens`. Whoever
-    logs them takes them with `pop_stats()`.
+    `stats` sums the op's side outputs (logsumexp, z-loss, valid tokens) of the
+    training micro-batches on the device, with no host sync; the trainer
+    flushes them to the metric logger on log steps.
     """
 
     def __init__(self, linear: nn.Linear, cfg: FusedCE):
@@ -49,7 +49,7 @@ class FusedLMHead(nn.Linear):
             chunk_budget_bytes=cfg.chunk_budget_mib * 2**20,
             check_labels=False,  # the trainer checks the CPU labels instead (a device check syncs)
         )
-        self.stats: dict[str, torch.Tensor] = {}
+        self.stats = FusedCEStats()
 
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         weight, mesh, parallel = self.weight, None, {}
@@ -72,24 +72,14 @@ class FusedLMHead(nn.Linear):
             loss, aux = fused_linear_cross_entropy(
                 hidden, weight, labels, **self.options, **parallel, return_aux=True
             )
-        if self.training:
-            self._accumulate(aux)
+        if self.training:  # validation runs in eval mode and stays out of the training stats
+            self.stats.update(aux.lse.sum(), aux.z_loss, aux.valid_tokens)
 
         if mesh is not None:
             # Every TP rank computed the same full loss. torchtitan's ColwiseParallel output
             # hook expects a DTensor and hands back its local value.
             loss = DTensor.from_local(loss, mesh, [Replicate()], run_check=False)
         return loss
-
-    @torch.no_grad()
-    def _accumulate(self, aux) -> None:
-        step = {"lse_sum": aux.lse.sum(), "z_loss": aux.z_loss.float(), "valid_tokens": aux.valid_tokens}
-        for key, value in step.items():
-            self.stats[key] = self.stats[key] + value if key in self.stats else value
-
-    def pop_stats(self) -> dict[str, torch.Tensor]:
-        stats, self.stats = self.stats, {}
-        return stats
 
 
 class FusedCELoss:

@@ -63,8 +63,18 @@ class FusedCETrainer(Trainer):
     def __init__(self, job_config):
         check_job(job_config)
         super().__init__(job_config)
+        self.fused_head = None
         if isinstance(self.loss_fn, FusedCELoss):
-            self.loss_fn.bind(self.model_parts[0].output)
+            self.fused_head = self.model_parts[0].output
+            self.loss_fn.bind(self.fused_head)
+            # Token statistics differ across data-parallel and CP ranks, not across TP ranks.
+            loss_mesh = self.parallel_dims.get_optional_mesh("loss")
+            self.fused_head.stats.reduce_group = loss_mesh.get_group() if loss_mesh is not None else None
+
+    def train_step(self, data_iterator):
+        super().train_step(data_iterator)
+        if self.fused_head is not None and self.metrics_processor.should_log(self.step):
+            self.fused_head.stats.flush(self.metrics_processor.logger, self.step)
 
     def batch_generator(self, data_iterable):
         # Labels are still on the CPU here, so checking them costs no device sync.
