@@ -75,7 +75,7 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
         dh = torch.empty_like(hidden)
         dw = torch.zeros_like(weight) if n_tokens == 0 else torch.empty_like(weight)
     else:
-        dh = dw = hidden.new_empty(0)
+        dh, dw = hidden.new_empty(0), weight.new_empty(0)
     buf = torch.empty(min(chunk, n_tokens), weight.shape[0], dtype=hidden.dtype,
                       device=hidden.device)
     unit_scale = torch.ones(1, dtype=torch.float32, device=hidden.device)

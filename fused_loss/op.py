@@ -50,7 +50,6 @@ def _(hidden, weight, labels, *args):
 def _sum_setup_context(ctx, inputs, output):
     _, _, dh, dw = output
     ctx.save_for_backward(dh, dw)
-    ctx.scaled = False
 
 
 def _sum_backward(ctx, grad_loss, _grad_lse, _grad_dh, _grad_dw):
@@ -59,12 +58,8 @@ def _sum_backward(ctx, grad_loss, _grad_lse, _grad_dh, _grad_dw):
         dh, dw = dh * grad_loss, dw * grad_loss
     else:
         # In place: a second dW-sized buffer would be the op's peak memory. The saved
-        # gradients are ours alone, so only a second backward through the graph could see
-        # the scaled values - refuse that instead of returning wrong gradients.
-        if ctx.scaled:
-            raise RuntimeError("fused_loss: backward through the same loss twice is not "
-                               "supported (the gradients were computed in forward)")
-        ctx.scaled = True
+        # gradients are ours alone; a second backward through the graph is refused by
+        # autograd's version counter ("modified by an inplace operation"), never wrong.
         dh.mul_(grad_loss)
         dw.mul_(grad_loss)
     return (dh, dw) + (None,) * 12

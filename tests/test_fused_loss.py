@@ -1,0 +1,241 @@
+"""The kernel against an fp64 reference on CPU: the torch backend, and Triton in its interpreter.
+
+On a machine without CUDA the Triton backend runs under TRITON_INTERPRET=1 (numpy), in fp32
+only: the triton 3.6 interpreter's bf16 dot is broken. The GPU tests are in test_fused_loss_gpu.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before fused_loss imports triton kernels
+
+from fused_loss import FusedLinearCrossEntropy, fused_linear_cross_entropy  # noqa: E402
+from fused_loss.options import chunk_rows  # noqa: E402
+
+from fused_ce_reference import reference_loss, rel_err  # noqa: E402
+
+BACKENDS = ["torch", "triton"]
+TOL = 2e-6  # fp32 kernel vs fp64 reference, relative L2
+
+
+def _inputs(n, d, v, *, ignore_frac=0.2, ignore_index=-100, seed=None, device="cpu"):
+    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    hidden = torch.randn(n, d, generator=g)
+    weight = torch.randn(v, d, generator=g) / d ** 0.5 * 3
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[torch.rand(n, generator=g) < ignore_frac] = ignore_index
+    return hidden.to(device), weight.to(device), labels.to(device)
+
+
+def _run(hidden, weight, labels, upstream=None, **kw):
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    loss = fused_linear_cross_entropy(h, w, labels, **kw)
+    (loss * upstream if upstream is not None else loss).sum().backward()
+    return loss.detach(), h.grad, w.grad
+
+
+def _assert_close(got, want, tol=TOL):
+    """Relative L2 error, with an absolute floor: a confident token's loss lse - target is a
+    cancellation of two O(10) numbers, exact only to fp32 eps * 10 in absolute terms."""
+    for name, g, w in zip(("loss", "d_hidden", "d_weight"), got, want):
+        assert not torch.isnan(g).any(), f"{name} has NaN"
+        err = float((g.double() - w).norm())
+        limit = tol * float(w.norm()) + 1e-5 * w.numel() ** 0.5
+        assert err <= limit, f"{name}: error {err:.2e} > {limit:.2e} (|ref| {w.norm():.2e})"
+
+
+OPTION_SETS = [
+    {},
+    {"label_smoothing": 0.1},
+    {"z_loss": 1e-3},
+    {"logit_softcap": 4.0},
+    {"label_smoothing": 0.2, "z_loss": 1e-2, "logit_softcap": 2.5, "ignore_index": 7},
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+@pytest.mark.parametrize("options", OPTION_SETS, ids=lambda o: ",".join(o) or "plain")
+def test_matches_fp64_reference(backend, reduction, options):
+    # V=4099 is no multiple of any block (and spans two 4096-wide blocks); D odd; chunk 5 rows
+    hidden, weight, labels = _inputs(23, 7, 4099 if backend == "torch" else 517,
+                                     ignore_index=options.get("ignore_index", -100))
+    upstream = torch.rand(23) if reduction == "none" else None
+    got = _run(hidden, weight, labels, upstream, reduction=reduction, backend=backend,
+               chunk_size=5, **options)
+    want = reference_loss(hidden, weight, labels, reduction=reduction, upstream=upstream,
+                          **options)
+    _assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 5, 3), (3, 1, 1), (64, 16, 300)])
+def test_odd_sizes(backend, shape):
+    hidden, weight, labels = _inputs(*shape, ignore_frac=0.0)
+    for chunk in (None, 1, 7):
+        got = _run(hidden, weight, labels, backend=backend, chunk_size=chunk)
+        _assert_close(got, reference_loss(hidden, weight, labels))
+
+
+def test_leading_dims_and_non_contiguous_hidden():
+    hidden, weight, labels = _inputs(24, 9, 50)
+    h3 = hidden.reshape(4, 6, 9).transpose(0, 1)  # [6, 4, 9] view, not contiguous
+    y3 = labels.reshape(4, 6).t()
+    got = _run(h3, weight, y3, reduction="none", upstream=torch.ones(6, 4))
+    want = reference_loss(h3, weight, y3, reduction="none")
+    _assert_close(got, want)
+    assert got[0].shape == (6, 4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_all_tokens_ignored_gives_zero_not_nan(backend, reduction):
+    hidden, weight, labels = _inputs(9, 4, 30)
+    labels.fill_(-100)
+    loss, dh, dw = _run(hidden, weight, labels, reduction=reduction, backend=backend,
+                        upstream=torch.ones(9) if reduction == "none" else None)
+    assert torch.all(loss == 0) and torch.all(dh == 0) and torch.all(dw == 0)
+
+
+def test_empty_batch():
+    weight = torch.randn(11, 4, requires_grad=True)
+    hidden = torch.randn(0, 4, requires_grad=True)
+    loss = fused_linear_cross_entropy(hidden, weight, torch.empty(0, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0 and torch.all(weight.grad == 0) and hidden.grad.shape == (0, 4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_in_hidden_propagates(backend):
+    hidden, weight, labels = _inputs(6, 4, 20, ignore_frac=0.0)
+    hidden[2, 1] = float("nan")
+    loss = fused_linear_cross_entropy(hidden, weight, labels, backend=backend)
+    assert torch.isnan(loss)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_of_range_labels_raise(backend):
+    hidden, weight, labels = _inputs(10, 4, 20, ignore_frac=0.0)
+    labels[3], labels[7] = 20, -5
+    with pytest.raises(ValueError, match=r"labels: 2 value\(s\) outside \[0, 20\).*e\.g\. 20"):
+        fused_linear_cross_entropy(hidden, weight, labels, backend=backend)
+    # switched off: no error and no out-of-bounds access; those rows just have no target
+    loss = fused_linear_cross_entropy(hidden, weight, labels, backend=backend,
+                                      check_labels=False, reduction="none")
+    assert torch.isfinite(loss).all()
+
+
+def test_aux_statistics():
+    hidden, weight, labels = _inputs(12, 5, 40)
+    loss, aux = fused_linear_cross_entropy(hidden, weight, labels, z_loss=0.01,
+                                           reduction="mean", return_aux=True)
+    valid = labels != -100
+    lse = torch.logsumexp(hidden.double() @ weight.double().t(), dim=1) * valid
+    assert rel_err(aux.lse, lse) < TOL
+    assert int(aux.valid_tokens) == int(valid.sum())
+    assert abs(float(aux.z_loss) - float(0.01 * (lse ** 2).sum() / valid.sum())) < 1e-5
+    want = reference_loss(hidden, weight, labels, z_loss=0.01, reduction="mean")[0]
+    assert rel_err(loss, want) < TOL
+
+
+def test_gradient_only_where_asked():
+    hidden, weight, labels = _inputs(8, 4, 16)
+    w = weight.clone().requires_grad_()
+    fused_linear_cross_entropy(hidden, w, labels).backward()  # hidden needs no grad
+    want_loss, _, want_dw = reference_loss(hidden, weight, labels)
+    assert rel_err(w.grad, want_dw) < TOL
+    with torch.no_grad():  # validation: loss only, the same value
+        assert rel_err(fused_linear_cross_entropy(hidden, w, labels), want_loss) < TOL
+
+
+def test_second_backward_is_refused():
+    # the gradients were computed in forward and scaled in place by the first backward
+    hidden, weight, labels = _inputs(8, 4, 16)
+    w = weight.clone().requires_grad_()
+    loss = fused_linear_cross_entropy(hidden, w, labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(reduction="avg"), "reduction must be one of"),
+    (dict(backend="cuda"), "backend must be one of"),
+    (dict(label_smoothing=1.0), r"label_smoothing must be in \[0, 1\)"),
+    (dict(z_loss=-1.0), "z_loss must be >= 0"),
+    (dict(logit_softcap=0.0), "logit_softcap must be > 0"),
+    (dict(chunk_size=0), "chunk_size must be >= 1"),
+    (dict(chunk_budget_bytes=50), "chunk_budget_bytes=50 is smaller than one row"),
+    (dict(vocab_start=10, vocab_size=12), r"weight rows \[10, 30\) exceed vocab_size=12"),
+])
+def test_bad_options_name_the_option(bad, match):
+    hidden, weight, labels = _inputs(4, 3, 20)
+    with pytest.raises(ValueError, match=match):
+        fused_linear_cross_entropy(hidden, weight, labels, **bad)
+
+
+def test_bad_tensors_name_the_tensor():
+    hidden, weight, labels = _inputs(4, 3, 20)
+    cases = [
+        ((hidden.half(), weight, labels), "weight dtype torch.float32 differs from hidden"),
+        ((hidden.double(), weight.double(), labels), "hidden must be float32"),
+        ((hidden, weight, labels.float()), "labels must be int64"),
+        ((hidden, weight[:, :2], labels), "hidden .* has D=3 but weight .* D=2"),
+        ((hidden, weight, labels[:3]), "labels shape"),
+        ((hidden, weight.reshape(-1), labels), r"weight must be \[V_local, D\]"),
+        ((hidden, weight, labels.tolist()), "labels must be a torch.Tensor"),
+    ]
+    for args, match in cases:
+        with pytest.raises(ValueError, match=match):
+            fused_linear_cross_entropy(*args)
+
+
+def test_triton_without_cuda_or_interpreter_is_a_clear_error(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    hidden, weight, labels = _inputs(4, 3, 20)
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
+        fused_linear_cross_entropy(hidden, weight, labels, backend="triton")
+
+
+def test_chunk_rows_follow_the_budget():
+    # 1 GiB of bf16 logits at V=128256 holds 4186 rows; 8192 tokens -> 2 chunks of 4096
+    assert chunk_rows(8192, 128256, 2, None, None) == 4096
+    assert chunk_rows(16384, 151936, 2, None, None) == 3328  # 5 balanced chunks
+    assert chunk_rows(100, 1000, 4, None, None) == 100  # fits: one chunk
+    assert chunk_rows(10, 1000, 4, None, 4000 * 3) == 3
+    assert chunk_rows(10, 1000, 4, 4, None) == 4
+
+
+def test_module_is_a_drop_in_head():
+    torch.manual_seed(0)
+    head = FusedLinearCrossEntropy(6, 30, reduction="mean", z_loss=1e-4)
+    linear = torch.nn.Linear(6, 30, bias=False)
+    assert head.state_dict().keys() == linear.state_dict().keys()
+    linear.load_state_dict(head.state_dict())
+    hidden, _, labels = _inputs(10, 6, 30)
+    want = reference_loss(hidden, linear.weight, labels, reduction="mean", z_loss=1e-4)[0]
+    assert rel_err(head(hidden, labels), want) < TOL
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_torch_compile_sees_one_opaque_op(reduction):
+    hidden, weight, labels = _inputs(16, 8, 64)
+    upstream = torch.rand(16) if reduction == "none" else None
+
+    def step(h, w, y):
+        return fused_linear_cross_entropy(h, w, y, reduction=reduction, z_loss=1e-3) * 2.0
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    loss = compiled(h, w, labels)
+    (loss * upstream if upstream is not None else loss).sum().backward()
+    ref = reference_loss(hidden, weight, labels, reduction=reduction, z_loss=1e-3,
+                         upstream=upstream)
+    _assert_close((loss.detach() / 2, h.grad / 2, w.grad / 2), ref)
