@@ -1,0 +1,128 @@
+"""`[fused_ce]` parsing (TOML + CLI through torchtitan's ConfigManager) and start-up checks."""
+
+
+import pytest
+import torch
+from conftest import ROOT, run_train
+from torchtitan.config import ConfigManager
+
+from parallel.model import FLAVORS
+from parallel.parallelize import pipelining
+from parallel.train import check_job, check_labels, JobRefused
+
+DEBUG = str(ROOT / "train_configs" / "debug_model.toml")
+CUSTOM = "--job.custom_config_module=parallel.config"
+
+
+def parse(*args: str, toml: str = DEBUG):
+    return ConfigManager().parse_args([CUSTOM, "--job.config_file", toml, *args])
+
+
+def write_toml(tmp_path, fused_ce: str) -> str:
+    """The debug job with its [fused_ce] section replaced by `fused_ce`."""
+    path = tmp_path / "job.toml"
+    path.write_text(open(DEBUG).read().split("[fused_ce]")[0] + "[fused_ce]\n" + fused_ce)
+    return str(path)
+
+
+def test_defaults_from_toml():
+    cfg = parse().fused_ce
+    assert (cfg.enable, cfg.backend, cfg.chunk_size, cfg.chunk_budget_mib) == (False, "auto", 0, 1024)
+    assert (cfg.z_loss, cfg.label_smoothing, cfg.logit_softcap, cfg.check_labels) == (0.0, 0.0, 0.0, True)
+
+
+def test_toml_values(tmp_path):
+    toml = write_toml(tmp_path, 'enable = true\nbackend = "torch"\nz_loss = 1e-4\nlogit_softcap = 30.0\n')
+    cfg = parse(toml=toml).fused_ce
+    assert (cfg.enable, cfg.backend, cfg.z_loss, cfg.logit_softcap) == (True, "torch", 1e-4, 30.0)
+    assert cfg.chunk_budget_mib == 1024  # keys left out keep their defaults
+
+
+def test_cli_overrides_toml():
+    cfg = parse("--fused_ce.enable", "--fused_ce.z_loss", "1e-4", "--fused_ce.chunk_size", "512").fused_ce
+    assert cfg.enable and cfg.z_loss == 1e-4 and cfg.chunk_size == 512
+    assert parse("--fused_ce.enable", "--fused_ce.no-enable").fused_ce.enable is False
+    assert parse("--fused_ce.no-check_labels").fused_ce.check_labels is False
+
+
+def test_typo_in_toml_key_is_named(tmp_path):
+    with pytest.raises(ValueError, match="z_los"):
+        parse(toml=write_toml(tmp_path, "z_los = 1e-4\n"))
+
+
+def test_typo_on_cli_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse("--fused_ce.z_los", "1e-4")
+    assert e.value.code != 0
+    assert "z_los" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--fused_ce.backend", "cuda"), "[fused_ce] backend must be one of auto, triton, torch; got 'cuda'"),
+        (("--fused_ce.z_loss", "-1"), "[fused_ce] z_loss must be >= 0, got -1"),
+        (("--fused_ce.label_smoothing", "1.0"), "[fused_ce] label_smoothing must be in [0, 1), got 1"),
+        (("--fused_ce.logit_softcap", "-5"), "[fused_ce] logit_softcap must be >= 0"),
+        (("--fused_ce.chunk_size", "-1"), "[fused_ce] chunk_size must be >= 0"),
+        (("--fused_ce.chunk_budget_mib", "0"), "[fused_ce] chunk_budget_mib=0 is too small for one row"),
+        (("--model.name", "llama3"), "[fused_ce] enable=true needs model.name = 'llama3_fused_ce'"),
+        (("--parallelism.pipeline_parallel_degree", "2"), "parallelism.pipeline_parallel_degree=2"),
+    ],
+)
+def test_check_job_refuses(args, message):
+    with pytest.raises(JobRefused) as e:
+        check_job(parse("--fused_ce.enable", *args))
+    assert message in str(e.value)
+
+
+def test_check_job_ignores_fused_settings_when_off():
+    check_job(parse("--parallelism.pipeline_parallel_degree", "2"))
+
+
+def test_budget_check_uses_the_local_vocab():
+    # 128256 fp32 entries need 0.49 MiB: 1 MiB is enough, and so is chunk_size without a budget.
+    check_job(parse("--fused_ce.enable", "--model.flavor", "1B", "--fused_ce.chunk_budget_mib", "1"))
+    check_job(parse("--fused_ce.enable", "--fused_ce.chunk_budget_mib", "0", "--fused_ce.chunk_size", "64"))
+
+
+def test_pipelining_backstop_raises_the_same_message():
+    job = parse("--fused_ce.enable", "--parallelism.pipeline_parallel_degree", "2")
+    with pytest.raises(JobRefused) as refused:
+        check_job(job)
+    with pytest.raises(ValueError) as backstop:
+        pipelining(None, None, job, None, None, None, None)
+    assert str(backstop.value) == str(refused.value)
+    for words in ("fused_ce", "pipeline_parallel_degree", "--fused_ce.no-enable", "--parallelism.pipeline_parallel_degree 1"):
+        assert words in str(refused.value)
+
+
+def test_pp_refused_at_start_up(tmp_path):
+    """The launched job exits non-zero within 15 s with one message, before any process group."""
+    proc, seconds = run_train(
+        tmp_path, "--fused_ce.enable", "--parallelism.pipeline_parallel_degree", "2", check=False
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert seconds < 15, f"refusal took {seconds:.1f} s"
+    assert out.count("does not support pipeline parallelism") == 1, out[-3000:]
+    assert "JobRefused" not in out  # a message, not a Python traceback from the trainer
+    # Refused before Trainer.__init__ got anywhere: no device mesh, no process group.
+    assert "Building device mesh" not in out and "Starting job" not in out
+
+
+def test_flavors_have_the_documented_shapes():
+    from parallel.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(FLAVORS["1B"])
+    ffn = model.layers["0"].feed_forward.w1
+    assert (ffn.out_features, ffn.in_features) == (8192, 2048)
+    assert model.output.weight.shape == (128256, 2048)
+    assert len(model.layers) == 16 and FLAVORS["1B"].n_kv_heads == 8 and FLAVORS["1B"].rope_theta == 5e5
+
+
+def test_check_labels_names_count_and_value():
+    check_labels(torch.tensor([[0, 5, -100]]), vocab_size=6)
+    with pytest.raises(ValueError, match=r"2 label\(s\) outside \[0, 6\), e.g. 7"):
+        check_labels(torch.tensor([[0, 7, 9, -100]]), vocab_size=6)
