@@ -160,12 +160,16 @@ class Inputs:
     y: torch.Tensor
 
 
-def make_inputs(N, D, V, dtype, device, seed=0, ignore_frac=0.1) -> Inputs:
+LOGIT_STD = 1.5
+
+
+def make_inputs(N, D, V, dtype, device, seed=0, ignore_frac=0.1, logit_std=None) -> Inputs:
     g = torch.Generator(device=device)
     g.manual_seed(seed)
-    # logits = h @ W^T with std ~ 1.5: h ~ N(0,1), W ~ N(0, 1.5^2/D)
+    # logits = h @ W^T with std ~ logit_std: h ~ N(0,1), W ~ N(0, logit_std^2/D)
+    s = LOGIT_STD if logit_std is None else logit_std
     h = torch.randn(N, D, generator=g, device=device, dtype=torch.float32).to(dtype)
-    W = (torch.randn(V, D, generator=g, device=device, dtype=torch.float32) * (1.5 / math.sqrt(D))).to(dtype)
+    W = (torch.randn(V, D, generator=g, device=device, dtype=torch.float32) * (s / math.sqrt(D))).to(dtype)
     y = torch.randint(0, V, (N,), generator=g, device=device, dtype=torch.int64)
     mask = torch.rand(N, generator=g, device=device) < ignore_frac
     y = y.masked_fill(mask, IGNORE)
@@ -403,9 +407,11 @@ def run_one(name, fn, inp: Inputs, dev: Dev, args, ref=None, post=None) -> Row:
                 break
         row.ms_all = times
         row.ms = statistics.median(times)
-        # peak memory of one more fwd+bwd
+        # peak memory of one more fwd+bwd (persistent buffers of the impl released first)
         h.grad = None
         W.grad = None
+        if hasattr(fn, "release"):
+            fn.release()
         dev.cleanup()
         base = dev.allocated()
         dev.reset_peak()
@@ -414,6 +420,7 @@ def run_one(name, fn, inp: Inputs, dev: Dev, args, ref=None, post=None) -> Row:
         if dev.cuda:
             grad_bytes = h.numel() * h.element_size() + W.numel() * W.element_size()
             row.peak_gib = (dev.peak() - base - grad_bytes) / 2**30
+            row.extra["peak_incl_grads"] = (dev.peak() - base) / 2**30
         # accuracy on the grads of that last step
         if ref is not None and not is_floor:
             loss_ref, dh_ref, dW_ref = ref
@@ -465,8 +472,8 @@ def add_ratios(rows):
 
 def markdown_table(rows) -> str:
     hdr = ("| shape (N, D, V) | impl | ms | TFLOP/s | vs best anchor | vs GEMM floor | peak GiB "
-           "| loss rel err | dh rel err | dW rel err | first call s | status |")
-    sep = "|" + "---|" * 12
+           "| peak+grads GiB | loss rel err | dh rel err | dW rel err | first call s | status |")
+    sep = "|" + "---|" * 13
     lines = [hdr, sep]
     last = None
     for r in rows:
@@ -484,6 +491,7 @@ def markdown_table(rows) -> str:
                     fmt(r.extra.get("vs_best_anchor"), ".3f"),
                     fmt(r.extra.get("vs_floor"), ".3f"),
                     fmt(r.peak_gib, ".2f"),
+                    fmt(r.extra.get("peak_incl_grads"), ".2f"),
                     fmt(r.loss_err, ".1e"),
                     fmt(r.dh_err, ".1e"),
                     fmt(r.dW_err, ".1e"),
@@ -547,7 +555,9 @@ def emit(table: str, dev: Dev, args, title: str, notes=()):
 DEFINITIONS = (
     "- ms: median of timed fwd+bwd iterations (CUDA events, after warm-up; grads set to None "
     "before each). peak GiB: max_memory_allocated during one fwd+bwd minus memory_allocated "
-    "before it (inputs live) minus bytes of dh and dW. Errors: relative L2 vs fp32 reference "
+    "before it (inputs live, grads None) minus bytes of dh and dW; peak+grads GiB: the same without "
+    "subtracting dh and dW (what ANCHORS.md's 'peak' column measured). Inputs: h ~ N(0,1), "
+    "W ~ N(0, s^2/D), logit std s={S}. Errors: relative L2 vs fp32 reference "
     "(no TF32). vs best anchor: ms / min(eager, compile, liger, cce). floor: three cuBLAS GEMMs "
     "in chunks of {C} rows.",
 )
@@ -820,6 +830,8 @@ def main(argv=None):
     p.add_argument("--ref-chunk", type=int, default=2048)
     p.add_argument("--floor-chunk", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--logit-std", type=float, default=1.5,
+                   help="std of the logits h@W^T (W ~ N(0, s^2/D)); CCE's gradient filtering depends on it")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--sweep-impls", default="fused,compile")
     p.add_argument("--vocab-parallel", action="store_true", help="run under torchrun --nproc_per_node 2")
@@ -844,11 +856,14 @@ def main(argv=None):
     if args.shapes is None:
         args.shapes = DEFAULT_SHAPES
 
+    globals()["LOGIT_STD"] = args.logit_std
     if args.vocab_parallel:
         return vocab_parallel(args)
 
     device = torch.device(args.device)
     if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     dev = Dev(device)
     log(f"device: {dev.name()}  torch {torch.__version__}  backend(fused)={args.backend}")
@@ -861,7 +876,7 @@ def main(argv=None):
     emit(table, dev, args, "Kernel benchmark: LM head + CE fwd+bwd",
          (f"- dtype {args.dtype}, labels uniform with 10% ignore_index, fused backend={args.backend}, "
           f"warmup {args.warmup}, reps {args.reps}",
-          DEFINITIONS[0].format(C=args.floor_chunk)))
+          DEFINITIONS[0].format(C=args.floor_chunk, S=args.logit_std)))
     return 0
 
 

@@ -192,7 +192,10 @@ def summarize(res: RunResult, text: str):
 
 def run_job(case, mode, ngpu, args_list, opts, expected_steps, log_name=None) -> RunResult:
     os.makedirs(opts.out, exist_ok=True)
-    log_path = os.path.join(opts.out, (log_name or f"{case}_{mode}") + ".log")
+    run_name = log_name or f"{case}_{mode}"
+    log_path = os.path.join(opts.out, run_name + ".log")
+    if opts.dump_folders:  # each run's TensorBoard events/outputs in its own folder
+        args_list = args_list + ["--job.dump_folder", os.path.join(opts.out, run_name)]
     cmd = [opts.launcher] + args_list
     env = dict(os.environ)
     env["NGPU"] = str(ngpu)
@@ -517,6 +520,8 @@ def main(argv=None):
     p.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
     p.add_argument("--no-append", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    p.add_argument("--no-dump-folders", dest="dump_folders", action="store_false",
+                   help="do not pass --job.dump_folder <out>/<case>_<mode> per run")
     p.add_argument("--max-seq", action="store_true", help="one-GPU longest-seq_len search instead of the cases")
     p.add_argument("--seq-start", type=int, default=8192)
     p.add_argument("--seq-max", type=int, default=262144)
