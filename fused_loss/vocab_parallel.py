@@ -6,10 +6,12 @@ size V), and every rank then knows the full log-sum-exp, target logit and logit 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.distributed as dist
+
+
+# torch 2.13 renamed all_gather_into_tensor (now deprecated); the GPU image has torch 2.11
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def resolve_group(group_name: str):
@@ -20,22 +22,37 @@ def resolve_group(group_name: str):
 def combine_stats(stats: torch.Tensor, group) -> torch.Tensor:
     """All-gather the [C, 4] (max, sum-exp, target, logit-sum) rows and merge them."""
     world = dist.get_world_size(group)
-    gathered = torch.empty((world, *stats.shape), dtype=stats.dtype, device=stats.device)
-    dist.all_gather_into_tensor(gathered, stats.contiguous(), group=group)
+    gathered = torch.empty((world * stats.shape[0], stats.shape[1]), dtype=stats.dtype,
+                           device=stats.device)
+    _all_gather_single(gathered, stats.contiguous(), group=group)
+    gathered = gathered.view(world, *stats.shape)
     row_max = gathered[:, :, 0].amax(dim=0)
     sum_exp = (gathered[:, :, 1] * torch.exp(gathered[:, :, 0] - row_max)).sum(dim=0)
     rest = gathered[:, :, 2:].sum(dim=0)
     return torch.cat([row_max[:, None], sum_exp[:, None], rest], dim=1)
 
 
-@functools.lru_cache(maxsize=64)
-def check_tiling(group_name: str, vocab_start: int, v_local: int, vocab_size: int) -> None:
-    """Once per layout: the ranks' slices must tile [0, vocab_size) exactly.
+_checked_layouts: dict[tuple[str, int], tuple] = {}
 
-    This is the only host round trip of the op, and it runs on the first call for a given
-    (group, slice) only; later calls hit the cache.
+
+def check_tiling(group_name: str, vocab_start: int, v_local: int, vocab_size: int) -> None:
+    """The ranks' slices must tile [0, vocab_size) exactly: checked once per (group, vocab).
+
+    The first call gathers every rank's slice (the op's only host round trip); later calls
+    compare this rank's slice with the layout remembered then, without a collective, so a
+    rank whose slice changed fails alone instead of hanging its peers in a mismatched
+    collective.
     """
     group = resolve_group(group_name)
+    rank = dist.get_rank(group)
+    layout = _checked_layouts.get((group_name, vocab_size))
+    if layout is not None:
+        if layout[rank] != (vocab_start, v_local):
+            raise ValueError(
+                f"this rank's weight slice (vocab_start, V_local)=({vocab_start}, {v_local}) "
+                f"differs from {layout[rank]} seen on the first call for this process group "
+                f"and vocab_size={vocab_size}; slices must stay fixed")
+        return
     slices: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(slices, (vocab_start, v_local, vocab_size), group=group)
     sizes = {s[2] for s in slices}
@@ -50,3 +67,4 @@ def check_tiling(group_name: str, vocab_start: int, v_local: int, vocab_size: in
         covered = start + length
     if covered != vocab_size:
         raise ValueError(f"weight slices cover [0, {covered}) but vocab_size is {vocab_size}")
+    _checked_layouts[(group_name, vocab_size)] = tuple(s[:2] for s in slices)

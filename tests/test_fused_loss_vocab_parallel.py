@@ -1,0 +1,119 @@
+"""Vocabulary parallel over 2 gloo processes equals one process, for loss and all gradients.
+
+All cases run in ONE pair of spawned processes (a spawn costs seconds of imports); each test
+then checks its case's results.
+"""
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from fused_loss import fused_linear_cross_entropy
+
+WORLD = 2
+
+# a layout is checked once per (group, vocab_size), so each layout has its own vocab_size
+EQUAL_CASES = [  # (splits, reduction, options)
+    ((50, 50), "sum", {}),
+    ((37, 64), "sum", {}),
+    ((50, 50), "mean", {"label_smoothing": 0.1, "z_loss": 1e-3, "logit_softcap": 5.0}),
+    ((37, 64), "mean", {"label_smoothing": 0.1, "z_loss": 1e-3, "logit_softcap": 5.0}),
+    ((37, 64), "none", {"z_loss": 1e-3}),
+]
+TILING_CASES = [  # (splits, starts, expected error), weight of 97 rows
+    ((40, 50), (0, 40), r"cover \[0, 90\) but vocab_size is 97"),
+    ((40, 57), (0, 50), "do not tile the vocabulary .* gap or overlap at 40"),
+    ((60, 37), (0, 50), "do not tile the vocabulary .* gap or overlap at 60"),
+    # 100 rows: the 50/50 layout was checked by the first equal case; now both slices moved
+    ((40, 60), (0, 40), "differs from \\(0, 50\\) seen on the first call"),
+]
+
+
+def _one_rank(rank, hidden, weight, labels, upstream, splits, starts, options):
+    start = starts[rank]
+    h = hidden.clone().requires_grad_()
+    w_local = weight[start:start + splits[rank]].clone().requires_grad_()
+    try:
+        loss = fused_linear_cross_entropy(h, w_local, labels, vocab_start=start,
+                                          vocab_size=weight.shape[0],
+                                          process_group=dist.group.WORLD, **options)
+    except ValueError as e:
+        return e
+    (loss * upstream if upstream is not None else loss).sum().backward()
+    dh = h.grad.clone()
+    dist.all_reduce(dh)  # the op returns this rank's partial input gradient
+    return loss.detach(), dh, w_local.grad
+
+
+def _worker(rank, init_file, cases_file, result_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=WORLD)
+    try:
+        cases = torch.load(cases_file, weights_only=False)
+        torch.save([_one_rank(rank, *case) for case in cases], f"{result_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_parallel(cases):
+    """cases: (hidden, weight, labels, upstream, splits, starts, options) -> per case, per rank."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cases_file = os.path.join(tmp, "cases.pt")
+        torch.save(cases, cases_file)
+        mp.spawn(_worker, args=(os.path.join(tmp, "init"), cases_file,
+                                os.path.join(tmp, "out")), nprocs=WORLD)
+        per_rank = [torch.load(os.path.join(tmp, f"out.{r}"), weights_only=False)
+                    for r in range(WORLD)]
+    return list(zip(*per_rank))
+
+
+def _equal_case(splits, reduction, options):
+    n, d, v = 29, 8, sum(splits)
+    hidden, weight = torch.randn(n, d), torch.randn(v, d)
+    labels = torch.randint(0, v, (n,))
+    labels[::4] = -100
+    upstream = torch.rand(n) if reduction == "none" else None
+    options = dict(options, reduction=reduction, chunk_size=6)
+    starts = [sum(splits[:r]) for r in range(WORLD)]
+    return hidden, weight, labels, upstream, splits, starts, options
+
+
+@pytest.fixture(scope="module")
+def parallel_results():
+    torch.manual_seed(torch.seed() % 2**31)
+    equal = [_equal_case(*c) for c in EQUAL_CASES]
+    tiling = [(torch.randn(4, 3), torch.randn(97, 3), torch.randint(0, 40, (4,)), None,
+               splits, starts, {}) for splits, starts, _ in TILING_CASES[:3]]
+    tiling.append((torch.randn(4, 3), torch.randn(100, 3), torch.randint(0, 40, (4,)), None,
+                   *TILING_CASES[3][:2], {}))
+    results = _run_parallel(equal + tiling)
+    return equal, results[:len(equal)], results[len(equal):]
+
+
+@pytest.mark.parametrize("index", range(len(EQUAL_CASES)),
+                         ids=[f"{c[1]}-{'even' if c[0][0] == c[0][1] else 'uneven'}"
+                              for c in EQUAL_CASES])
+def test_two_ranks_equal_one(parallel_results, index):
+    cases, results, _ = parallel_results
+    hidden, weight, labels, upstream, splits, starts, options = cases[index]
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = fused_linear_cross_entropy(h, w, labels, **options)
+    (loss * upstream if upstream is not None else loss).sum().backward()
+    for rank, (r_loss, r_dh, r_dw) in enumerate(results[index]):
+        torch.testing.assert_close(r_loss, loss.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r_dh, h.grad, rtol=1e-5, atol=1e-6)
+        local = w.grad[starts[rank]:starts[rank] + splits[rank]]
+        torch.testing.assert_close(r_dw, local, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("index", range(len(TILING_CASES)))
+def test_slices_that_do_not_tile_are_refused(parallel_results, index):
+    match = TILING_CASES[index][2]
+    for result in parallel_results[2][index]:
+        assert isinstance(result, ValueError), result
+        with pytest.raises(ValueError, match=match):
+            raise result
