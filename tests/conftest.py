@@ -15,7 +15,10 @@ platform.apply()  # tests import torchtitan in-process too; on CPU it must be pa
 ROOT = Path(__file__).resolve().parents[1]
 
 # Small and fast on 2 CPU cores; every job logs every step to TensorBoard.
-FAST = ("--training.seq_len", "128", "--training.local_batch_size", "2", "--metrics.log_freq", "1")
+FAST = (
+    "--training.seq_len", "128", "--training.local_batch_size", "2", "--metrics.log_freq", "1",
+    "--validation.seq_len", "128", "--validation.local_batch_size", "2",
+)
 
 
 def run_train(dump: Path, *args: str, env: dict | None = None, timeout: int = 300, check: bool = True):
