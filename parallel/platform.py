@@ -9,6 +9,7 @@ machine it changes nothing.
 import sys
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 _GIB = 2**30
 
@@ -81,6 +82,17 @@ def _set_pg_timeouts_without_device_barrier(timeout, parallel_dims):
     torch.distributed.distributed_c10d._set_pg_timeout(timeout, None)
 
 
+def _sum_only_fsdp_gradient_division(disable_division):
+    def wrapped(model):
+        disable_division(model)
+        # Divide factor 1.0 makes FSDP reduce-scatter with PREMUL_SUM, which gloo lacks; a plain SUM is the same.
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_force_sum_reduction_for_comms(True)
+
+    return wrapped
+
+
 def apply() -> None:
     """Patch torchtitan for a CPU-only machine; a no-op where an accelerator exists."""
     if torch._utils._get_available_device_type() is not None:
@@ -93,6 +105,7 @@ def apply() -> None:
 
     from torchtitan.components import metrics
     from torchtitan.distributed import utils as dist_utils
+    from torchtitan.models.llama3.infra import parallelize as llama3_parallelize
 
     # torch.cpu has no memory_stats / get_device_properties / reset_peak_memory_stats.
     metrics.build_device_memory_monitor = CpuRssMonitor
@@ -101,3 +114,7 @@ def apply() -> None:
     metrics._build_metric_logger = lambda *a, **k: _RenameMemoryTags(build_logger(*a, **k))
     # gloo's barrier takes no device_ids.
     dist_utils.set_pg_timeouts = _set_pg_timeouts_without_device_barrier
+    # FSDP on gloo (see _sum_only_fsdp_gradient_division).
+    llama3_parallelize.disable_fsdp_gradient_division = _sum_only_fsdp_gradient_division(
+        llama3_parallelize.disable_fsdp_gradient_division
+    )
