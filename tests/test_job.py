@@ -122,3 +122,36 @@ def test_two_nodes_on_localhost(tmp_path, two_process_runs):
     for node, out in zip(nodes, outs):
         assert node.returncode == 0, out[-6000:]
     assert_close(losses(tmp_path), losses(two_process_runs["ddp2", "fused"]), REL, (1, 2, 3))
+
+
+def _weights(dump, step):
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(dump / "checkpoint" / f"step-{step}", dump / "weights.pt")
+    state = torch.load(dump / "weights.pt", weights_only=False)
+    return {k: v for k, v in state.items() if k in _model_keys(dump / "checkpoint" / f"step-{step}")}
+
+
+@pytest.fixture(scope="module")
+def fsdp_baseline(tmp_path_factory):
+    dump = tmp_path_factory.mktemp("fsdp_baseline")
+    run_train(dump, *FAST, "--training.steps", "3", "--checkpoint.enable", "--checkpoint.interval", "3", env={"NGPU": "2"})
+    return dump
+
+
+@pytest.mark.parametrize("reshard", ["default", "always", "never"])
+def test_fsdp_fused_matches_baseline(reshard, fsdp_baseline, tmp_path):
+    """FSDP2 over 2 ranks groups [norm, output] in one unit; the fused head must see the
+    all-gathered weight and hand back the same gradients under every reshard policy."""
+    run_train(
+        tmp_path, *FAST, "--training.steps", "3", "--checkpoint.enable", "--checkpoint.interval", "3",
+        "--parallelism.fsdp_reshard_after_forward", reshard, *FUSED, env={"NGPU": "2"},
+    )
+    steps = (1, 2, 3)
+    assert_close(losses(tmp_path), losses(fsdp_baseline), REL, steps)
+    assert_close(scalars(tmp_path, "grad_norm"), scalars(fsdp_baseline, "grad_norm"), REL, steps)
+    fused_w, base_w = _weights(tmp_path, 3), _weights(fsdp_baseline, 3)
+    assert fused_w.keys() == base_w.keys() and "norm.weight" in fused_w
+    for key in base_w:
+        assert (fused_w[key] - base_w[key]).abs().max() < 1e-5, key
