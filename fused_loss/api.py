@@ -81,6 +81,7 @@ def fused_linear_cross_entropy(
     chunk_size: int | None = None,
     chunk_budget_bytes: int | None = None,
     check_labels: bool = True,
+    weight_grad_fp32: bool = True,
     return_aux: bool = False,
 ):
     """cross_entropy(hidden @ weight.T, labels) without ever holding the logits.
@@ -90,6 +91,8 @@ def fused_linear_cross_entropy(
     the same), or (loss, FusedCEAux) with return_aux. The gradient of hidden is this rank's
     partial sum over process_group: the caller reduces it (all-reduce / reduce-scatter).
     z_loss adds z_loss * logsumexp**2 per token; logit_softcap applies cap*tanh(z/cap).
+    weight_grad_fp32 carries the weight gradient across token chunks in fp32 (V_local*D*4
+    bytes while the op runs; off: 16-bit carry, faster but rounded once per chunk).
     """
     _check_tensors(hidden, weight, labels)
     if reduction not in REDUCTIONS:
@@ -123,12 +126,14 @@ def fused_linear_cross_entropy(
     valid = (y != ignore_index).sum() if (reduction == "mean" or return_aux) else None
 
     if reduction == "none":
-        loss, lse = torch.ops.fused_loss.lce_rows(h, weight, y, *args, check_labels)
+        loss, lse = torch.ops.fused_loss.lce_rows(h, weight, y, *args, weight_grad_fp32,
+                                                   check_labels)
         z_term = z_loss * lse * lse
         loss, lse, z_term = (t.reshape(lead_shape) for t in (loss, lse, z_term))
     else:
         want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
         loss, lse, _, _ = torch.ops.fused_loss.lce_sum(h, weight, y, *args, want_grad,
+                                                        weight_grad_fp32,
                                                         check_labels)
         z_term = z_loss * (lse * lse).sum()
         if reduction == "mean":

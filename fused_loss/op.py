@@ -27,18 +27,19 @@ def _opts(ignore_index, label_smoothing, z_loss, logit_softcap, vocab_start, voc
 def lce_sum(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int,
             label_smoothing: float, z_loss: float, logit_softcap: float, vocab_start: int,
             vocab_size: int, group_name: str, backend: str, chunk: int, want_grad: bool,
-            check_labels: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            weight_grad_fp32: bool, check_labels: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     opts = _opts(ignore_index, label_smoothing, z_loss, logit_softcap, vocab_start, vocab_size)
     if check_labels:
         chunked.check_label_range(labels, opts)
     loss, lse, dh, dw = chunked.run(hidden, weight, labels, opts, backend=backend, chunk=chunk,
-                                    group_name=group_name, want_grad=want_grad)
+                                    group_name=group_name, want_grad=want_grad,
+                                    weight_grad_fp32=weight_grad_fp32)
     return loss.sum(), lse, dh, dw
 
 
 @lce_sum.register_fake
 def _(hidden, weight, labels, *args):
-    want_grad = args[-2]
+    want_grad = args[-3]
     n = hidden.shape[0]
     loss = hidden.new_empty((), dtype=torch.float32)
     lse = hidden.new_empty(n, dtype=torch.float32)
@@ -62,7 +63,7 @@ def _sum_backward(ctx, grad_loss, _grad_lse, _grad_dh, _grad_dw):
         # autograd's version counter ("modified by an inplace operation"), never wrong.
         dh.mul_(grad_loss)
         dw.mul_(grad_loss)
-    return (dh, dw) + (None,) * 12
+    return (dh, dw) + (None,) * 13
 
 
 lce_sum.register_autograd(_sum_backward, setup_context=_sum_setup_context)
@@ -72,7 +73,7 @@ lce_sum.register_autograd(_sum_backward, setup_context=_sum_setup_context)
 def lce_rows(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int,
              label_smoothing: float, z_loss: float, logit_softcap: float, vocab_start: int,
              vocab_size: int, group_name: str, backend: str, chunk: int,
-             check_labels: bool) -> tuple[Tensor, Tensor]:
+             weight_grad_fp32: bool, check_labels: bool) -> tuple[Tensor, Tensor]:
     opts = _opts(ignore_index, label_smoothing, z_loss, logit_softcap, vocab_start, vocab_size)
     if check_labels:
         chunked.check_label_range(labels, opts)
@@ -91,10 +92,11 @@ def _(hidden, weight, labels, *args):
 def lce_rows_backward(hidden: Tensor, weight: Tensor, labels: Tensor, lse: Tensor,
                       grad_rows: Tensor, ignore_index: int, label_smoothing: float,
                       z_loss: float, logit_softcap: float, vocab_start: int, vocab_size: int,
-                      backend: str, chunk: int) -> tuple[Tensor, Tensor]:
+                      backend: str, chunk: int, weight_grad_fp32: bool) -> tuple[Tensor, Tensor]:
     opts = _opts(ignore_index, label_smoothing, z_loss, logit_softcap, vocab_start, vocab_size)
     return chunked.run(hidden, weight, labels, opts, backend=backend, chunk=chunk, group_name="",
-                       want_grad=True, lse_in=lse, grad_rows=grad_rows.float().contiguous())
+                       want_grad=True, weight_grad_fp32=weight_grad_fp32, lse_in=lse,
+                       grad_rows=grad_rows.float().contiguous())
 
 
 @lce_rows_backward.register_fake
@@ -107,16 +109,13 @@ def _rows_setup_context(ctx, inputs, output):
     ctx.save_for_backward(hidden, weight, labels, output[1])
     # everything but group_name and check_labels: the recompute needs no collective, since
     # the saved lse is already the full-vocabulary one
-    ctx.options = inputs[3:9] + inputs[10:12]
+    ctx.options = inputs[3:9] + inputs[10:13]
 
 
 def _rows_backward(ctx, grad_loss, _grad_lse):
     hidden, weight, labels, lse = ctx.saved_tensors
-    (ignore_index, smoothing, z_loss, cap, vocab_start, vocab_size, backend,
-     chunk) = ctx.options
-    dh, dw = lce_rows_backward(hidden, weight, labels, lse, grad_loss, ignore_index, smoothing,
-                               z_loss, cap, vocab_start, vocab_size, backend, chunk)
-    return (dh, dw) + (None,) * 11
+    dh, dw = lce_rows_backward(hidden, weight, labels, lse, grad_loss, *ctx.options)
+    return (dh, dw) + (None,) * 12
 
 
 lce_rows.register_autograd(_rows_backward, setup_context=_rows_setup_context)

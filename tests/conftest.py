@@ -7,8 +7,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from parallel import platform
+if not torch.cuda.is_available():
+    # Triton's own tl.* helpers are jitted when triton is first imported (torchtitan imports
+    # it below): the interpreter must be chosen before that, or interpreted kernels fail.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from parallel import platform  # noqa: E402
 
 platform.apply()  # tests import torchtitan in-process too; on CPU it must be patched first
 
