@@ -17,7 +17,11 @@ behind the logger prefix "[titan] <asctime> - root - INFO - ", and behind "[rank
 torchrun tees with --local-ranks-filter.
 
 Exit status: 0 all parity checks passed; 1 a parity check failed; 2 a run failed so a
-parity check could not be made (and no parity check failed).
+parity check could not be made, or a check came out NOISE (and no parity check failed).
+--noise-ref reruns each baseline: bf16 training is not bitwise reproducible here (on 2x H200,
+same seed, the FSDP2 baseline ended step 10 at 7.79945, the FSDP2 reshard-always baseline -- the
+same math -- at 7.79310, 8e-4 apart), so a 1e-3 tolerance over 10-20 steps is at the noise level; NOISE = above the tolerance but within
+2x the baseline-vs-baseline difference.
 
 Max-seq_len mode (--max-seq): one GPU, seq_len doubling from --seq-start until the first
 failure (OOM or other), baseline vs fused, --max-seq-steps steps each.
@@ -195,7 +199,7 @@ def run_job(case, mode, ngpu, args_list, opts, expected_steps, log_name=None) ->
     run_name = log_name or f"{case}_{mode}"
     log_path = os.path.join(opts.out, run_name + ".log")
     if opts.dump_folders:  # each run's TensorBoard events/outputs in its own folder
-        args_list = args_list + ["--job.dump_folder", os.path.join(opts.out, run_name)]
+        args_list = args_list + ["--job.dump_folder", os.path.join(opts.dump_root or opts.out, run_name)]
     cmd = [opts.launcher] + args_list
     env = dict(os.environ)
     env["NGPU"] = str(ngpu)
@@ -266,14 +270,25 @@ def max_rel_diff(a: RunResult, b: RunResult):
     return best, where
 
 
-def parity(base: RunResult, fused: RunResult, precision: str):
+NOISE_FACTOR = 2.0
+
+
+def parity(base: RunResult, fused: RunResult, precision: str, base2: RunResult | None = None):
+    """PASS: max rel diff <= tol. With a second baseline run (base2, --noise-ref): a diff above tol
+    but <= NOISE_FACTOR x the baseline-vs-baseline diff is reported as NOISE (not a failure)."""
     tol = TOL[precision]
     if not (base.ok and fused.ok):
         return "n/a", None, tol
     d, _ = max_rel_diff(fused, base)
     if d is None:
         return "n/a", None, tol
-    return ("PASS" if d <= tol else "FAIL"), d, tol
+    if d <= tol:
+        return "PASS", d, tol
+    if base2 is not None and base2.ok:
+        noise, _ = max_rel_diff(base2, base)
+        if noise is not None and d <= NOISE_FACTOR * noise:
+            return "NOISE", d, tol
+    return "FAIL", d, tol
 
 
 def _f(x, spec):
@@ -289,24 +304,31 @@ def _ratio(a, b):
 
 
 def make_table(pairs, steps_to_show=(1, 10, 20)):
-    """pairs: list of (case, precision, base RunResult, fused RunResult)."""
+    """pairs: list of (case, precision, base, fused[, base2]) RunResults; base2 = baseline rerun."""
     cols = ["case", "mode", "status"] + [f"loss@{s}" for s in steps_to_show] + [
         "max rel loss diff", "parity (tol)", "max_reserved GiB", "median tps", "mem fused/base", "tps fused/base"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     failures = []
-    for case, precision, base, fused in pairs:
-        verdict, d, tol = parity(base, fused, precision)
-        for r in (base, fused):
+    for case, precision, base, fused, *rest in pairs:
+        base2 = rest[0] if rest else None
+        verdict, d, tol = parity(base, fused, precision, base2)
+        for r in (base, fused) + ((base2,) if base2 is not None else ()):
             is_f = r is fused
-            row = [case if not is_f else "", r.mode, r.status]
+            row = [case if r is base else "", r.mode, r.status]
             row += [_f(r.loss_at(s), ".5f") for s in steps_to_show]
-            row += [_f(d, ".2e") if is_f else "", f"{verdict} ({tol:.0e}, {precision})" if is_f else ""]
+            if r is base2:
+                nd = max_rel_diff(base2, base)[0] if (base.ok and base2.ok) else None
+                row += [_f(nd, ".2e"), "run-to-run noise (baseline rerun)"]
+            else:
+                row += [_f(d, ".2e") if is_f else "", f"{verdict} ({tol:.0e}, {precision})" if is_f else ""]
             row += [_f(r.max_mem, ".2f"), _f(r.median_tps, ",.0f")]
             row += [_f(_ratio(fused.max_mem, base.max_mem), ".3f") if is_f else "",
                     _f(_ratio(fused.median_tps, base.median_tps), ".3f") if is_f else ""]
             lines.append("| " + " | ".join(row) + " |")
         if verdict != "PASS":
             failures.append((case, verdict, base, fused))
+        elif base2 is not None and not base2.ok:
+            failures.append((case, "n/a", base2, fused))
     return "\n".join(lines), failures
 
 
@@ -319,7 +341,7 @@ def failure_details(failures) -> str:
             out.append(f"{case}/{r.mode}: {r.status} (log {os.path.relpath(r.log_path, ROOT)})")
             if not r.ok:
                 out += [f"    {l[:220]}" for l in r.tail[-10:]]
-        if verdict == "FAIL":
+        if verdict in ("FAIL", "NOISE"):
             common = sorted(set(base.steps) & set(fused.steps))
             diffs = [f"{s}:{base.steps[s].loss:.5f}/{fused.steps[s].loss:.5f}" for s in common]
             out.append(f"{case}: loss base/fused per step: " + " ".join(diffs))
@@ -408,7 +430,7 @@ def run_cases(opts):
     for name in names:
         nm, ngpu, case_args, prec = resolve_case(name, opts)
         results = {}
-        for mode in ("baseline", "fused"):
+        for mode in ("baseline", "fused") + (("baseline2",) if opts.noise_ref else ()):
             a = case_args + common_args(opts, opts.steps)
             if mode == "fused":
                 a += shlex.split(opts.fused_flag)
@@ -418,17 +440,18 @@ def run_cases(opts):
             else:
                 r = run_job(nm, mode, ngpu, a, opts, opts.steps)
             results[mode] = r
-        pairs.append((nm, prec, results["baseline"], results["fused"]))
+        pairs.append((nm, prec, results["baseline"], results["fused"]) + ((results["baseline2"],) if opts.noise_ref else ()))
     steps_to_show = tuple(s for s in (1, 10, 20) if s <= opts.steps) or (1,)
     if opts.steps not in steps_to_show:
         steps_to_show = steps_to_show + (opts.steps,)
     table, failures = make_table(pairs, steps_to_show)
     notes = [
-        f"- steps {opts.steps}, seed {opts.seed}, deterministic {opts.deterministic}; fused flag `{opts.fused_flag}`; "
+        f"- steps {opts.steps}, seed {opts.seed}, deterministic {opts.deterministic}, noise-ref {opts.noise_ref}; "
+        f"fused flag `{opts.fused_flag}`; "
         f"extra `{opts.extra}`",
         "- max_reserved GiB: max over steps of torchtitan's per-step max_reserved; tps: median per-GPU tps "
         "excluding step 1; parity: max over steps of |loss_fused - loss_base| / |loss_base| "
-        "(tolerance 1e-3 bf16, 1e-4 fp32)",
+        "(tolerance 1e-3 bf16, 1e-4 fp32; NOISE: above it but <= 2x the baseline-rerun diff)",
     ]
     block = header("End-to-end: torchtitan baseline vs fused CE", opts, notes)
     det = failure_details(failures)
@@ -449,6 +472,8 @@ def run_max_seq(opts):
     while s <= opts.seq_max:
         seqs.append(s)
         s *= 2
+    if opts.seqs:
+        seqs = [int(x) for x in opts.seqs.split(",") if x.strip()]
     lb = opts.max_seq_local_batch
     rows = []
     t_start = time.time()
@@ -521,7 +546,12 @@ def main(argv=None):
     p.add_argument("--no-append", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     p.add_argument("--no-dump-folders", dest="dump_folders", action="store_false",
-                   help="do not pass --job.dump_folder <out>/<case>_<mode> per run")
+                   help="do not pass --job.dump_folder <dump-root>/<case>_<mode> per run")
+    p.add_argument("--dump-root", default=None, help="parent of the per-run dump folders (default --out)")
+    p.add_argument("--noise-ref", action="store_true",
+                   help="also rerun the baseline: reports run-to-run loss noise; a fused diff above the "
+                        f"tolerance but <= {NOISE_FACTOR}x that noise is NOISE, not FAIL")
+    p.add_argument("--seqs", default=None, help="max-seq: comma list of seq_lens to try instead of doubling")
     p.add_argument("--max-seq", action="store_true", help="one-GPU longest-seq_len search instead of the cases")
     p.add_argument("--seq-start", type=int, default=8192)
     p.add_argument("--seq-max", type=int, default=262144)

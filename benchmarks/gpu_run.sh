@@ -14,7 +14,9 @@
 #   SWEEP_ARGS      extra args for bench_kernel.py --sweep (e.g. "--sweep-impls fused")
 #   VP_ARGS         extra args for the vocab-parallel run (e.g. "--vp-shapes 8192x4096x128256")
 #   E2E_CASES       (multi default: fsdp2,tp2,cp2; e2e default: all six)   E2E_STEPS (default 20)
-#   E2E_TIMEOUT     per training run (default 300)     E2E_ARGS extra args for e2e.py
+#   E2E_TIMEOUT     per training run (default 300)     E2E_ARGS extra args for e2e.py (e.g. "--noise-ref",
+#                   "--seqs 32768,65536,131072" for maxseq). Per-run dump folders (tb, traces) go to
+#                   /tmp/e2e_dumps on the device, not $OUT (too many files to bring back).
 #   NO_APPEND=1     do not append to benchmarks/RESULTS.md
 set -u
 MODE="${1:-kernel}"
@@ -153,7 +155,7 @@ multi)
         # shellcheck disable=SC2086
         run_step e2e "$(left)" python3 benchmarks/e2e.py --cases "${E2E_CASES:-fsdp2,tp2,cp2}" \
             --steps "${E2E_STEPS:-20}" --timeout "${E2E_TIMEOUT:-300}" --budget "$(( $(left) - 60 ))" \
-            --out "$OUT/e2e" $APPEND ${E2E_ARGS:-}
+            --out "$OUT/e2e" --dump-root /tmp/e2e_dumps $APPEND ${E2E_ARGS:-}
     fi
     summary bench_vocab_parallel e2e
     ;;
@@ -162,14 +164,14 @@ e2e)
     run_step e2e "$(left)" python3 benchmarks/e2e.py \
         --cases "${E2E_CASES:-fsdp2,tp2,cp2,fsdp2_reshard_always,fsdp2_accum2,fsdp2_compile}" \
         --steps "${E2E_STEPS:-20}" --timeout "${E2E_TIMEOUT:-300}" --budget "$(( $(left) - 60 ))" \
-        --out "$OUT/e2e" $APPEND ${E2E_ARGS:-}
+        --out "$OUT/e2e" --dump-root /tmp/e2e_dumps $APPEND ${E2E_ARGS:-}
     summary e2e
     ;;
 maxseq)
     # shellcheck disable=SC2086
     run_step e2e_maxseq "$(left)" python3 benchmarks/e2e.py --max-seq --timeout "${E2E_TIMEOUT:-240}" \
         --budget "$(( $(left) - 60 ))" \
-        --out "$OUT/e2e_maxseq" $APPEND ${E2E_ARGS:-}
+        --out "$OUT/e2e_maxseq" --dump-root /tmp/e2e_dumps $APPEND ${E2E_ARGS:-}
     summary e2e_maxseq
     ;;
 *)

@@ -105,6 +105,18 @@ def test_parity_and_table():
     assert failures and failures[0][1] == "n/a"
 
 
+def test_noise_verdict():
+    base = _res("baseline", [10.0, 9.0, 8.0])
+    fused = _res("fused", [10.0, 9.0, 8.016])  # 2e-3 > 1e-3
+    base2 = _res("baseline2", [10.0, 9.0, 8.010])  # noise 1.25e-3
+    assert e2e.parity(base, fused, "bf16")[0] == "FAIL"
+    assert e2e.parity(base, fused, "bf16", base2)[0] == "NOISE"
+    assert e2e.parity(base, _res("fused", [10.0, 9.0, 8.03]), "bf16", base2)[0] == "FAIL"
+    table, failures = e2e.make_table([("fsdp2", "bf16", base, fused, base2)], (1, 3))
+    assert "| baseline2 | ok |" in table and "run-to-run noise" in table and "NOISE (1e-03, bf16)" in table
+    assert failures[0][1] == "NOISE"
+
+
 FAKE = textwrap.dedent('''\
     #!/usr/bin/env python3
     import os, sys
@@ -122,7 +134,7 @@ FAKE = textwrap.dedent('''\
     if seq > (32768 if fused else 16384):
         print("torch.OutOfMemoryError: CUDA out of memory."); sys.exit(1)
     for s in range(1, steps + 1):
-        loss = 12.0 - 0.1 * s + (1e-5 if fused else 0.0)
+        loss = 12.0 - 0.1 * s + (1e-5 if fused else 0.0) + (1e-6 * s if "--job.dump_folder" in a and a[-1].endswith("baseline2") else 0.0)
         if "--parallelism.tensor_parallel_degree" in a and fused:
             loss += 0.01
         print(titan_line(s, loss, mem=30.0 if fused else 50.0, tps=1000.0 * s))
@@ -151,6 +163,14 @@ def test_driver_with_fake_launcher(tmp_path, fake_launcher, capsys):
     log = (tmp_path / "out" / "fsdp2_accum2_baseline.log").read_text()
     assert "'--training.global_batch_size', '8'" in log and "'--debug.seed', '42'" in log
     assert out.rstrip().splitlines()[-1].startswith("    ") or "|" in out  # table printed last
+
+
+def test_driver_noise_ref(tmp_path, fake_launcher):
+    rc = e2e.main(["--launcher", str(fake_launcher), "--cases", "fsdp2", "--steps", "3", "--noise-ref",
+                   "--out", str(tmp_path / "out"), "--dump-root", str(tmp_path / "dumps"), "--no-append"])
+    assert rc == 0
+    log = (tmp_path / "out" / "fsdp2_baseline2.log").read_text()
+    assert str(tmp_path / "dumps" / "fsdp2_baseline2") in log
 
 
 def test_max_seq_with_fake_launcher(tmp_path, fake_launcher):
