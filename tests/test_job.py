@@ -155,3 +155,17 @@ def test_fsdp_fused_matches_baseline(reshard, fsdp_baseline, tmp_path):
     assert fused_w.keys() == base_w.keys() and "norm.weight" in fused_w
     for key in base_w:
         assert (fused_w[key] - base_w[key]).abs().max() < 1e-5, key
+
+
+def test_bf16_autocast_fused_close_to_baseline(tmp_path):
+    """One process with bf16 autocast: the head casts hidden and weight to bf16 for the op."""
+    bf16 = ("--training.mixed_precision_param", "bfloat16", "--training.steps", "3", "--validation.no-enable")
+    run_train(tmp_path / "base", *FAST, *bf16)
+    run_train(tmp_path / "fused", *FAST, *bf16, *FUSED)
+    assert_close(losses(tmp_path / "fused"), losses(tmp_path / "base"), 1e-3, (1, 2, 3))
+
+
+def test_comm_mode_fake_backend_dry_run(tmp_path):
+    """COMM_MODE=fake_backend: one process stands in for 4 FSDP ranks, 1 step."""
+    proc, _ = run_train(tmp_path, *FAST, "--validation.no-enable", *FUSED, env={"COMM_MODE": "fake_backend", "NGPU": "4"})
+    assert "step:  1" in proc.stdout + proc.stderr
