@@ -505,10 +505,11 @@ def run_max_seq(opts):
     for mode, longest, ff, per in rows:
         at = next((r for s, r in per if s == longest), None)
         runs = ", ".join(f"{s}:{r.status}" for s, r in per)
-        lines.append(f"| {mode} | {longest or 'none'} | {f'{ff[0]} ({ff[1].status})' if ff else 'none up to --seq-max'} "
+        lines.append(f"| {mode} | {longest or 'none'} | {f'{ff[0]} ({ff[1].status})' if ff else 'none of those tried'} "
                      f"| {_f(at.max_mem, '.2f') if at else ''} | {_f(at.median_tps, ',.0f') if at else ''} | {runs} |")
-    notes = [f"- one GPU, {opts.max_seq_steps} steps per try, local batch {lb or 'from config'}, seq_len doubling "
-             f"{opts.seq_start}..{opts.seq_max}, stop at first failure; fused flag `{opts.fused_flag}`"]
+    tried = f"seq_lens {opts.seqs}" if opts.seqs else f"seq_len doubling {opts.seq_start}..{opts.seq_max}"
+    notes = [f"- one GPU, {opts.max_seq_steps} steps per try, local batch {lb or 'from config'}, {tried}, "
+             f"stop at first failure; fused flag `{opts.fused_flag}`"]
     block = header("Max seq_len on one GPU: baseline vs fused CE", opts, notes) + "\n".join(lines)
     emit(block, opts)
     return 0
