@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_run.sh kernel   # 1 GPU : pytest -m gpu, bench_kernel.py (4 shapes), --sweep
 #   bash benchmarks/gpu_run.sh multi    # 2 GPUs: pytest -m multigpu, vocab-parallel bench (torchrun), e2e.py
-#   bash benchmarks/gpu_run.sh e2e      # 2 GPUs: e2e.py only (all default cases; give it the whole budget)
+#   bash benchmarks/gpu_run.sh e2e      # 2 GPUs: e2e.py only, the three cases multi leaves out (multi + e2e = all six)
 #   bash benchmarks/gpu_run.sh maxseq   # 1 GPU : e2e.py --max-seq (longest seq_len, baseline vs fused)
 #
 # Every step's output is tee'd to $OUT/<step>.log; a failing step never aborts the script; a table of
@@ -13,7 +13,8 @@
 #   BENCH_ARGS      extra args for bench_kernel.py default run (e.g. "--impls fused,compile,floor --reps 5")
 #   SWEEP_ARGS      extra args for bench_kernel.py --sweep (e.g. "--sweep-impls fused")
 #   VP_ARGS         extra args for the vocab-parallel run (e.g. "--vp-shapes 8192x4096x128256")
-#   E2E_CASES       (multi default: fsdp2,tp2,cp2; e2e default: all six)   E2E_STEPS (default 20)
+#   E2E_CASES       (multi default: fsdp2,tp2,cp2; e2e default: fsdp2_reshard_always,fsdp2_accum2,fsdp2_compile)
+#   E2E_STEPS       (default 20)
 #   E2E_TIMEOUT     per training run (default 300)     E2E_ARGS extra args for e2e.py (e.g. "--noise-ref",
 #                   "--seqs 32768,65536,131072" for maxseq). Per-run dump folders (tb, traces) go to
 #                   /tmp/e2e_dumps on the device, not $OUT (too many files to bring back).
@@ -162,7 +163,7 @@ multi)
 e2e)
     # shellcheck disable=SC2086
     run_step e2e "$(left)" python3 benchmarks/e2e.py \
-        --cases "${E2E_CASES:-fsdp2,tp2,cp2,fsdp2_reshard_always,fsdp2_accum2,fsdp2_compile}" \
+        --cases "${E2E_CASES:-fsdp2_reshard_always,fsdp2_accum2,fsdp2_compile}" \
         --steps "${E2E_STEPS:-20}" --timeout "${E2E_TIMEOUT:-300}" --budget "$(( $(left) - 60 ))" \
         --out "$OUT/e2e" --dump-root /tmp/e2e_dumps $APPEND ${E2E_ARGS:-}
     summary e2e
