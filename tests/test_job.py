@@ -13,6 +13,8 @@ import subprocess
 import pytest
 from conftest import assert_close, FAST, losses, ROOT, run_train, scalars
 
+pytestmark = pytest.mark.slow  # torchrun jobs; `pytest -m "not slow"` skips them
+
 REL = 1e-4
 CKPT = ("--checkpoint.enable", "--checkpoint.interval", "10")
 VALIDATE = ("--validation.enable", "--validation.freq", "10", "--validation.steps", "1")
