@@ -129,7 +129,8 @@ def test_repeatable_bit_for_bit():
         assert torch.equal(a, b)
 
 
-def test_peak_memory_is_one_chunk_not_the_logits():
+@pytest.mark.parametrize("weight_grad_fp32", [True, False])
+def test_peak_memory_is_one_chunk_not_the_logits(weight_grad_fp32):
     n, d, v = 8192, 4096, 128256
     hidden, weight, labels = _inputs(n, d, v, torch.bfloat16, seed=3)
     h = hidden.clone().requires_grad_()
@@ -138,11 +139,13 @@ def test_peak_memory_is_one_chunk_not_the_logits():
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     grads = (h.numel() * 2 + w.numel() * 2)  # dh and dW themselves
-    fused_linear_cross_entropy(h, w, labels).backward()
+    fused_linear_cross_entropy(h, w, labels, weight_grad_fp32=weight_grad_fp32).backward()
     extra = torch.cuda.max_memory_allocated() - base - grads
     print(f"\npeak extra over inputs+grads: {extra / 2**30:.3f} GiB (logits would be "
           f"{n * v * 2 / 2**30:.2f} GiB)")
-    assert extra <= (1 << 30) + (64 << 20)  # the default 1 GiB chunk budget + O(N) rows
+    # the default 1 GiB chunk budget, the fp32 dW carry (2 chunks here), O(N) rows
+    carry = v * d * 4 if weight_grad_fp32 else 0
+    assert extra <= (1 << 30) + carry + (64 << 20)
 
 
 def test_no_host_sync_when_labels_are_not_checked():
@@ -169,8 +172,8 @@ def test_compiled_with_inductor():
         loss = fn(h, w, labels)
         loss.backward()
         outs.append((loss.detach(), h.grad, w.grad))
-    for a, b in zip(*outs):
-        assert torch.equal(a, b)
+    for a, b in zip(*outs):  # inductor may fuse the "* 3.0" differently: rounding only
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def _vp_worker(rank, init_file, case_file, out_file):
