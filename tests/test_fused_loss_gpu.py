@@ -172,8 +172,8 @@ def test_compiled_with_inductor():
         loss = fn(h, w, labels)
         loss.backward()
         outs.append((loss.detach(), h.grad, w.grad))
-    for a, b in zip(*outs):  # inductor may fuse the "* 3.0" differently: rounding only
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(*outs):  # inductor may round the "* 3.0" differently: bf16 tolerances
+        torch.testing.assert_close(a, b)
 
 
 def _vp_worker(rank, init_file, case_file, out_file):
