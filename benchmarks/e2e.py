@@ -69,8 +69,18 @@ CASES = {
     "fsdp2_compile": (
         2, ["--parallelism.data_parallel_shard_degree", "2", "--compile.enable", "--compile.components", "model,loss"], "bf16"),
     "single": (1, [], "bf16"),
+    # 4 GPUs (issue 8): two parallelisms combined. bf16 in all four: CP alone also turns FSDP on
+    # (over the dp_shard x cp mesh), and FSDP casts the parameters.
+    "fsdp2_tp2": (4, ["--parallelism.data_parallel_shard_degree", "2", "--parallelism.tensor_parallel_degree", "2"], "bf16"),
+    "fsdp2_cp2": (4, ["--parallelism.data_parallel_shard_degree", "2", "--parallelism.context_parallel_degree", "2"], "bf16"),
+    "tp2_cp2": (
+        4, ["--parallelism.data_parallel_shard_degree", "1", "--parallelism.tensor_parallel_degree", "2",
+            "--parallelism.context_parallel_degree", "2"], "bf16"),
+    "hsdp": (
+        4, ["--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree", "2"], "bf16"),
 }
 DEFAULT_CASES = "fsdp2,tp2,cp2,fsdp2_reshard_always,fsdp2_accum2,fsdp2_compile"
+MULTI4_CASES = "fsdp2_tp2,fsdp2_cp2,tp2_cp2,hsdp"  # gpu_run.sh multi4 (nvidia-h200-x4)
 TOL = {"bf16": 1e-3, "fp32": 1e-4}
 
 

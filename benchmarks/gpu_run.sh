@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_run.sh multi    # 2 GPUs: pytest -m multigpu, vocab-parallel bench (torchrun), e2e.py
 #   bash benchmarks/gpu_run.sh e2e      # 2 GPUs: e2e.py only, the three cases multi leaves out (multi + e2e = all six)
 #   bash benchmarks/gpu_run.sh maxseq   # 1 GPU : e2e.py --max-seq (longest seq_len, baseline vs fused)
+#   bash benchmarks/gpu_run.sh multi4   # 4 GPUs (nvidia-h200-x4): e2e.py fsdp2_tp2,fsdp2_cp2,tp2_cp2,hsdp (issue 8)
 #
 # Every step's output is tee'd to $OUT/<step>.log; a failing step never aborts the script; a table of
 # return codes and the benchmark tables are printed last. Knobs (environment variables):
@@ -13,7 +14,9 @@
 #   BENCH_ARGS      extra args for bench_kernel.py default run (e.g. "--impls fused,compile,floor --reps 5")
 #   SWEEP_ARGS      extra args for bench_kernel.py --sweep (e.g. "--sweep-impls fused")
 #   VP_ARGS         extra args for the vocab-parallel run (e.g. "--vp-shapes 8192x4096x128256")
-#   E2E_CASES       (multi default: fsdp2,tp2,cp2; e2e default: fsdp2_reshard_always,fsdp2_accum2,fsdp2_compile)
+#   E2E_CASES       (multi default: fsdp2,tp2,cp2; e2e default: fsdp2_reshard_always,fsdp2_accum2,fsdp2_compile;
+#                   multi4 default: fsdp2_tp2,fsdp2_cp2,tp2_cp2,hsdp = 8 runs: if 9 min is not enough for all,
+#                   split: E2E_CASES=fsdp2_tp2,fsdp2_cp2 then E2E_CASES=tp2_cp2,hsdp)
 #   E2E_STEPS       (default 20)
 #   E2E_TIMEOUT     per training run (default 300)     E2E_ARGS extra args for e2e.py (e.g. "--noise-ref",
 #                   "--seqs 32768,65536,131072" for maxseq). Per-run dump folders (tb, traces) go to
@@ -168,6 +171,17 @@ e2e)
         --out "$OUT/e2e" --dump-root /tmp/e2e_dumps $APPEND ${E2E_ARGS:-}
     summary e2e
     ;;
+multi4)
+    ngpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+    if [ "${ngpus:-0}" -lt 4 ]; then
+        echo "WARNING: multi4 needs 4 GPUs (nvidia-h200-x4); this machine shows ${ngpus:-0}: the runs will fail"
+    fi
+    # shellcheck disable=SC2086
+    run_step e2e "$(left)" python3 benchmarks/e2e.py --cases "${E2E_CASES:-fsdp2_tp2,fsdp2_cp2,tp2_cp2,hsdp}" \
+        --steps "${E2E_STEPS:-20}" --timeout "${E2E_TIMEOUT:-300}" --budget "$(( $(left) - 60 ))" \
+        --out "$OUT/e2e" --dump-root /tmp/e2e_dumps $APPEND ${E2E_ARGS:-}
+    summary e2e
+    ;;
 maxseq)
     # shellcheck disable=SC2086
     run_step e2e_maxseq "$(left)" python3 benchmarks/e2e.py --max-seq --timeout "${E2E_TIMEOUT:-240}" \
@@ -176,7 +190,7 @@ maxseq)
     summary e2e_maxseq
     ;;
 *)
-    echo "usage: $0 kernel|multi|e2e|maxseq" >&2
+    echo "usage: $0 kernel|multi|e2e|maxseq|multi4" >&2
     exit 2
     ;;
 esac

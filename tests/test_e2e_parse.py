@@ -189,3 +189,74 @@ def test_timeout_kills_run(tmp_path):
     rc = e2e.main(["--launcher", str(p), "--cases", "fsdp2", "--steps", "2", "--timeout", "1",
                    "--out", str(tmp_path / "o"), "--no-append"])
     assert rc == 2
+
+
+# ---------------------------------------------------------------- 4-GPU cases (issue 8)
+DEGREES = {
+    "--parallelism.data_parallel_replicate_degree": "dp_replicate",
+    "--parallelism.data_parallel_shard_degree": "dp_shard",
+    "--parallelism.tensor_parallel_degree": "tp",
+    "--parallelism.context_parallel_degree": "cp",
+}
+MULTI4 = {  # case -> the degrees its command line must set
+    "fsdp2_tp2": {"dp_shard": 2, "tp": 2},
+    "fsdp2_cp2": {"dp_shard": 2, "cp": 2},
+    "tp2_cp2": {"dp_shard": 1, "tp": 2, "cp": 2},
+    "hsdp": {"dp_replicate": 2, "dp_shard": 2},
+}
+
+
+def _degrees(args):
+    out = {}
+    for flag, name in DEGREES.items():
+        if flag in args:
+            assert args.count(flag) == 1, f"{flag} given twice: {args}"
+            out[name] = int(args[args.index(flag) + 1])
+    return out
+
+
+@pytest.mark.parametrize("case", list(e2e.CASES))
+def test_case_degrees_fill_the_gpus(case):
+    """Every case that names degrees names all the non-trivial ones: their product is its NGPU
+    (debug/1B configs leave dp_shard = -1, which torchtitan would otherwise stretch over the rest)."""
+    ngpu, args, prec = e2e.CASES[case]
+    assert prec in e2e.TOL
+    d = _degrees(args)
+    if ngpu > 1:
+        assert d, case
+        prod = 1
+        for v in d.values():
+            prod *= v
+        assert prod == ngpu, f"{case}: degrees {d} do not multiply to NGPU={ngpu}"
+
+
+def test_multi4_cases_command_lines(capsys, tmp_path):
+    assert e2e.MULTI4_CASES.split(",") == list(MULTI4)
+    rc = e2e.main(["--cases", e2e.MULTI4_CASES, "--steps", "20", "--dry-run", "--out", str(tmp_path)])
+    assert rc == 2  # dry run: no parity can be checked
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("[e2e] ") and ": NGPU=" in l]
+    assert len(lines) == 2 * len(MULTI4)
+    for case, want in MULTI4.items():
+        for mode in ("baseline", "fused"):
+            (line,) = [l for l in lines if l.startswith(f"[e2e] {case}/{mode}: ")]
+            head, cmd = line.split(" ./run_train.sh ", 1)
+            assert "NGPU=4 CONFIG_FILE=train_configs/llama3_1b.toml" in head
+            args = cmd.split()
+            assert _degrees(args) == want, (case, args)
+            assert args[args.index("--training.steps") + 1] == "20"
+            assert ("--fused_ce.enable" in args) == (mode == "fused")
+            assert args[args.index("--job.dump_folder") + 1] == str(tmp_path / f"{case}_{mode}")
+            assert "--parallelism.pipeline_parallel_degree" not in args
+    assert not (tmp_path / "fsdp2_tp2_baseline.log").exists()  # nothing ran
+
+
+def test_gpu_run_multi4_mode():
+    """gpu_run.sh multi4 runs exactly e2e.MULTI4_CASES, 20 steps, and the other modes are still there."""
+    script = (ROOT / "benchmarks" / "gpu_run.sh").read_text()
+    body = script.split("\nmulti4)\n", 1)[1].split("\n    ;;\n", 1)[0]
+    assert f'--cases "${{E2E_CASES:-{e2e.MULTI4_CASES}}}"' in body
+    assert '--steps "${E2E_STEPS:-20}"' in body and "benchmarks/e2e.py" in body
+    for mode in ("kernel", "multi", "e2e", "maxseq", "multi4"):
+        assert f"\n{mode})\n" in script, mode
+    assert "kernel|multi|e2e|maxseq|multi4" in script
+    assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_run.sh")]).returncode == 0
