@@ -34,6 +34,7 @@ class Transformer(llama3.Transformer):
 
 def build_loss_fn(job_config, **kwargs):
     if job_config.fused_ce.enable:
+        # Not compiled even with compile.components=["loss"]: the fused op is one opaque custom op.
         return FusedCELoss()
     return llama3.get_train_spec().build_loss_fn(job_config, **kwargs)
 
