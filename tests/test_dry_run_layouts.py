@@ -8,15 +8,11 @@ its collectives move no data, so it proves set-up, not numbers. All eight runs s
 subprocess (torchtitan is imported once; the fake process group is created once and each
 Trainer builds its own meshes on it) to keep this file under a minute on 2 cores.
 
-Trainer init must complete for all eight. The training step runs for fsdp2_tp2 (fused off) and
-hsdp (off and on); the other five stop at a known CPU/fake-backend limit, and are skipped with
-that reason as long as they fail exactly there (any other error fails the test):
-  * CP (fsdp2_cp2, tp2_cp2): torchtitan's attention calls SDPA on CP-sharded DTensors, and the
-    CPU flash kernel has no DTensor sharding strategy (NotImplementedError). CP needs the GPU.
-  * fsdp2_tp2 fused: fused_loss.vocab_parallel.check_tiling all-gathers each TP rank's vocab
-    slice once; on the fake backend every slot comes back as this rank's own (0, 1024), so the
-    slices "overlap" (ValueError). A real 4-rank gloo run of the same job trains, see
-    benchmarks/RESULTS.md (issue 8).
+Trainer init must complete for all eight. The training step runs for fsdp2_tp2 and hsdp (off
+and on); the CP layouts stop at a known CPU limit, and are skipped with that reason as long as
+they fail exactly there (any other error fails the test): torchtitan's attention calls SDPA on
+CP-sharded DTensors, and the CPU flash kernel has no DTensor sharding strategy
+(NotImplementedError). CP needs the GPU.
 """
 
 from __future__ import annotations
@@ -48,11 +44,6 @@ CPU_LIMITS = {
         "context parallel on CPU: SDPA's CPU flash kernel has no DTensor sharding strategy "
         "(torchtitan/models/attention.py, ScaledDotProductAttentionWrapper.forward); CP runs on GPU only")
        for lay in ("fsdp2_cp2", "tp2_cp2") for mode in MODES},
-    ("fsdp2_tp2", "on"): (
-        "do not tile the vocabulary",
-        "fused_loss/vocab_parallel.py",
-        "fake backend: fused_loss.vocab_parallel.check_tiling's all_gather_object returns this rank's "
-        "slice (0, 1024) for both TP ranks, so the slices 'overlap'; the real 4-rank gloo job trains"),
 }
 
 
