@@ -184,6 +184,7 @@ def test_bad_tensors_name_the_tensor():
         ((hidden, weight, labels[:3]), "labels shape"),
         ((hidden, weight.reshape(-1), labels), r"weight must be \[V_local, D\]"),
         ((hidden, weight, labels.tolist()), "labels must be a torch.Tensor"),
+        ((hidden.to("meta"), weight.to("meta"), labels), r"must be on one device"),
     ]
     for args, match in cases:
         with pytest.raises(ValueError, match=match):

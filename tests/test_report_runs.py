@@ -21,9 +21,10 @@ MEMORY = "memory/cpu_rss_peak(GiB)"  # the CPU memory tag: the process's residen
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     dumps = {}
-    for mode, extra in (("baseline", ()), ("fused", ("--fused_ce.enable",))):
+    for mode, extra in (("baseline", ()), ("fused", ("--fused_ce.enable",)),
+                        ("fused_again", ("--fused_ce.enable",))):
         dumps[mode] = tmp_path_factory.mktemp(mode)
-        run_train(dumps[mode], *FAST, "--training.steps", "6", *extra)
+        run_train(dumps[mode], *FAST, "--training.steps", "6", "--debug.deterministic", *extra)
     return dumps
 
 
@@ -32,6 +33,12 @@ def test_event_files_hold_memory_and_fused_ce_tags(runs):
         assert len(scalars(dump, MEMORY)) == 6
     assert len(scalars(runs["fused"], "fused_ce/lse_mean")) == 6
     assert len(scalars(runs["fused"], "fused_ce/z_loss")) == 6
+
+
+def test_fused_runs_repeat_bit_for_bit(runs):
+    """Same job, same seed, twice: identical losses (no unordered atomics in the fused path)."""
+    tag = "loss_metrics/global_avg_loss"
+    assert scalars(runs["fused"], tag) == scalars(runs["fused_again"], tag)
 
 
 def test_report_matches_the_events(runs, tmp_path):
@@ -49,7 +56,8 @@ def test_report_matches_the_events(runs, tmp_path):
 
     numbers = {row["label"]: row for row in json.loads((out / "report.json").read_text())["runs"]}
     table = (out / "report.md").read_text()
-    for mode, dump in runs.items():
+    for mode in ("baseline", "fused"):
+        dump = runs[mode]
         loss = scalars(dump, "loss_metrics/global_avg_loss")
         memory = scalars(dump, MEMORY)
         assert numbers[mode]["final_loss"] == pytest.approx(loss[max(loss)], rel=1e-6)
