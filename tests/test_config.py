@@ -126,3 +126,11 @@ def test_check_labels_names_count_and_value():
     check_labels(torch.tensor([[0, 5, -100]]), vocab_size=6)
     with pytest.raises(ValueError, match=r"2 label\(s\) outside \[0, 6\), e.g. 7"):
         check_labels(torch.tensor([[0, 7, 9, -100]]), vocab_size=6)
+
+
+@pytest.mark.parametrize("name", ["debug_model", "llama3_1b", "llama3_8b", "llama3_70b"])
+def test_shipped_configs_parse_and_pass_the_checks(name):
+    job = parse("--fused_ce.enable", toml=str(ROOT / "train_configs" / f"{name}.toml"))
+    check_job(job)
+    assert job.metrics.enable_tensorboard and job.metrics.save_tb_folder == "tb"
+    assert job.job.dump_folder == f"./outputs/{name}"
