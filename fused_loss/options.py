@@ -22,11 +22,11 @@ class LossOptions:
 
     def __post_init__(self):
         if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing:g}")
         if self.z_loss < 0.0:
-            raise ValueError(f"z_loss must be >= 0, got {self.z_loss}")
+            raise ValueError(f"z_loss must be >= 0, got {self.z_loss:g}")
         if self.logit_softcap < 0.0:
-            raise ValueError(f"logit_softcap must be > 0 (or None), got {self.logit_softcap}")
+            raise ValueError(f"logit_softcap must be >= 0 (0 = off), got {self.logit_softcap:g}")
         if self.vocab_start < 0:
             raise ValueError(f"vocab_start must be >= 0, got {self.vocab_start}")
 

@@ -11,7 +11,7 @@ distributed exists.
 
 from dataclasses import dataclass, field
 
-BACKENDS = ("auto", "triton", "torch")
+from fused_loss.options import BACKENDS, LossOptions
 
 
 @dataclass
@@ -50,12 +50,11 @@ def validate(cfg: FusedCE, vocab_size: int, tp_degree: int) -> None:
     """Raise ValueError naming the `[fused_ce]` key at fault."""
     if cfg.backend not in BACKENDS:
         raise ValueError(f"[fused_ce] backend must be one of {', '.join(BACKENDS)}; got {cfg.backend!r}")
-    if cfg.z_loss < 0:
-        raise ValueError(f"[fused_ce] z_loss must be >= 0, got {cfg.z_loss:g}")
-    if not 0.0 <= cfg.label_smoothing < 1.0:
-        raise ValueError(f"[fused_ce] label_smoothing must be in [0, 1), got {cfg.label_smoothing:g}")
-    if cfg.logit_softcap < 0:
-        raise ValueError(f"[fused_ce] logit_softcap must be >= 0 (0 = off), got {cfg.logit_softcap:g}")
+    try:  # the kernel library's own checks of the loss options, under the TOML key names
+        LossOptions(label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss,
+                    logit_softcap=cfg.logit_softcap)
+    except ValueError as e:
+        raise ValueError(f"[fused_ce] {e}") from None
     if cfg.chunk_size < 0:
         raise ValueError(f"[fused_ce] chunk_size must be >= 0 (0 = from chunk_budget_mib), got {cfg.chunk_size}")
     # One fp32 row of the [chunk, V_local] buffer is the least a chunk can hold.
