@@ -71,6 +71,14 @@ class FusedCETrainer(Trainer):
             loss_mesh = self.parallel_dims.get_optional_mesh("loss")
             self.fused_head.stats.reduce_group = loss_mesh.get_group() if loss_mesh is not None else None
 
+    def train(self):
+        super().train()
+        # Every rank finishes its last collective before any rank tears its process group
+        # down (main() closes and destroys it next); gloo ranks that raced there were seen
+        # to abort (SIGABRT) after a complete run.
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
     def train_step(self, data_iterator):
         super().train_step(data_iterator)
         if self.fused_head is not None and self.metrics_processor.should_log(self.step):
