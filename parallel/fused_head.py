@@ -48,6 +48,7 @@ class FusedLMHead(nn.Linear):
             chunk_size=cfg.chunk_size or None,
             chunk_budget_bytes=cfg.chunk_budget_mib * 2**20,
             check_labels=False,  # the trainer checks the CPU labels instead (a device check syncs)
+            weight_grad_fp32=cfg.weight_grad_fp32,
         )
         self.stats = FusedCEStats()
 

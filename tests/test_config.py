@@ -43,6 +43,8 @@ def test_cli_overrides_toml():
     assert cfg.enable and cfg.z_loss == 1e-4 and cfg.chunk_size == 512
     assert parse("--fused_ce.enable", "--fused_ce.no-enable").fused_ce.enable is False
     assert parse("--fused_ce.no-check_labels").fused_ce.check_labels is False
+    assert parse().fused_ce.weight_grad_fp32 is True
+    assert parse("--fused_ce.no-weight_grad_fp32").fused_ce.weight_grad_fp32 is False
 
 
 def test_typo_in_toml_key_is_named(tmp_path):
