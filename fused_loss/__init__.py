@@ -4,5 +4,7 @@ Depends on torch (and triton on CUDA) only. See `fused_linear_cross_entropy` for
 """
 
 from .api import FusedCEAux, FusedLinearCrossEntropy, fused_linear_cross_entropy
+from .chunked import check_label_range
 
-__all__ = ["FusedCEAux", "FusedLinearCrossEntropy", "fused_linear_cross_entropy"]
+__all__ = ["FusedCEAux", "FusedLinearCrossEntropy", "check_label_range",
+           "fused_linear_cross_entropy"]

@@ -39,19 +39,19 @@ def loss_from_stats(stats: torch.Tensor, labels: torch.Tensor, opts: LossOptions
     return torch.where(valid, loss, 0.0), torch.where(valid, lse, 0.0)
 
 
-def check_label_range(labels: torch.Tensor, opts: LossOptions) -> None:
+def check_label_range(labels: torch.Tensor, vocab_size: int, ignore_index: int = -100) -> None:
     """Labels outside [0, vocab_size) that are not ignore_index: a ValueError, never garbage.
 
     Costs one host sync when the labels live on an accelerator; callers that checked the
     labels on the host already pass check_labels=False.
     """
-    bad = (labels != opts.ignore_index) & ((labels < 0) | (labels >= opts.vocab_size))
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
     count = int(bad.sum())
     if count:
         example = int(labels[bad][0])
         raise ValueError(
-            f"labels: {count} value(s) outside [0, {opts.vocab_size}) that are not "
-            f"ignore_index={opts.ignore_index}, e.g. {example}")
+            f"labels: {count} value(s) outside [0, {vocab_size}) that are not "
+            f"ignore_index={ignore_index}, e.g. {example}")
 
 
 def _add_weight_grad(dw, acc, z, h_c, first: bool) -> None:

@@ -30,7 +30,7 @@ def lce_sum(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int,
             weight_grad_fp32: bool, check_labels: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     opts = _opts(ignore_index, label_smoothing, z_loss, logit_softcap, vocab_start, vocab_size)
     if check_labels:
-        chunked.check_label_range(labels, opts)
+        chunked.check_label_range(labels, opts.vocab_size, opts.ignore_index)
     loss, lse, dh, dw = chunked.run(hidden, weight, labels, opts, backend=backend, chunk=chunk,
                                     group_name=group_name, want_grad=want_grad,
                                     weight_grad_fp32=weight_grad_fp32)
@@ -76,7 +76,7 @@ def lce_rows(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int,
              weight_grad_fp32: bool, check_labels: bool) -> tuple[Tensor, Tensor]:
     opts = _opts(ignore_index, label_smoothing, z_loss, logit_softcap, vocab_start, vocab_size)
     if check_labels:
-        chunked.check_label_range(labels, opts)
+        chunked.check_label_range(labels, opts.vocab_size, opts.ignore_index)
     loss, lse, _, _ = chunked.run(hidden, weight, labels, opts, backend=backend, chunk=chunk,
                                   group_name=group_name, want_grad=False)
     return loss, lse

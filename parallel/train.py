@@ -16,6 +16,8 @@ from torchtitan.components.loss import IGNORE_INDEX  # noqa: E402
 from torchtitan.tools.logging import logger  # noqa: E402
 from torchtitan.train import main, Trainer  # noqa: E402
 
+from fused_loss import check_label_range  # noqa: E402
+
 from parallel import config  # noqa: E402
 from parallel.fused_head import FusedCELoss  # noqa: E402
 from parallel.model import FLAVORS, MODEL_NAME  # noqa: E402
@@ -50,13 +52,13 @@ def check_job(job_config) -> None:
 
 
 def check_labels(labels: torch.Tensor, vocab_size: int) -> None:
-    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
-    if bad.any():
+    try:
+        check_label_range(labels, vocab_size, IGNORE_INDEX)
+    except ValueError as e:
         raise ValueError(
-            f"[fused_ce] check_labels: {int(bad.sum())} label(s) outside [0, {vocab_size}), "
-            f"e.g. {int(labels[bad][0])}: the tokenizer's vocabulary must fit in the model flavor's "
-            f"vocab_size ({vocab_size})"
-        )
+            f"[fused_ce] check_labels: {e}: the tokenizer's vocabulary must fit in the model "
+            f"flavor's vocab_size ({vocab_size})"
+        ) from None
 
 
 class FusedCETrainer(Trainer):
