@@ -93,6 +93,11 @@ def _sum_only_fsdp_gradient_division(disable_division):
     return wrapped
 
 
+def applied() -> bool:
+    """Whether this process runs on the CPU shims (no accelerator)."""
+    return torch._utils._get_available_device_type() == "cpu"
+
+
 def apply() -> None:
     """Patch torchtitan for a CPU-only machine; a no-op where an accelerator exists."""
     if torch._utils._get_available_device_type() is not None:

@@ -35,8 +35,8 @@ def run_train(dump: Path, *args: str, env: dict | None = None, timeout: int = 30
 
     Every rank's output is kept (LOG_RANK lists them all), so a failure on any rank shows.
     A job that logged its last step and then had a rank abort (SIGABRT) while tearing down is
-    run once more, with a warning: seen once in ~10 CPU runs of TP=2, after all steps and the
-    validation had completed (gloo teardown, cf. pytorch PR #179291); a rerun that fails fails.
+    run once more, with a warning (parallel.train skips the CPU teardown where that abort was
+    seen; this guards what remains of it); a rerun that fails fails.
     """
     env = {"NGPU": "1", **(env or {})}
     ranks = ",".join(str(r) for r in range(int(env["NGPU"])))
