@@ -53,6 +53,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from results import append_results  # benchmarks/results.py (scripts run from this folder)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
@@ -550,14 +552,8 @@ def header_block(dev: Dev, title: str, extra_lines=()) -> str:
 def emit(table: str, dev: Dev, args, title: str, notes=()):
     block = header_block(dev, title, notes) + table + "\n"
     if not args.no_append:
-        path = args.results
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        new = not os.path.exists(path)
-        with open(path, "a") as f:
-            if new:
-                f.write("# Benchmark results (appended by benchmarks/*.py)\n\n")
-            f.write(block + "\n")
-        log(f"(appended to {path})")
+        append_results(block, args.results)
+        log(f"(appended to {args.results})")
     log("")
     log(block)
 

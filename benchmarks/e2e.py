@@ -41,6 +41,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from results import append_results  # benchmarks/results.py (scripts run from this folder)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -392,13 +394,8 @@ def header(title, opts, notes=()):
 
 def emit(block, opts):
     if not opts.no_append and not opts.dry_run:
-        path = opts.results
-        new = not os.path.exists(path)
-        with open(path, "a") as f:
-            if new:
-                f.write("# Benchmark results (appended by benchmarks/*.py)\n\n")
-            f.write(block + "\n")
-        print(f"(appended to {path})")
+        append_results(block, opts.results)
+        print(f"(appended to {opts.results})")
     print()
     print(block, flush=True)
 

@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from results import append_results  # benchmarks/results.py
+
 ROOT = Path(__file__).resolve().parents[1]
 MEMORY_TAG = "memory/max_active(GiB)"
 LOSS_TAG = "loss_metrics/global_avg_loss"
@@ -80,10 +82,10 @@ def main() -> int:
         import torch
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
         when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write(f"\n## Soak: fused head, {args.steps} steps - {when}\n\n- device: {device}, "
-                    f"torch {torch.__version__}\n- command: `CONFIG_FILE={args.config} "
-                    f"python benchmarks/soak.py {' '.join(sys.argv[1:])}`\n\n{table}\n")
+        append_results(f"\n## Soak: fused head, {args.steps} steps - {when}\n\n- device: {device}, "
+                       f"torch {torch.__version__}\n- command: `CONFIG_FILE={args.config} "
+                       f"python benchmarks/soak.py {' '.join(sys.argv[1:])}`\n\n{table}",
+                       str(ROOT / "benchmarks" / "RESULTS.md"))
     return 0 if ok else 1
 
 
