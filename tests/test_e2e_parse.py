@@ -244,6 +244,8 @@ def test_multi4_cases_command_lines(capsys, tmp_path):
             args = cmd.split()
             assert _degrees(args) == want, (case, args)
             assert args[args.index("--training.steps") + 1] == "20"
+            # the 20 steps replay the first 20 learning rates of the config's 1000-step schedule
+            assert args[args.index("--lr_scheduler.total_steps") + 1] == "1000"
             assert ("--fused_ce.enable" in args) == (mode == "fused")
             assert args[args.index("--job.dump_folder") + 1] == str(tmp_path / f"{case}_{mode}")
             assert "--parallelism.pipeline_parallel_degree" not in args
