@@ -77,16 +77,21 @@ def _row_target(labels_ptr, row, vocab_start, V_local, ignore_index):
 
 
 @triton.jit
+def _store_stats(stats_row, row_max, sum_exp, target, logit_sum):
+    tl.store(stats_row + 0, row_max)
+    tl.store(stats_row + 1, sum_exp)
+    tl.store(stats_row + 2, target)
+    tl.store(stats_row + 3, logit_sum)
+
+
+@triton.jit
 def _stats_kernel(z_ptr, stride_z, labels_ptr, stats_ptr, V_local, vocab_start, ignore_index,
                   cap, HAS_CAP: tl.constexpr, NEED_SUM: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
     local, on_slice, _ = _row_target(labels_ptr, row, vocab_start, V_local, ignore_index)
     m, s, t, a = _stats(z_row, V_local, local, on_slice, cap, HAS_CAP, NEED_SUM, BLOCK_V)
-    tl.store(stats_ptr + row * 4 + 0, m)
-    tl.store(stats_ptr + row * 4 + 1, s)
-    tl.store(stats_ptr + row * 4 + 2, t)
-    tl.store(stats_ptr + row * 4 + 3, a)
+    _store_stats(stats_ptr + row * 4, m, s, t, a)
 
 
 @triton.jit
@@ -110,10 +115,7 @@ def _stats_and_grad_kernel(z_ptr, stride_z, labels_ptr, stats_ptr, V_local, voca
     z_row = z_ptr + row * stride_z
     local, on_slice, valid = _row_target(labels_ptr, row, vocab_start, V_local, ignore_index)
     m, s, t, a = _stats(z_row, V_local, local, on_slice, cap, HAS_CAP, NEED_SUM, BLOCK_V)
-    tl.store(stats_ptr + row * 4 + 0, m)
-    tl.store(stats_ptr + row * 4 + 1, s)
-    tl.store(stats_ptr + row * 4 + 2, t)
-    tl.store(stats_ptr + row * 4 + 3, a)
+    _store_stats(stats_ptr + row * 4, m, s, t, a)
     _grad(z_row, V_local, m + tl.log(s), 1.0, local, on_slice, valid, smoothing, z_loss,
           inv_vocab, cap, HAS_CAP, BLOCK_V)
 
