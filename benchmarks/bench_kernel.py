@@ -238,6 +238,10 @@ def rel_l2(x: torch.Tensor, ref: torch.Tensor, chunk_rows=8192) -> float:
 # --------------------------------------------------------------------------------------
 # implementations: each returns a callable step(inp) -> loss tensor (backward done inside)
 # --------------------------------------------------------------------------------------
+def md_row(cells) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
 class NotAvailable(Exception):
     pass
 
@@ -259,6 +263,17 @@ def _compiled_fn():
                 setattr(dynamo.config, k, max(getattr(dynamo.config, k), 256))
         _COMPILED = torch.compile(_eager_fn, dynamic=False)
     return _COMPILED
+
+
+def _cuda_import(dev: Dev, module: str, attr: str):
+    """An anchor library's entry point; NotAvailable (a table cell, not a crash) off CUDA or when
+    the library is missing."""
+    if not dev.cuda:
+        raise NotAvailable("n/a (needs CUDA)")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except Exception as e:
+        raise NotAvailable(f"n/a ({type(e).__name__})")
 
 
 def build_impl(name: str, args, dev: Dev, process_group=None, vocab_start=0, vocab_size=None):
@@ -289,30 +304,13 @@ def build_impl(name: str, args, dev: Dev, process_group=None, vocab_start=0, voc
             raise NotAvailable("n/a (CPU; --allow-cpu-compile)")
         return _compiled_fn()
     if name == "liger":
-        if not dev.cuda:
-            raise NotAvailable("n/a (needs CUDA)")
-        try:
-            from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
-        except Exception as e:
-            raise NotAvailable(f"n/a ({type(e).__name__})")
-        mod = LigerFusedLinearCrossEntropyLoss(reduction="sum", ignore_index=IGNORE)
-
-        def liger(h, W, y):
-            return mod(W, h, y)
-
-        return liger
+        loss_cls = _cuda_import(dev, "liger_kernel.transformers.fused_linear_cross_entropy",
+                                "LigerFusedLinearCrossEntropyLoss")
+        mod = loss_cls(reduction="sum", ignore_index=IGNORE)
+        return lambda h, W, y: mod(W, h, y)  # Liger takes the weight first
     if name == "cce":
-        if not dev.cuda:
-            raise NotAvailable("n/a (needs CUDA)")
-        try:
-            from cut_cross_entropy import linear_cross_entropy
-        except Exception as e:
-            raise NotAvailable(f"n/a ({type(e).__name__})")
-
-        def cce(h, W, y):
-            return linear_cross_entropy(h, W, y, ignore_index=IGNORE, reduction="sum")
-
-        return cce
+        cce = _cuda_import(dev, "cut_cross_entropy", "linear_cross_entropy")
+        return lambda h, W, y: cce(h, W, y, ignore_index=IGNORE, reduction="sum")
     if name == "floor":
         C = args.floor_chunk
         state = {}
@@ -492,27 +490,21 @@ def markdown_table(rows) -> str:
         lbl = shape_label(r.shape) if r.shape != last else ""
         last = r.shape
         ms = fmt(r.ms) if r.ms is not None else (r.status if r.status != "ok" else "")
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    lbl,
-                    r.impl,
-                    ms,
-                    fmt(r.tflops, ".0f"),
-                    fmt(r.extra.get("vs_best_anchor"), ".3f"),
-                    fmt(r.extra.get("vs_floor"), ".3f"),
-                    fmt(r.peak_gib, ".2f"),
-                    fmt(r.extra.get("peak_incl_grads"), ".2f"),
-                    fmt(r.loss_err, ".1e"),
-                    fmt(r.dh_err, ".1e"),
-                    fmt(r.dW_err, ".1e"),
-                    fmt(r.first_s, ".1f"),
-                    r.status,
-                ]
-            )
-            + " |"
-        )
+        lines.append(md_row([
+            lbl,
+            r.impl,
+            ms,
+            fmt(r.tflops, ".0f"),
+            fmt(r.extra.get("vs_best_anchor"), ".3f"),
+            fmt(r.extra.get("vs_floor"), ".3f"),
+            fmt(r.peak_gib, ".2f"),
+            fmt(r.extra.get("peak_incl_grads"), ".2f"),
+            fmt(r.loss_err, ".1e"),
+            fmt(r.dh_err, ".1e"),
+            fmt(r.dW_err, ".1e"),
+            fmt(r.first_s, ".1f"),
+            r.status,
+        ]))
     return "\n".join(lines)
 
 
@@ -679,23 +671,17 @@ def sweep(args, dev: Dev):
     lines = [hdr, "|" + "---|" * 13]
     for r in rows:
         N, D, V = r.shape
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    r.extra["axis"], str(N), str(D), str(V), r.impl,
-                    fmt(r.ms) if r.ms is not None else r.status,
-                    fmt(r.tflops, ".0f"),
-                    fmt(r.extra.get("time_growth"), ".2f"),
-                    fmt(r.extra.get("flop_growth"), ".2f"),
-                    fmt(r.peak_gib, ".2f"),
-                    fmt(r.extra.get("mem_growth"), ".2f"),
-                    fmt(r.first_s, ".1f"),
-                    r.status,
-                ]
-            )
-            + " |"
-        )
+        lines.append(md_row([
+            r.extra["axis"], str(N), str(D), str(V), r.impl,
+            fmt(r.ms) if r.ms is not None else r.status,
+            fmt(r.tflops, ".0f"),
+            fmt(r.extra.get("time_growth"), ".2f"),
+            fmt(r.extra.get("flop_growth"), ".2f"),
+            fmt(r.peak_gib, ".2f"),
+            fmt(r.extra.get("mem_growth"), ".2f"),
+            fmt(r.first_s, ".1f"),
+            r.status,
+        ]))
     return "\n".join(lines)
 
 

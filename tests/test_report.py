@@ -130,6 +130,15 @@ def expected_stats(v: dict[str, list[float]], mem_tag: str) -> dict[str, float]:
     }
 
 
+def report_table(report_inproc, out: Path, *runs: Path) -> tuple[str, dict[str, int], list[list[str]]]:
+    """Run the report on `runs` into `out`; its Markdown, column index by header, and rows."""
+    res = report_inproc(*map(str, runs), "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    md = (out / "report.md").read_text()
+    header, rows = parse_table(md)
+    return md, {h: i for i, h in enumerate(header)}, rows
+
+
 @pytest.fixture
 def two_runs(tmp_path):
     # Run A: the way torchtitan lays it out, {dump_folder}/tb/{YYYYmmdd-HHMM}/events...;
@@ -222,11 +231,7 @@ def test_cpu_memory_tags(tmp_path, report_inproc):
 
     va = write_run(tmp_path / "cpu_a", cpu_series(2.0, 900.0))
     vb = write_run(tmp_path / "cpu_b", cpu_series(1.5, 1000.0))
-    out = tmp_path / "rep"
-    res = report_inproc(str(tmp_path / "cpu_a"), str(tmp_path / "cpu_b"), "--out", str(out))
-    assert res.returncode == 0, res.stderr
-    header, rows = parse_table((out / "report.md").read_text())
-    col = {h: i for i, h in enumerate(header)}
+    _, col, rows = report_table(report_inproc, tmp_path / "rep", tmp_path / "cpu_a", tmp_path / "cpu_b")
     tag = "memory/cpu_rss_peak(GiB)"
     ea, eb = expected_stats(va, tag), expected_stats(vb, tag)
     assert rows[1][col["memory tag"]] == f"`{tag}`"
@@ -250,11 +255,7 @@ def test_cpu_tags_as_platform_renames_them(tmp_path, report_inproc):
 
     va = write_run(tmp_path / "a", renamed(1.2))
     vb = write_run(tmp_path / "b", renamed(0.9))
-    out = tmp_path / "rep"
-    res = report_inproc(str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out))
-    assert res.returncode == 0, res.stderr
-    header, rows = parse_table((out / "report.md").read_text())
-    col = {h: i for i, h in enumerate(header)}
+    _, col, rows = report_table(report_inproc, tmp_path / "rep", tmp_path / "a", tmp_path / "b")
     tag = "memory/cpu_rss_peak(GiB)"
     ea, eb = expected_stats(va, tag), expected_stats(vb, tag)
     for row, e in ((rows[0], ea), (rows[1], eb)):
@@ -272,13 +273,8 @@ def test_mixed_memory_tags_ratio_na(tmp_path, report_inproc):
         del s[k]
     s["memory/cpu_rss_peak(GiB)"] = [3.0] * len(STEPS)
     write_run(tmp_path / "cpu", s)
-    out = tmp_path / "rep"
-    res = report_inproc(str(tmp_path / "gpu"), str(tmp_path / "cpu"), "--out", str(out))
-    assert res.returncode == 0, res.stderr
-    md = (out / "report.md").read_text()
+    md, col, rows = report_table(report_inproc, tmp_path / "rep", tmp_path / "gpu", tmp_path / "cpu")
     assert "Warning" in md
-    header, rows = parse_table(md)
-    col = {h: i for i, h in enumerate(header)}
     assert rows[1][col["memory tag"]] == "`memory/cpu_rss_peak(GiB)`"
     assert rows[1][col["peak memory ratio"]] == "n/a"
     assert rows[1][col["median tps ratio"]] != "n/a"
