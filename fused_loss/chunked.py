@@ -7,7 +7,8 @@ For each chunk of C tokens (C from the memory budget):
   4. z := dloss/dz in place         no second [C, V] buffer
   5. dh_c = z @ W,  dW += z^T @ h_c  (carried across chunks in fp32: see _add_weight_grad)
 So the [N, V] logits never exist, and the gradients are ready when the forward returns
-(6NDV FLOPs). With no gradient wanted, steps 4-5 are skipped (2NDV).
+(6NDV FLOPs). With no gradient wanted, steps 4-5 are skipped (2NDV). A dW carried in fp32 is
+returned as it is: the backward's one pass scales it and rounds it to the weight's dtype.
 """
 
 from __future__ import annotations
@@ -54,6 +55,12 @@ def check_label_range(labels: torch.Tensor, vocab_size: int, ignore_index: int =
             f"ignore_index={ignore_index}, e.g. {example}")
 
 
+def carries_weight_grad_in_fp32(n_tokens: int, chunk: int, weight_dtype: torch.dtype,
+                                weight_grad_fp32: bool) -> bool:
+    """Whether run() returns dW as its fp32 carry (more than one chunk of a 16-bit weight)."""
+    return weight_grad_fp32 and weight_dtype != torch.float32 and n_tokens > chunk
+
+
 def _add_weight_grad(dw, acc, z, h_c, first: bool) -> None:
     """dW (+)= z^T @ h_c. Every GEMM accumulates in fp32 inside; across chunks, a 16-bit dW
     would be rounded once per chunk (bf16: ~1e-3 relative each time, measured 1.6e-3 -> 2.4e-3
@@ -77,6 +84,7 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
         lse_in: torch.Tensor | None = None, grad_rows: torch.Tensor | None = None):
     """hidden [N, D], weight [V_local, D], labels [N] -> (loss [N], lse [N], dh, dW).
 
+    dW is fp32 when carries_weight_grad_in_fp32, else in the weight's dtype.
     With lse_in and grad_rows (the backward of reduction="none"): recompute z, skip the
     statistics and the collective, and return only (dh, dW) scaled per row by grad_rows.
     """
@@ -89,14 +97,18 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
     if not recompute:
         loss = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(loss)
+    acc = None
     if want_grad:
-        dh = torch.empty_like(hidden)
-        dw = torch.zeros_like(weight) if n_tokens == 0 else torch.empty_like(weight)
+        dense = torch.contiguous_format  # the backward's scale pass walks them flat
+        dh = torch.empty_like(hidden, memory_format=dense)
+        if carries_weight_grad_in_fp32(n_tokens, chunk, weight.dtype, weight_grad_fp32):
+            acc = dw = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+        elif n_tokens == 0:
+            dw = torch.zeros_like(weight, memory_format=dense)
+        else:
+            dw = torch.empty_like(weight, memory_format=dense)
     else:
         dh, dw = hidden.new_empty(0), weight.new_empty(0)
-    acc = None
-    if want_grad and weight_grad_fp32 and weight.dtype != torch.float32 and n_tokens > chunk:
-        acc = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
     buf = torch.empty(min(chunk, n_tokens), weight.shape[0], dtype=hidden.dtype,
                       device=hidden.device)
     unit_scale = torch.ones(1, dtype=torch.float32, device=hidden.device)
@@ -121,8 +133,6 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
         if want_grad:
             torch.mm(z, weight, out=dh[first:last])
             _add_weight_grad(dw, acc, z, h_c, first == 0)
-    if acc is not None:
-        dw.copy_(acc)
     if recompute:
         return dh, dw
     return loss, lse, dh, dw

@@ -5,7 +5,8 @@
   fused_loss::lce_rows_backward  -> (dh, dW)                      recompute with per-row grads
 
 The sum op computes the gradients in its forward (6NDV instead of 8NDV); its backward only
-multiplies them by the scalar upstream gradient. Per-token upstream gradients ("none") cannot
+multiplies them by the scalar upstream gradient (and rounds a dW carried in fp32 to the
+weight's dtype in the same pass). Per-token upstream gradients ("none") cannot
 be folded in that way, so that path recomputes the logits in backward instead.
 """
 
@@ -39,31 +40,35 @@ def lce_sum(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int,
 
 @lce_sum.register_fake
 def _(hidden, weight, labels, *args):
-    want_grad = args[-3]
+    chunk, want_grad, weight_grad_fp32 = args[-4:-1]
     n = hidden.shape[0]
     loss = hidden.new_empty((), dtype=torch.float32)
     lse = hidden.new_empty(n, dtype=torch.float32)
     if want_grad:
-        return loss, lse, torch.empty_like(hidden), torch.empty_like(weight)
+        fp32 = chunked.carries_weight_grad_in_fp32(n, chunk, weight.dtype, weight_grad_fp32)
+        dw = torch.empty_like(weight, dtype=torch.float32 if fp32 else weight.dtype)
+        return loss, lse, torch.empty_like(hidden), dw
     return loss, lse, hidden.new_empty(0), hidden.new_empty(0)
 
 
 def _sum_setup_context(ctx, inputs, output):
     _, _, dh, dw = output
     ctx.save_for_backward(dh, dw)
+    ctx.weight_dtype, ctx.backend = inputs[1].dtype, inputs[10]
 
 
 def _sum_backward(ctx, grad_loss, _grad_lse, _grad_dh, _grad_dw):
     dh, dw = ctx.saved_tensors
     if torch.compiler.is_compiling():
-        dh, dw = dh * grad_loss, dw * grad_loss
-    else:
-        # In place: a second dW-sized buffer would be the op's peak memory. The saved
-        # gradients are ours alone; a second backward through the graph is refused by
-        # autograd's version counter ("modified by an inplace operation"), never wrong.
-        dh.mul_(grad_loss)
-        dw.mul_(grad_loss)
-    return (dh, dw) + (None,) * 13
+        return (dh * grad_loss, (dw * grad_loss).to(ctx.weight_dtype)) + (None,) * 13
+    # In place where the dtype allows: a second dW-sized buffer would be the op's peak memory.
+    # The saved gradients are ours alone; a second backward through the graph is refused by
+    # autograd's version counter ("modified by an inplace operation"), never wrong.
+    rows = chunked.rows_backend(ctx.backend)
+    rows.scale_into(dh, grad_loss, dh)
+    dw_out = dw if dw.dtype == ctx.weight_dtype else torch.empty_like(dw, dtype=ctx.weight_dtype)
+    rows.scale_into(dw, grad_loss, dw_out)
+    return (dh, dw_out) + (None,) * 13
 
 
 lce_sum.register_autograd(_sum_backward, setup_context=_sum_setup_context)
@@ -94,9 +99,10 @@ def lce_rows_backward(hidden: Tensor, weight: Tensor, labels: Tensor, lse: Tenso
                       z_loss: float, logit_softcap: float, vocab_start: int, vocab_size: int,
                       backend: str, chunk: int, weight_grad_fp32: bool) -> tuple[Tensor, Tensor]:
     opts = _opts(ignore_index, label_smoothing, z_loss, logit_softcap, vocab_start, vocab_size)
-    return chunked.run(hidden, weight, labels, opts, backend=backend, chunk=chunk, group_name="",
-                       want_grad=True, weight_grad_fp32=weight_grad_fp32, lse_in=lse,
-                       grad_rows=grad_rows.float().contiguous())
+    dh, dw = chunked.run(hidden, weight, labels, opts, backend=backend, chunk=chunk,
+                         group_name="", want_grad=True, weight_grad_fp32=weight_grad_fp32,
+                         lse_in=lse, grad_rows=grad_rows.float().contiguous())
+    return dh, dw.to(weight.dtype)
 
 
 @lce_rows_backward.register_fake

@@ -2,6 +2,7 @@
 
 Both passes see `z [C, V_local]`, the logits of C tokens for this rank's vocabulary slice, in
 the GEMM's dtype. Statistics come out in fp32; the gradient overwrites `z` in place.
+`scale_into` is the backward's last pass: the saved gradients times the upstream scalar.
 """
 
 from __future__ import annotations
@@ -50,3 +51,9 @@ def row_grad_(z: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, row_scal
     g *= row_scale[:, None]
     g = torch.where((labels != opts.ignore_index)[:, None], g, 0.0)
     z.copy_(g)
+
+
+def scale_into(src: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
+    """out := src * scale (a device scalar), computed in fp32 and rounded once to out's dtype.
+    out may be src itself."""
+    torch.mul(src, scale.float(), out=out)

@@ -4,6 +4,7 @@ Same contract as rows_torch. One program per row walks the vocabulary slice in b
 statistics pass keeps an online max / sum-exp in fp32 (one exp per element); the gradient
 pass rewrites the row in place. `row_stats_and_grad_` does both in one launch when no
 collective has to run between them (a single rank): the row is re-read while it is still in L2.
+`scale_into` is the backward's last pass (the saved gradients times the upstream scalar).
 
 Offsets are int64 (`row * stride` passes 2^31 at 32k tokens x 128k vocab). Labels are only
 compared, never used as an address outside [0, V_local): out-of-range labels cannot fault.
@@ -19,6 +20,7 @@ from .options import LossOptions
 
 _BLOCK_V = 4096
 _NUM_WARPS = 8
+_SCALE_BLOCK = 4096
 
 
 @triton.jit
@@ -120,6 +122,14 @@ def _stats_and_grad_kernel(z_ptr, stride_z, labels_ptr, stats_ptr, V_local, voca
           inv_vocab, cap, HAS_CAP, BLOCK_V)
 
 
+@triton.jit
+def _scale_kernel(src_ptr, out_ptr, scale_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(src_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, (x * tl.load(scale_ptr)).to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def _common(z: torch.Tensor, opts: LossOptions) -> dict:
     return dict(V_local=z.shape[1], vocab_start=opts.vocab_start, ignore_index=opts.ignore_index,
                 cap=float(opts.logit_softcap or 1.0), HAS_CAP=bool(opts.logit_softcap),
@@ -152,3 +162,20 @@ def row_stats_and_grad_(z: torch.Tensor, labels: torch.Tensor, opts: LossOptions
                                           NEED_SUM=bool(opts.label_smoothing),
                                           **_grad_consts(opts), **_common(z, opts))
     return stats
+
+
+def scale_into(src: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
+    """out := src * scale (a device scalar), in fp32, rounded once to out's dtype; out may be src.
+
+    Not torch.mul: with a 0-dim CUDA tensor operand it takes a non-vectorized kernel (2.1 ms
+    for the 8B head's bf16 dW on an H200, against 0.44 ms at bandwidth: benchmarks/NOTES.md).
+    Bumps out's autograd version, as an in-place torch op would.
+    """
+    if not (src.is_contiguous() and out.is_contiguous() and src.numel() == out.numel()):
+        raise ValueError(f"scale_into needs contiguous tensors of one size, got {tuple(src.shape)} "
+                         f"and {tuple(out.shape)}")
+    n = src.numel()
+    if n:
+        _scale_kernel[(triton.cdiv(n, _SCALE_BLOCK),)](src, out, scale.float(), n,
+                                                       BLOCK=_SCALE_BLOCK, num_warps=_NUM_WARPS)
+    torch.autograd.graph.increment_version(out)

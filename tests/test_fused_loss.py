@@ -238,6 +238,29 @@ def test_torch_compile_sees_one_opaque_op(reduction):
     _assert_close((loss.detach() / 2, h.grad / 2, w.grad / 2), ref)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n", [0, 1, 3 * 4096 + 5])  # 4096 = the Triton block
+@pytest.mark.parametrize("src_dtype, out_dtype, in_place", [
+    (torch.float32, torch.bfloat16, False),  # the fp32 dW carry -> the weight's dtype
+    (torch.bfloat16, torch.bfloat16, True),
+    (torch.float32, torch.float32, True),
+])
+def test_scale_pass(backend, n, src_dtype, out_dtype, in_place):
+    from fused_loss.chunked import rows_backend
+    src = (torch.randn(n) * 100).to(src_dtype)
+    scale = torch.tensor(torch.rand(()).item() + 0.5)
+    want = (src.double() * scale.double()).to(out_dtype)  # one rounding, from the exact product
+    out = src if in_place else torch.full((n,), float("nan"), dtype=out_dtype)
+    version = out._version
+    rows_backend(backend).scale_into(src, scale, out)
+    assert out._version > version  # autograd sees the write: a second backward is refused
+    # within one bf16 ulp: the interpreter truncates fp32 -> bf16 where a GPU rounds to
+    # nearest (the GPU test checks that against torch, bit for bit)
+    torch.testing.assert_close(out.double(), want.double(), rtol=2 ** -7, atol=0)
+    if backend == "torch" and n:  # fp32 product, one rounding: the exact one but for ties
+        assert (out.double() == want.double()).double().mean() >= 0.99
+
+
 def test_weight_grad_carried_in_fp32_is_as_accurate_as_one_chunk():
     # bf16: a 16-bit dW rounded after each of 16 chunks drifts; the fp32 carry rounds once
     hidden, weight, labels = _inputs(512, 64, 1000, ignore_frac=0.0)
@@ -248,3 +271,17 @@ def test_weight_grad_carried_in_fp32_is_as_accurate_as_one_chunk():
     rounded = rel_err(_run(hidden, weight, labels, chunk_size=32, weight_grad_fp32=False)[2],
                       want)
     assert carried <= 1.1 * one_chunk < rounded
+    assert _run(hidden, weight, labels, chunk_size=32)[2].dtype == torch.bfloat16
+
+
+def test_compiled_with_the_weight_grad_carried_in_fp32():
+    # the op's fake says dW is fp32 (the carry) and the compiled backward rounds it to bf16
+    hidden, weight, labels = _inputs(64, 16, 100)
+    hidden, weight = hidden.bfloat16(), weight.bfloat16()
+    compiled = torch.compile(lambda h, w, y: fused_linear_cross_entropy(h, w, y, chunk_size=16),
+                             fullgraph=True, backend="aot_eager")
+    w = weight.clone().requires_grad_()
+    compiled(hidden, w, labels).backward()
+    eager = _run(hidden, weight, labels, chunk_size=16)[2]
+    assert w.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(w.grad, eager)
