@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from . import chunked
 from .options import LossOptions
@@ -55,11 +56,16 @@ def _sum_setup_context(ctx, inputs, output):
     _, _, dh, dw = output
     ctx.save_for_backward(dh, dw)
     ctx.weight_dtype, ctx.backend = inputs[1].dtype, inputs[10]
+    # The dh / dW outputs are never used downstream: left materialized, their zero
+    # "gradients" would be a second dW-sized buffer (2 GiB fp32 at the 8B head) in backward.
+    ctx.set_materialize_grads(False)
 
 
 def _sum_backward(ctx, grad_loss, _grad_lse, _grad_dh, _grad_dw):
+    if grad_loss is None:  # only lse was used (it is detached in the API): nothing flows
+        return (None,) * 15
     dh, dw = ctx.saved_tensors
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or is_fake(dh):  # traced (AOT autograd): graph ops
         return (dh * grad_loss, (dw * grad_loss).to(ctx.weight_dtype)) + (None,) * 13
     # In place where the dtype allows: a second dW-sized buffer would be the op's peak memory.
     # The saved gradients are ours alone; a second backward through the graph is refused by

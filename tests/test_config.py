@@ -100,13 +100,15 @@ def test_pipelining_backstop_raises_the_same_message():
 
 
 def test_pp_refused_at_start_up(tmp_path):
-    """The launched job exits non-zero within 15 s with one message, before any process group."""
+    """The launched job exits non-zero within 30 s with one message, before any process group."""
     proc, seconds = run_train(
         tmp_path, "--fused_ce.enable", "--parallelism.pipeline_parallel_degree", "2", check=False
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert seconds < 15, f"refusal took {seconds:.1f} s"
+    assert seconds < 30, f"refusal took {seconds:.1f} s"
+    # (30 s: the bound is "before the model is built"; a cold import of torch + torchtitan on a
+    # busy machine once took 15.6 s)
     assert out.count("does not support pipeline parallelism") == 1, out[-3000:]
     assert "JobRefused" not in out  # a message, not a Python traceback from the trainer
     # Refused before Trainer.__init__ got anywhere: no device mesh, no process group.

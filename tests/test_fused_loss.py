@@ -274,6 +274,32 @@ def test_weight_grad_carried_in_fp32_is_as_accurate_as_one_chunk():
     assert _run(hidden, weight, labels, chunk_size=32)[2].dtype == torch.bfloat16
 
 
+def test_backward_allocates_only_the_weight_grad():
+    # autograd would hand the op zero "gradients" for its unused dh / dW outputs (a second
+    # dW-sized buffer at the backward's peak) unless the op opts out of materializing them
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Allocations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten.zeros, torch.ops.aten.zeros_like,
+                                       torch.ops.aten.empty_like, torch.ops.aten.empty):
+                self.shapes.append(tuple(out.shape))
+            return out
+
+    hidden, weight, labels = _inputs(64, 16, 100)
+    h = hidden.bfloat16().requires_grad_()
+    w = weight.bfloat16().requires_grad_()
+    loss = fused_linear_cross_entropy(h, w, labels, chunk_size=16)
+    with Allocations() as seen:
+        loss.backward()
+    assert seen.shapes == [(100, 16)]  # the bf16 dW rounded from the fp32 carry, nothing else
+
+
 def test_compiled_with_the_weight_grad_carried_in_fp32():
     # the op's fake says dW is fp32 (the carry) and the compiled backward rounds it to bf16
     hidden, weight, labels = _inputs(64, 16, 100)
