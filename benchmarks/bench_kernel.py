@@ -5,6 +5,7 @@ Compares, on the SAME inputs in the SAME process:
   fused     fused_loss.fused_linear_cross_entropy(h, W, y, reduction="sum", backend=--backend)
   fused_bf16dw  the same with weight_grad_fp32=False (dW carried across chunks in bf16)
   fused_checked the same with check_labels=True (label range checked on device: a host sync)
+  fused_lean    the lean setting: weight_grad_fp32=False and a 512 MiB logits budget
   eager     F.cross_entropy((h @ W.T).float(), y, reduction="sum", ignore_index=-100)
   compile   torch.compile(dynamic=False) of that same function
   liger     liger_kernel LigerFusedLinearCrossEntropyLoss(reduction="sum")(W, h, y)
@@ -70,7 +71,7 @@ SHAPE_NAMES = {
     (32768, 4096, 128256): "Llama-3-8B head",
 }
 ANCHOR_IMPLS = ("eager", "compile", "liger", "cce")
-ALL_IMPLS = ("fused", "fused_bf16dw", "fused_checked", "eager", "compile", "liger", "cce", "floor")
+ALL_IMPLS = ("fused", "fused_bf16dw", "fused_checked", "fused_lean", "eager", "compile", "liger", "cce", "floor")
 
 
 def log(*a):
@@ -280,14 +281,18 @@ def build_impl(name: str, args, dev: Dev, process_group=None, vocab_start=0, voc
     """Return fn(h, W, y) -> loss (autograd) or, for 'floor', fn(h, W, y) -> None doing GEMMs."""
     # fused_bf16dw: dW carried in bf16 across chunks; fused_checked: the op checks the label
     # range itself (one host sync); the trainer checks the CPU batch and passes False, as here
-    if name in ("fused", "fused_bf16dw", "fused_checked"):
+    # fused_lean: both memory knobs down (bf16 dW carry, half the default logits budget)
+    if name in ("fused", "fused_bf16dw", "fused_checked", "fused_lean"):
         try:
             from fused_loss import fused_linear_cross_entropy
         except Exception as e:  # module not there or broken
             raise NotAvailable(f"n/a ({type(e).__name__}: {str(e)[:60]})")
         backend = args.backend
         kw = dict(reduction="sum", backend=backend, ignore_index=IGNORE,
-                  weight_grad_fp32=name != "fused_bf16dw", check_labels=name == "fused_checked")
+                  weight_grad_fp32=name not in ("fused_bf16dw", "fused_lean"),
+                  check_labels=name == "fused_checked")
+        if name == "fused_lean":
+            kw["chunk_budget_bytes"] = 512 << 20
         if args.chunk_size:
             kw["chunk_size"] = args.chunk_size
         if process_group is not None:
