@@ -91,8 +91,9 @@ def fused_linear_cross_entropy(
     the same), or (loss, FusedCEAux) with return_aux. The gradient of hidden is this rank's
     partial sum over process_group: the caller reduces it (all-reduce / reduce-scatter).
     z_loss adds z_loss * logsumexp**2 per token; logit_softcap applies cap*tanh(z/cap).
-    weight_grad_fp32 carries the weight gradient across token chunks in fp32 (V_local*D*4
-    bytes while the op runs; off: 16-bit carry, faster but rounded once per chunk).
+    weight_grad_fp32 carries the weight gradient across token chunks in fp32 (V_local*D*2
+    bytes more than dW itself, until the backward rounds it; off: 16-bit carry, faster but
+    rounded once per chunk).
     """
     _check_tensors(hidden, weight, labels)
     if reduction not in REDUCTIONS:

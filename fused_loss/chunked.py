@@ -65,8 +65,9 @@ def _add_weight_grad(dw, acc, z, h_c, first: bool) -> None:
     """dW (+)= z^T @ h_c. Every GEMM accumulates in fp32 inside; across chunks, a 16-bit dW
     would be rounded once per chunk (bf16: ~1e-3 relative each time, measured 1.6e-3 -> 2.4e-3
     total dW error at 2 -> 5 chunks against eager's 1.4e-3), so with `acc` the running sum
-    is carried in fp32 (cuBLAS beta=1 into an fp32 C) and rounded once at the end, as eager
-    rounds its single GEMM. Without `acc`: beta=1 straight into dW (faster, V*D*4 B leaner)."""
+    is carried in fp32 (cuBLAS beta=1 into an fp32 C) and rounded once, by the backward's
+    scale pass, as eager rounds its single GEMM. Without `acc`: beta=1 straight into dW
+    (faster, V*D*2 B leaner)."""
     if acc is None:
         if first:
             torch.mm(z.t(), h_c, out=dw)

@@ -41,8 +41,9 @@ class FusedCE:
     """Refuse a batch whose labels fall outside [0, vocab_size) (checked on the CPU copy, no device sync)."""
 
     weight_grad_fp32: bool = True
-    """Carry the head's weight gradient across chunks in fp32 (as accurate as eager; V_local*D*4
-    bytes while the loss runs); off: a bf16 carry, faster and leaner, one rounding per chunk."""
+    """Carry the head's weight gradient across chunks in fp32 (as accurate as eager; V_local*D*2
+    bytes more than dW itself until the backward); off: a bf16 carry, faster and leaner, one
+    rounding per chunk."""
 
 
 @dataclass
