@@ -61,9 +61,10 @@ def _sum_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _sum_backward(ctx, grad_loss, _grad_lse, _grad_dh, _grad_dw):
-    if grad_loss is None:  # only lse was used (it is detached in the API): nothing flows
-        return (None,) * 15
+def _sum_backward(ctx, grad_loss, grad_lse, grad_dh, grad_dw):
+    if grad_loss is None or any(g is not None for g in (grad_lse, grad_dh, grad_dw)):
+        raise RuntimeError("fused_loss::lce_sum is differentiable through its loss output "
+                           "only (the API returns lse detached)")
     dh, dw = ctx.saved_tensors
     if torch.compiler.is_compiling() or is_fake(dh):  # traced (AOT autograd): graph ops
         return (dh * grad_loss, (dw * grad_loss).to(ctx.weight_dtype)) + (None,) * 13

@@ -300,6 +300,16 @@ def test_backward_allocates_only_the_weight_grad():
     assert seen.shapes == [(100, 16)]  # the bf16 dW rounded from the fp32 carry, nothing else
 
 
+def test_gradient_through_the_ops_side_outputs_is_refused():
+    # the sum op's lse / dh / dW outputs carry no gradient: an error, never a silent zero
+    hidden, weight, labels = _inputs(8, 4, 16)
+    w = weight.clone().requires_grad_()
+    loss, lse, _, _ = torch.ops.fused_loss.lce_sum(hidden, w, labels, -100, 0.0, 0.0, 0.0, 0,
+                                                   16, "", "torch", 8, True, True, False)
+    with pytest.raises(RuntimeError, match="through its loss output only"):
+        (loss + lse.sum()).backward()
+
+
 def test_compiled_with_the_weight_grad_carried_in_fp32():
     # the op's fake says dW is fp32 (the carry) and the compiled backward rounds it to bf16
     hidden, weight, labels = _inputs(64, 16, 100)
