@@ -189,6 +189,16 @@ def make_inputs(N, D, V, dtype, device, seed=0, ignore_frac=0.1, logit_std=None)
 
 
 @torch.no_grad()
+def inputs_or_none(shape, dtype, dev, seed) -> Inputs | None:
+    """The benchmark inputs, or None when they alone do not fit in memory."""
+    try:
+        return make_inputs(*shape, dtype, dev.device, seed=seed)
+    except Exception as e:
+        if not is_oom(e):
+            raise
+        return None
+
+
 def fp32_reference(inp: Inputs, chunk=2048):
     """Loss (float64 scalar), dh [N,D] fp32, dW [V,D] fp32 of sum-reduced CE, h/W upcast, no TF32."""
     h, W, y = inp.h.detach(), inp.W.detach(), inp.y
@@ -485,32 +495,57 @@ def add_ratios(rows):
             r.extra["vs_floor"] = (r.ms / floor) if (floor and r.ms) else None
 
 
-def markdown_table(rows) -> str:
-    hdr = ("| shape (N, D, V) | impl | ms | TFLOP/s | vs best anchor | vs GEMM floor | peak GiB "
-           "| peak+grads GiB | loss rel err | dh rel err | dW rel err | first call s | status |")
-    sep = "|" + "---|" * 13
-    lines = [hdr, sep]
-    last = None
-    for r in rows:
-        lbl = shape_label(r.shape) if r.shape != last else ""
-        last = r.shape
-        ms = fmt(r.ms) if r.ms is not None else (r.status if r.status != "ok" else "")
-        lines.append(md_row([
-            lbl,
-            r.impl,
-            ms,
-            fmt(r.tflops, ".0f"),
-            fmt(r.extra.get("vs_best_anchor"), ".3f"),
-            fmt(r.extra.get("vs_floor"), ".3f"),
-            fmt(r.peak_gib, ".2f"),
-            fmt(r.extra.get("peak_incl_grads"), ".2f"),
-            fmt(r.loss_err, ".1e"),
-            fmt(r.dh_err, ".1e"),
-            fmt(r.dW_err, ".1e"),
-            fmt(r.first_s, ".1f"),
-            r.status,
-        ]))
+def md_table(rows, columns) -> str:
+    """A Markdown table with one (header, cell(row) -> str) pair per column."""
+    lines = [md_row([header for header, _ in columns]), "|" + "---|" * len(columns)]
+    lines += [md_row([cell(r) for _, cell in columns]) for r in rows]
     return "\n".join(lines)
+
+
+# the columns both tables show, formatted alike
+TFLOPS_COL = ("TFLOP/s", lambda r: fmt(r.tflops, ".0f"))
+PEAK_COL = ("peak GiB", lambda r: fmt(r.peak_gib, ".2f"))
+TAIL_COLS = [("first call s", lambda r: fmt(r.first_s, ".1f")), ("status", lambda r: r.status)]
+
+
+def _extra(key, spec):
+    return lambda r: fmt(r.extra.get(key), spec)
+
+
+def markdown_table(rows) -> str:
+    # the shape is named on its first row only
+    named = {id(r) for i, r in enumerate(rows) if i == 0 or rows[i - 1].shape != r.shape}
+    return md_table(rows, [
+        ("shape (N, D, V)", lambda r: shape_label(r.shape) if id(r) in named else ""),
+        ("impl", lambda r: r.impl),
+        ("ms", lambda r: fmt(r.ms) if r.ms is not None else (r.status if r.status != "ok" else "")),
+        TFLOPS_COL,
+        ("vs best anchor", _extra("vs_best_anchor", ".3f")),
+        ("vs GEMM floor", _extra("vs_floor", ".3f")),
+        PEAK_COL,
+        ("peak+grads GiB", _extra("peak_incl_grads", ".2f")),
+        ("loss rel err", lambda r: fmt(r.loss_err, ".1e")),
+        ("dh rel err", lambda r: fmt(r.dh_err, ".1e")),
+        ("dW rel err", lambda r: fmt(r.dW_err, ".1e")),
+        *TAIL_COLS,
+    ])
+
+
+def sweep_table(rows) -> str:
+    return md_table(rows, [
+        ("axis", lambda r: r.extra["axis"]),
+        ("N", lambda r: str(r.shape[0])),
+        ("D", lambda r: str(r.shape[1])),
+        ("V", lambda r: str(r.shape[2])),
+        ("impl", lambda r: r.impl),
+        ("ms", lambda r: fmt(r.ms) if r.ms is not None else r.status),
+        TFLOPS_COL,
+        ("time x (vs first)", _extra("time_growth", ".2f")),
+        ("FLOP x", _extra("flop_growth", ".2f")),
+        PEAK_COL,
+        ("peak x", _extra("mem_growth", ".2f")),
+        *TAIL_COLS,
+    ])
 
 
 def print_row(r: Row):
@@ -578,13 +613,9 @@ def bench_shapes(args, dev: Dev):
         N, D, V = shape
         log(f"\n=== shape N={N} D={D} V={V} ({shape_label(shape)}), {args.dtype} ===")
         dev.cleanup()
-        try:
-            inp = make_inputs(N, D, V, dtype, dev.device, seed=args.seed)
-        except Exception as e:
-            if not is_oom(e):
-                raise
-            for name in impls:
-                rows.append(Row(shape, name, status="OOM (inputs)"))
+        inp = inputs_or_none(shape, dtype, dev, args.seed)
+        if inp is None:
+            rows.extend(Row(shape, name, status="OOM (inputs)") for name in impls)
             continue
         ref = None
         if not args.no_accuracy and N <= args.acc_max_n:
@@ -634,12 +665,7 @@ def sweep(args, dev: Dev):
         if results is None:
             results = []
             dev.cleanup()
-            try:
-                inp = make_inputs(N, D, V, dtype, dev.device, seed=args.seed)
-            except Exception as e:
-                if not is_oom(e):
-                    raise
-                inp = None
+            inp = inputs_or_none(shape, dtype, dev, args.seed)
             for name in impls:
                 if inp is None:
                     results.append(Row(shape, name, status="OOM (inputs)"))
@@ -672,22 +698,7 @@ def sweep(args, dev: Dev):
             r.extra["flop_growth"] = flop_ratio
             if r.peak_gib is not None and f0.peak_gib is not None:
                 r.extra["mem_growth"] = r.peak_gib / f0.peak_gib if f0.peak_gib > 0 else None
-    hdr = "| axis | N | D | V | impl | ms | TFLOP/s | time x (vs first) | FLOP x | peak GiB | peak x | first call s | status |"
-    lines = [hdr, "|" + "---|" * 13]
-    for r in rows:
-        N, D, V = r.shape
-        lines.append(md_row([
-            r.extra["axis"], str(N), str(D), str(V), r.impl,
-            fmt(r.ms) if r.ms is not None else r.status,
-            fmt(r.tflops, ".0f"),
-            fmt(r.extra.get("time_growth"), ".2f"),
-            fmt(r.extra.get("flop_growth"), ".2f"),
-            fmt(r.peak_gib, ".2f"),
-            fmt(r.extra.get("mem_growth"), ".2f"),
-            fmt(r.first_s, ".1f"),
-            r.status,
-        ]))
-    return "\n".join(lines)
+    return sweep_table(rows)
 
 
 def vocab_parallel(args):

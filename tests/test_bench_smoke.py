@@ -78,3 +78,17 @@ def test_quick_cpu_appends(tmp_path):
     text = res.read_text()
     assert "## Kernel benchmark" in text and "- device: CPU" in text
     assert "| shape (N, D, V) | impl |" in text and "torch " in text
+
+
+def test_quick_cpu_sweep_prints_growth_table(tmp_path):
+    p = _run("--sweep", "--sweep-impls", "eager", "--results", str(tmp_path / "R.md"), "--no-append")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    table = _table(p.stdout)
+    assert table[0].startswith("| axis | N | D | V | impl | ms | TFLOP/s | time x (vs first) |"), table
+    body = [[c.strip() for c in r.split("|")[1:-1]] for r in table[2:]]
+    assert [(r[0], r[1], r[3]) for r in body] == [
+        ("N", "128", "1000"), ("N", "256", "1000"), ("N", "512", "1000"),
+        ("V", "256", "500"), ("V", "256", "2000")]
+    assert all(len(r) == 13 and r[-1] == "ok" for r in body), body
+    assert body[0][7] == "1.00" and body[3][7] == "1.00"  # growth is against each axis's first point
+    assert [r[8] for r in body] == ["1.00", "2.00", "4.00", "1.00", "4.00"]  # FLOP ratios
