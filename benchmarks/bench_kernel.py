@@ -17,9 +17,7 @@ Compares, on the SAME inputs in the SAME process:
 Definitions (also printed into RESULTS.md):
   ms        median over --reps timed iterations (CUDA events around one fwd+bwd) after
             --warmup untimed iterations; grads are set to None before every iteration, so
-            every iteration allocates its gradients like a training step does. At each shape
-            the implementations are timed round-robin (one iteration of each per round), so
-            clock and temperature drift falls on all of them alike.
+            every iteration allocates its gradients like a training step does.
   TFLOP/s   6*N*D*V / time.
   peak GiB  torch.cuda.max_memory_allocated() during one extra fwd+bwd (after
             reset_peak_memory_stats) minus memory_allocated() just before it (inputs live,
@@ -383,155 +381,96 @@ class Row:
         return 6.0 * N * D * V / (self.ms * 1e-3) / 1e12
 
 
-class Trial:
-    """One implementation on one input: warm-up, timed iterations one at a time (so several
-    trials can be interleaved round by round), then peak memory and accuracy. Any failure
-    becomes the row's status and ends the trial."""
+def run_one(name, fn, inp: Inputs, dev: Dev, args, ref=None, post=None) -> Row:
+    """Time fn on inp. post(h, W) -> optional hook run on the measured grads (e.g. all-reduce)."""
+    N, D = inp.h.shape
+    V = inp.W.shape[0]
+    row = Row((N, D, V), name)
+    h, W, y = inp.h, inp.W, inp.y
+    is_floor = name == "floor"
 
-    def __init__(self, name, fn, inp: Inputs, dev: Dev, args, post=None):
-        N, D = inp.h.shape
-        self.row = Row((N, D, inp.W.shape[0]), name)
-        self.fn, self.inp, self.dev, self.args, self.post = fn, inp, dev, args, post
-        self.times = []
-
-    @property
-    def ok(self) -> bool:
-        return self.row.status == "ok"
-
-    def _step(self):
-        h, W, y = self.inp.h, self.inp.W, self.inp.y
+    def step():
         h.grad = None
         W.grad = None
-        out = self.fn(h, W, y)
-        if self.row.impl != "floor":
+        out = fn(h, W, y)
+        if not is_floor:
             out.backward()
-        if self.post is not None:
-            self.post(h, W)
+        if post is not None:
+            post(h, W)
         return out
 
-    def _guard(self, what):
-        try:
-            return what()
-        except NotAvailable as e:
-            self.row.status = str(e)
-        except Exception as e:
-            if is_oom(e):
-                self.row.status = "OOM"
-            else:
-                self.row.status = f"error: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
-                traceback.print_exc()
-        self._release()
-
-    def _release(self):
-        self.inp.h.grad = None
-        self.inp.W.grad = None
-        if hasattr(self.fn, "release"):
-            self.fn.release()
-        self.dev.cleanup()
-
-    def warm(self):
-        def go():
-            self.dev.cleanup()
-            t0 = time.perf_counter()
-            self._step()
-            self.dev.sync()
-            self.row.first_s = time.perf_counter() - t0
-            for _ in range(max(0, self.args.warmup - 1)):
-                self._step()
-            self.dev.sync()
-        self._guard(go)
-
-    def time_once(self):
-        def go():
-            if self.dev.cuda:
+    try:
+        dev.cleanup()
+        t0 = time.perf_counter()
+        loss = step()
+        dev.sync()
+        row.first_s = time.perf_counter() - t0
+        del loss
+        for _ in range(max(0, args.warmup - 1)):
+            step()
+        dev.sync()
+        times = []
+        t_budget = time.perf_counter() + args.max_time_per_impl
+        for i in range(args.reps):
+            h.grad = None
+            W.grad = None
+            if dev.cuda:
                 e0 = torch.cuda.Event(enable_timing=True)
                 e1 = torch.cuda.Event(enable_timing=True)
                 e0.record()
-                out = self._step()
+                out = step()
                 e1.record()
                 del out
                 e1.synchronize()
-                self.times.append(e0.elapsed_time(e1))
+                times.append(e0.elapsed_time(e1))
             else:
                 t0 = time.perf_counter()
-                out = self._step()
-                self.times.append((time.perf_counter() - t0) * 1e3)
+                out = step()
+                times.append((time.perf_counter() - t0) * 1e3)
                 del out
-        if self.ok:
-            self._guard(go)
-
-    def release(self):
-        self._release()
-
-    def finish(self, ref=None) -> Row:
-        """Median time; peak memory of one more fwd+bwd (the impl's persistent buffers released
-        first, so they count); errors of that step's loss and grads against ref."""
-        row = self.row
-
-        def go():
-            row.ms_all = self.times
-            row.ms = statistics.median(self.times)
-            self._release()
-            base = self.dev.allocated()
-            self.dev.reset_peak()
-            out = self._step()
-            self.dev.sync()
-            h, W = self.inp.h, self.inp.W
-            if self.dev.cuda:
-                grad_bytes = h.numel() * h.element_size() + W.numel() * W.element_size()
-                row.peak_gib = (self.dev.peak() - base - grad_bytes) / 2**30
-                row.extra["peak_incl_grads"] = (self.dev.peak() - base) / 2**30
-            if ref is not None and row.impl != "floor":
-                loss_ref, dh_ref, dW_ref = ref
-                lv = float(out.detach().double().item())
-                row.loss_err = abs(lv - float(loss_ref.item())) / max(abs(float(loss_ref.item())), 1e-30)
-                row.dh_err = rel_l2(h.grad, dh_ref)
-                row.dW_err = rel_l2(W.grad, dW_ref)
-                if not math.isfinite(lv):
-                    row.status = "NaN loss"
-            del out
-            self._release()
-        if self.ok:
-            self._guard(go)
-        return row
-
-
-def time_rounds(trials, args):
-    """--reps rounds, each timing every live trial once in turn: slow drifts of the GPU's clocks
-    and temperature then fall on all of them alike, not on whichever ran last. Stops early
-    (after 3 rounds) once the rounds have used --max-time-per-impl seconds per trial."""
-    for t in trials:
-        t.warm()
-    t_end = time.perf_counter() + args.max_time_per_impl * max(1, len(trials))
-    for i in range(args.reps):
-        for t in trials:
-            t.time_once()
-        if i >= 2 and time.perf_counter() > t_end:
-            break
-    for t in trials:
-        t.release()
-
-
-def interleaved(impls, inp: Inputs, dev: Dev, args, ref=None) -> list:
-    """Every impl on inp, timed round-robin, then finished (peak, accuracy) and printed one by one."""
-    trials = []
-    for name in impls:
-        try:
-            trials.append(Trial(name, build_impl(name, args, dev), inp, dev, args))
-        except NotAvailable as e:
-            trials.append(Trial(name, None, inp, dev, args))
-            trials[-1].row.status = str(e)
-    time_rounds([t for t in trials if t.ok], args)
-    for t in trials:
-        print_row(t.finish(ref))
-    return trials
-
-
-def run_one(name, fn, inp: Inputs, dev: Dev, args, ref=None, post=None) -> Row:
-    """Time fn on inp alone. post(h, W) -> optional hook run on the measured grads (e.g. all-reduce)."""
-    trial = Trial(name, fn, inp, dev, args, post)
-    time_rounds([trial], args)
-    return trial.finish(ref)
+            if i >= 2 and time.perf_counter() > t_budget:
+                break
+        row.ms_all = times
+        row.ms = statistics.median(times)
+        # peak memory of one more fwd+bwd (persistent buffers of the impl released first)
+        h.grad = None
+        W.grad = None
+        if hasattr(fn, "release"):
+            fn.release()
+        dev.cleanup()
+        base = dev.allocated()
+        dev.reset_peak()
+        out = step()
+        dev.sync()
+        if dev.cuda:
+            grad_bytes = h.numel() * h.element_size() + W.numel() * W.element_size()
+            row.peak_gib = (dev.peak() - base - grad_bytes) / 2**30
+            row.extra["peak_incl_grads"] = (dev.peak() - base) / 2**30
+        # accuracy on the grads of that last step
+        if ref is not None and not is_floor:
+            loss_ref, dh_ref, dW_ref = ref
+            lv = float(out.detach().double().item())
+            row.loss_err = abs(lv - float(loss_ref.item())) / max(abs(float(loss_ref.item())), 1e-30)
+            row.dh_err = rel_l2(h.grad, dh_ref)
+            row.dW_err = rel_l2(W.grad, dW_ref)
+            if not math.isfinite(lv):
+                row.status = "NaN loss"
+        del out
+    except NotAvailable as e:
+        row.status = str(e)
+    except Exception as e:
+        if is_oom(e):
+            row.status = "OOM"
+        else:
+            row.status = f"error: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+            traceback.print_exc()
+    finally:
+        h.grad = None
+        W.grad = None
+        if hasattr(fn, "release"):
+            fn.release()
+        dev.cleanup()
+    return row
 
 
 # --------------------------------------------------------------------------------------
@@ -653,8 +592,8 @@ def emit(table: str, dev: Dev, args, title: str, notes=()):
 
 DEFINITIONS = (
     "- ms: median of timed fwd+bwd iterations (CUDA events, after warm-up; grads set to None "
-    "before each; at each shape the implementations take turns, one iteration each per round). "
-    "peak GiB: max_memory_allocated during one fwd+bwd minus memory_allocated before it (inputs live, grads None) minus bytes of dh and dW; peak+grads GiB: the same without "
+    "before each). peak GiB: max_memory_allocated during one fwd+bwd minus memory_allocated "
+    "before it (inputs live, grads None) minus bytes of dh and dW; peak+grads GiB: the same without "
     "subtracting dh and dW (what ANCHORS.md's 'peak' column measured). Inputs: h ~ N(0,1), "
     "{S}. Errors: relative L2 vs fp32 reference "
     "(no TF32). vs best anchor: ms / min(eager, compile, liger, cce). floor: three cuBLAS GEMMs "
@@ -689,7 +628,18 @@ def bench_shapes(args, dev: Dev):
                 log(f"  fp32 reference failed ({'OOM' if is_oom(e) else repr(e)[:100]}); no accuracy")
                 ref = None
                 dev.cleanup()
-        rows.extend(t.row for t in interleaved(impls, inp, dev, args, ref))
+        for name in impls:
+            try:
+                fn = build_impl(name, args, dev)
+            except NotAvailable as e:
+                r = Row(shape, name, status=str(e))
+                rows.append(r)
+                print_row(r)
+                continue
+            r = run_one(name, fn, inp, dev, args, ref=ref)
+            del fn
+            rows.append(r)
+            print_row(r)
         del inp, ref
         dev.cleanup()
     add_ratios(rows)
@@ -713,12 +663,20 @@ def sweep(args, dev: Dev):
         key = shape
         results = cache.get(key)
         if results is None:
+            results = []
             dev.cleanup()
             inp = inputs_or_none(shape, dtype, dev, args.seed)
-            if inp is None:
-                results = [Row(shape, name, status="OOM (inputs)") for name in impls]
-            else:
-                results = [t.row for t in interleaved(impls, inp, dev, args)]
+            for name in impls:
+                if inp is None:
+                    results.append(Row(shape, name, status="OOM (inputs)"))
+                    continue
+                try:
+                    fn = build_impl(name, args, dev)
+                except NotAvailable as e:
+                    results.append(Row(shape, name, status=str(e)))
+                    continue
+                results.append(run_one(name, fn, inp, dev, args))
+                print_row(results[-1])
             del inp
             dev.cleanup()
             cache[key] = results
