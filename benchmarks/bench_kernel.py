@@ -16,8 +16,9 @@ Compares, on the SAME inputs in the SAME process:
 
 Definitions (also printed into RESULTS.md):
   ms        median over --reps timed iterations (CUDA events around one fwd+bwd) after
-            --warmup untimed iterations; grads are set to None before every iteration, so
-            every iteration allocates its gradients like a training step does.
+            --warmup untimed iterations and at least --warmup-s seconds of them (sustained
+            clocks); grads are set to None before every iteration, so every iteration
+            allocates its gradients like a training step does.
   TFLOP/s   6*N*D*V / time.
   peak GiB  torch.cuda.max_memory_allocated() during one extra fwd+bwd (after
             reset_peak_memory_stats) minus memory_allocated() just before it (inputs live,
@@ -406,9 +407,15 @@ def run_one(name, fn, inp: Inputs, dev: Dev, args, ref=None, post=None) -> Row:
         dev.sync()
         row.first_s = time.perf_counter() - t0
         del loss
-        for _ in range(max(0, args.warmup - 1)):
+        # at least --warmup calls and --warmup-s seconds back to back: a few calls after lighter
+        # work run at boost clocks, a training job at the power-limited sustained ones (cuBLAS
+        # read 795 TFLOP/s cold, 678 sustained: benchmarks/NOTES.md attempt 11)
+        warm_until = time.perf_counter() + args.warmup_s
+        calls = 1
+        while calls < args.warmup or time.perf_counter() < warm_until:
             step()
-        dev.sync()
+            dev.sync()
+            calls += 1
         times = []
         t_budget = time.perf_counter() + args.max_time_per_impl
         for i in range(args.reps):
@@ -591,8 +598,9 @@ def emit(table: str, dev: Dev, args, title: str, notes=()):
 
 
 DEFINITIONS = (
-    "- ms: median of timed fwd+bwd iterations (CUDA events, after warm-up; grads set to None "
-    "before each). peak GiB: max_memory_allocated during one fwd+bwd minus memory_allocated "
+    "- ms: median of timed fwd+bwd iterations (CUDA events, after warm-up of each impl right "
+    "before its timing, long enough for sustained clocks; grads set to None before each). "
+    "peak GiB: max_memory_allocated during one fwd+bwd minus memory_allocated "
     "before it (inputs live, grads None) minus bytes of dh and dW; peak+grads GiB: the same without "
     "subtracting dh and dW (what ANCHORS.md's 'peak' column measured). Inputs: h ~ N(0,1), "
     "{S}. Errors: relative L2 vs fp32 reference "
@@ -831,6 +839,8 @@ def main(argv=None):
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations (first includes compile)")
+    p.add_argument("--warmup-s", type=float, default=1.0,
+                   help="and keep warming up this many seconds, so the clocks settle (sustained state)")
     p.add_argument("--reps", type=int, default=10, help="timed iterations (median)")
     p.add_argument("--max-time-per-impl", type=float, default=8.0, help="stop timing after this many s (>=3 reps)")
     p.add_argument("--acc-max-n", type=int, default=16384, help="skip accuracy for N above this")
@@ -858,6 +868,7 @@ def main(argv=None):
             args.shapes = QUICK_SHAPES
         args.backend = args.backend or "torch"
         args.warmup = min(args.warmup, 1)
+        args.warmup_s = 0.0
         args.reps = min(args.reps, 3)
         args.acc_max_n = max(args.acc_max_n, 1 << 30)
     if args.backend is None:
@@ -884,7 +895,7 @@ def main(argv=None):
     table = markdown_table(rows)
     emit(table, dev, args, "Kernel benchmark: LM head + CE fwd+bwd",
          (f"- dtype {args.dtype}, labels uniform with 10% ignore_index, fused backend={args.backend}, "
-          f"warmup {args.warmup}, reps {args.reps}",
+          f"warmup {args.warmup} calls and >= {args.warmup_s:g} s, reps {args.reps}",
           DEFINITIONS[0].format(C=args.floor_chunk, S=(
               f"W ~ N(0, {W_STD}^2) (logit std {W_STD}*sqrt(D))" if args.logit_std is None
               else f"W ~ N(0, s^2/D), logit std s={args.logit_std}"))))
