@@ -23,6 +23,11 @@ same seed, the FSDP2 baseline ended step 10 at 7.79945, the FSDP2 reshard-always
 same math -- at 7.79310, 8e-4 apart), so a 1e-3 tolerance over 10-20 steps is at the noise level; NOISE = above the tolerance but within
 2x the baseline-vs-baseline difference.
 
+--pairs N runs N baseline/fused pairs per case, alternating which mode goes first, and adds a
+table of each pair's tps ratio (median and range): a host-bound layout (TP at small local batch)
+drifts 20-30% between runs (RESULTS.md, 2026-11-22 08:53-09:06), more than one pair can resolve.
+Parity and memory come from the first pair.
+
 Max-seq_len mode (--max-seq): one GPU, seq_len doubling from --seq-start until the first
 failure (OOM or other), baseline vs fused, --max-seq-steps steps each.
 """
@@ -435,14 +440,42 @@ def resolve_case(name, opts):
     return name, ngpu, a, prec
 
 
+def run_order(n_pairs: int, noise_ref: bool):
+    """(mode, pair index) in the order the runs are made. Pair 0 is baseline, fused[, baseline2];
+    odd pairs run fused first, so a drift over the call falls on both modes alike."""
+    order = [("baseline", 0), ("fused", 0)] + ([("baseline2", 0)] if noise_ref else [])
+    for i in range(1, n_pairs):
+        pair = [("baseline", i), ("fused", i)]
+        order += pair[::-1] if i % 2 else pair
+    return order
+
+
+def pairs_table(tps_pairs) -> str:
+    """Per-pair median tps of both modes and their ratio, then the median and range of the ratios."""
+    lines = ["| case | pair | first | baseline tps | fused tps | tps fused/base |", "|---|---|---|---|---|---|"]
+    for case, runs in tps_pairs:
+        ratios = []
+        for i, base, fused in runs:
+            r = _ratio(fused.median_tps, base.median_tps) if (base.ok and fused.ok) else None
+            if r is not None:
+                ratios.append(r)
+            lines.append(f"| {case if i == 0 else ''} | {i} | {'fused' if i % 2 else 'baseline'} "
+                         f"| {_f(base.median_tps, ',.0f')} | {_f(fused.median_tps, ',.0f')} | {_f(r, '.3f')} |")
+        if ratios:
+            lines.append(f"| | median of {len(ratios)} | | | | {statistics.median(ratios):.3f} "
+                         f"({min(ratios):.3f}-{max(ratios):.3f}) |")
+    return "\n".join(lines)
+
+
 def run_cases(opts):
     names = [c.strip() for c in opts.cases.split(",") if c.strip()]
     pairs = []
     t_start = time.time()
+    tps_pairs = []  # (case, [(pair index, baseline RunResult, fused RunResult)]) with --pairs > 1
     for name in names:
         nm, ngpu, case_args, prec = resolve_case(name, opts)
         results = {}
-        for mode in ("baseline", "fused") + (("baseline2",) if opts.noise_ref else ()):
+        for mode, pair in run_order(opts.pairs, opts.noise_ref):
             a = case_args + common_args(opts, opts.steps)
             if mode == "fused":
                 a += shlex.split(opts.fused_flag)
@@ -450,15 +483,19 @@ def run_cases(opts):
                 r = RunResult(nm, mode, [opts.launcher] + a, "", status="skipped (budget)")
                 print(f"[e2e] {nm}/{mode}: skipped, --budget {opts.budget}s spent", flush=True)
             else:
-                r = run_job(nm, mode, ngpu, a, opts, opts.steps)
-            results[mode] = r
-        pairs.append((nm, prec, results["baseline"], results["fused"]) + ((results["baseline2"],) if opts.noise_ref else ()))
+                r = run_job(nm, mode, ngpu, a, opts, opts.steps, log_name=f"{nm}_{mode}_p{pair}" if pair else None)
+            results[mode, pair] = r
+        pairs.append((nm, prec, results["baseline", 0], results["fused", 0])
+                     + ((results["baseline2", 0],) if opts.noise_ref else ()))
+        if opts.pairs > 1:
+            tps_pairs.append((nm, [(i, results["baseline", i], results["fused", i]) for i in range(opts.pairs)]))
     steps_to_show = tuple(s for s in (1, 10, 20) if s <= opts.steps) or (1,)
     if opts.steps not in steps_to_show:
         steps_to_show = steps_to_show + (opts.steps,)
     table, failures = make_table(pairs, steps_to_show)
     notes = [
-        f"- steps {opts.steps}, seed {opts.seed}, deterministic {opts.deterministic}, noise-ref {opts.noise_ref}; "
+        f"- steps {opts.steps}, seed {opts.seed}, deterministic {opts.deterministic}, noise-ref {opts.noise_ref}, "
+        f"pairs {opts.pairs}; "
         f"fused flag `{opts.fused_flag}`; "
         f"extra `{opts.extra}`",
         "- max_reserved GiB: max over steps of torchtitan's per-step max_reserved; tps: median per-GPU tps "
@@ -466,6 +503,8 @@ def run_cases(opts):
         "(tolerance 1e-3 bf16, 1e-4 fp32; NOISE: above it but <= 2x the baseline-rerun diff)",
     ]
     block = header("End-to-end: torchtitan baseline vs fused CE", opts, notes)
+    if tps_pairs:
+        block += pairs_table(tps_pairs) + "\n\n"
     det = failure_details(failures)
     if det:
         block += "Failures / runs that did not finish (last log lines):\n```\n" + det + "\n```\n\n"
@@ -562,6 +601,9 @@ def main(argv=None):
     p.add_argument("--noise-ref", action="store_true",
                    help="also rerun the baseline: reports run-to-run loss noise; a fused diff above the "
                         f"tolerance but <= {NOISE_FACTOR}x that noise is NOISE, not FAIL")
+    p.add_argument("--pairs", type=int, default=1,
+                   help="baseline/fused pairs per case, alternating which runs first; >1 adds a table of "
+                        "per-pair tps ratios (parity and memory: the first pair)")
     p.add_argument("--seqs", default=None, help="max-seq: comma list of seq_lens to try instead of doubling")
     p.add_argument("--max-seq", action="store_true", help="one-GPU longest-seq_len search instead of the cases")
     p.add_argument("--seq-start", type=int, default=8192)
@@ -569,6 +611,8 @@ def main(argv=None):
     p.add_argument("--max-seq-steps", type=int, default=5)
     p.add_argument("--max-seq-local-batch", type=int, default=1, help="0: the config's")
     opts = p.parse_args(argv)
+    if opts.pairs < 1:
+        p.error(f"--pairs must be >= 1, got {opts.pairs}")
     opts.out = os.path.abspath(opts.out)
     training = config_training(os.path.join(ROOT, opts.config))  # join keeps an absolute path
     opts.config_local_batch = int(training.get("local_batch_size", 2))

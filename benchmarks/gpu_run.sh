@@ -19,8 +19,9 @@
 #                   split: E2E_CASES=fsdp2_tp2,fsdp2_cp2 then E2E_CASES=tp2_cp2,hsdp)
 #   E2E_STEPS       (default 20)
 #   E2E_TIMEOUT     per training run (default 300)     E2E_ARGS extra args for e2e.py (e.g. "--noise-ref",
-#                   "--seqs 32768,65536,131072" for maxseq). Per-run dump folders (tb, traces) go to
-#                   /tmp/e2e_dumps on the device, not $OUT (too many files to bring back).
+#                   "--seqs 32768,65536,131072" for maxseq, "--pairs 3" for alternating baseline/fused
+#                   pairs). Per-run dump folders (tb, traces) go to /tmp/e2e_dumps on the device, not $OUT
+#                   (too many files to bring back).
 #   NO_APPEND=1     do not append to benchmarks/RESULTS.md
 set -u
 MODE="${1:-kernel}"

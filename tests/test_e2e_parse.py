@@ -117,6 +117,24 @@ def test_noise_verdict():
     assert failures[0][1] == "NOISE"
 
 
+def test_run_order_alternates():
+    assert e2e.run_order(1, False) == [("baseline", 0), ("fused", 0)]
+    assert e2e.run_order(4, True) == [("baseline", 0), ("fused", 0), ("baseline2", 0), ("fused", 1), ("baseline", 1),
+                                      ("baseline", 2), ("fused", 2), ("fused", 3), ("baseline", 3)]
+
+
+def test_pairs_table():
+    runs = [(0, _res("baseline", [1, 1, 1], tps=(0, 100, 100)), _res("fused", [1, 1, 1], tps=(0, 90, 90))),
+            (1, _res("baseline", [1, 1, 1], tps=(0, 80, 80)), _res("fused", [1, 1, 1], tps=(0, 88, 88))),
+            (2, _res("baseline", [1, 1, 1], tps=(0, 100, 100)), _res("fused", [1], status="OOM"))]
+    lines = e2e.pairs_table([("tp2_cp2", runs)]).splitlines()
+    rows = [[c.strip() for c in l.split("|")[1:-1]] for l in lines[2:]]
+    assert rows[0] == ["tp2_cp2", "0", "baseline", "100", "90", "0.900"]
+    assert rows[1] == ["", "1", "fused", "80", "88", "1.100"]
+    assert rows[2][1:3] == ["2", "baseline"] and rows[2][5] == ""  # a failed run gives no ratio
+    assert rows[3] == ["", "median of 2", "", "", "", "1.000 (0.900-1.100)"]
+
+
 FAKE = textwrap.dedent('''\
     #!/usr/bin/env python3
     import os, sys
@@ -171,6 +189,21 @@ def test_driver_noise_ref(tmp_path, fake_launcher):
     assert rc == 0
     log = (tmp_path / "out" / "fsdp2_baseline2.log").read_text()
     assert str(tmp_path / "dumps" / "fsdp2_baseline2") in log
+
+
+def test_driver_pairs(tmp_path, fake_launcher, capsys):
+    rc = e2e.main(["--launcher", str(fake_launcher), "--cases", "fsdp2", "--steps", "3", "--pairs", "3",
+                   "--out", str(tmp_path / "out"), "--results", str(tmp_path / "R.md")])
+    assert rc == 0
+    logs = sorted((tmp_path / "out").glob("*.log"), key=lambda f: f.stat().st_mtime_ns)
+    assert [f.stem for f in logs] == ["fsdp2_baseline", "fsdp2_fused", "fsdp2_fused_p1", "fsdp2_baseline_p1",
+                                      "fsdp2_baseline_p2", "fsdp2_fused_p2"]
+    text = (tmp_path / "R.md").read_text()
+    assert "| fsdp2 | 0 | baseline |" in text and "| | median of 3 | | | | 1.000 (1.000-1.000) |" in text
+    assert text.rstrip().splitlines()[-1].startswith("|  | fused | ok |")  # the parity table stays last
+    with pytest.raises(SystemExit):
+        e2e.main(["--pairs", "0", "--dry-run"])
+    assert "--pairs must be >= 1" in capsys.readouterr().err
 
 
 def test_max_seq_with_fake_launcher(tmp_path, fake_launcher):
