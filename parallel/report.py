@@ -37,7 +37,7 @@ stats. The table uses the first tag in this order that every run has:
 ``memory/max_reserved(GiB)``, ``memory/max_active(GiB)``,
 ``memory/cpu_rss_peak(GiB)``, ``memory/cpu_rss_current(GiB)``, any other tag
 containing ``cpu_rss``, then the rest in alphabetical order. CPU runs log the
-``cpu_rss`` tags: ``parallel/platform.py`` renames torchtitan's tags, and
+``cpu_rss`` tags: ``parallel/cpu_shims.py`` renames torchtitan's tags, and
 ``parallel.metrics.cpu_memory_metrics`` also writes them. If no tag is common to all runs, each run uses
 its own first tag and the ratio is "n/a". The table always names the tag it used.
 The plot draws every memory-amount tag: a colour for each run and a line style for
@@ -70,7 +70,7 @@ MEMORY_PREFIX = "memory/"
 MEMORY_PRIORITY = (
     "memory/max_reserved(GiB)",
     "memory/max_active(GiB)",
-    # CPU runs: parallel/platform.py renames max_reserved -> cpu_rss_peak, max_active -> cpu_rss_current.
+    # CPU runs: parallel/cpu_shims.py renames max_reserved -> cpu_rss_peak, max_active -> cpu_rss_current.
     "memory/cpu_rss_peak(GiB)",
     "memory/cpu_rss_current(GiB)",
 )

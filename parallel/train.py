@@ -9,9 +9,9 @@ import logging
 import os
 import sys
 
-from parallel import platform
+from parallel import cpu_shims
 
-platform.apply()  # before torchtitan is imported: it binds the device type at import time
+cpu_shims.apply()  # before torchtitan is imported: it binds the device type at import time
 
 import torch  # noqa: E402
 from torchtitan.components.loss import IGNORE_INDEX  # noqa: E402
@@ -106,5 +106,5 @@ if __name__ == "__main__":
     except JobRefused as e:
         logger.error(str(e))
         sys.exit(2)
-    if platform.applied():
+    if cpu_shims.applied():
         _exit_without_teardown()

@@ -94,7 +94,7 @@ def worker(dump: Path, combos: list[tuple[str, str]]) -> None:
     os.environ.setdefault("NGPU", "4")
     os.environ.setdefault("LOCAL_RANK", "0")
     sys.path.insert(0, str(ROOT))
-    from parallel.train import FusedCETrainer  # applies parallel.platform first
+    from parallel.train import FusedCETrainer  # applies parallel.cpu_shims first
     from torchtitan.config import ConfigManager
     from torchtitan.tools.logging import init_logger
 

@@ -240,7 +240,7 @@ def test_cpu_memory_tags(tmp_path, report_inproc):
 
 
 def test_cpu_tags_as_platform_renames_them(tmp_path, report_inproc):
-    """parallel/platform.py renames max_reserved -> cpu_rss_peak, max_active -> cpu_rss_current on CPU."""
+    """parallel/cpu_shims.py renames max_reserved -> cpu_rss_peak, max_active -> cpu_rss_current on CPU."""
     n = len(STEPS)
 
     def renamed(peak0: float) -> dict[str, list[float]]:

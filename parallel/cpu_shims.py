@@ -103,7 +103,7 @@ def apply() -> None:
     if torch._utils._get_available_device_type() is not None:
         return
     if "torchtitan" in sys.modules:
-        raise RuntimeError("parallel.platform.apply() must run before torchtitan is imported")
+        raise RuntimeError("parallel.cpu_shims.apply() must run before torchtitan is imported")
 
     # torchtitan reads the device type at import time and would pick "cuda" (set_device then fails).
     torch._utils._get_available_device_type = lambda: "cpu"
