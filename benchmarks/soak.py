@@ -7,36 +7,30 @@
 Runs ./run_train.sh with --fused_ce.enable (plus the arguments after --), reads the job's
 TensorBoard events and checks: every logged loss is finite, and memory/max_active(GiB) after
 the warm-up (the first 10% of logged steps) stays within --tolerance (default 1%) of its
-median. Prints a table and appends it to benchmarks/RESULTS.md. Exit 1 if a check fails.
+median. Prints a table and appends it to benchmarks/log/results.md. Exit 1 if a check fails.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import glob
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from results import append_results  # benchmarks/results.py
+from bench_common import RESULTS_LOG, ROOT, emit, header
+from tb_events import EventsError, scalar_series
 
-ROOT = Path(__file__).resolve().parents[1]
-MEMORY_TAG = "memory/max_active(GiB)"
-LOSS_TAG = "loss_metrics/global_avg_loss"
+from parallel.metrics import LOSS_TAG, MAX_ACTIVE_TAG
 
 
 def read_scalars(dump: Path, tag: str) -> list[tuple[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    runs = sorted(glob.glob(str(dump / "tb" / "*")))
-    if len(runs) != 1:
-        raise SystemExit(f"soak: expected one TensorBoard run under {dump / 'tb'}, found {runs}")
-    acc = EventAccumulator(runs[0], size_guidance={"scalars": 0})
-    acc.Reload()
-    return [(e.step, e.value) for e in acc.Scalars(tag)]
+    """The job's one TensorBoard run under <dump>/tb (exit with the reason if there is not one)."""
+    try:
+        return scalar_series(dump / "tb", tag)
+    except EventsError as e:
+        raise SystemExit(f"soak: {e}") from e
 
 
 def verdict(losses: list[float], memory: list[float], tolerance: float):
@@ -54,9 +48,10 @@ def main() -> int:
     p.add_argument("--config", default="train_configs/llama3_1b.toml")
     p.add_argument("--log-freq", type=int, default=10)
     p.add_argument("--tolerance", type=float, default=0.01)
-    p.add_argument("--memory-tag", default=MEMORY_TAG, help="CPU runs: memory/cpu_rss_peak(GiB)")
+    p.add_argument("--memory-tag", default=MAX_ACTIVE_TAG, help="CPU runs: memory/cpu_rss_peak(GiB)")
     p.add_argument("--dump", default="outputs/soak")
     p.add_argument("--no-append", action="store_true")
+    p.add_argument("--results", default=RESULTS_LOG)
     p.add_argument("extra", nargs="*", help="arguments for run_train.sh (after --)")
     args = p.parse_args()
 
@@ -77,15 +72,8 @@ def main() -> int:
         f"| {args.steps} | {rc} | {len(losses)} | {finite} | {losses[0]:.4f} / {losses[-1]:.4f} | "
         f"{median:.3f} | {worst:.2%} | {flat} ({args.tolerance:.0%}) |",
     ])
-    print(table)
-    if not args.no_append:
-        import torch
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-        when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        append_results(f"\n## Soak: fused head, {args.steps} steps - {when}\n\n- device: {device}, "
-                       f"torch {torch.__version__}\n- command: `CONFIG_FILE={args.config} "
-                       f"python benchmarks/soak.py {' '.join(sys.argv[1:])}`\n\n{table}",
-                       str(ROOT / "benchmarks" / "RESULTS.md"))
+    notes = [f"- config {args.config}; NGPU {env['NGPU']}; run_train.sh arguments `{' '.join(cmd[1:])}`"]
+    emit(header(f"Soak: fused head, {args.steps} steps", notes=notes) + table, args.results, not args.no_append)
     return 0 if ok else 1
 
 

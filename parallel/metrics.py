@@ -1,18 +1,14 @@
-"""Metrics for fused cross-entropy and CPU memory. Works without torchtitan.
+"""Fused cross-entropy statistics for the trainer, and the metric tag names the repository shares.
 
-The trainer (``parallel/train.py``) uses this module. The API::
+The trainer (``parallel/train.py``, through ``FusedLMHead.stats``) uses this module. The API::
 
-    from parallel.metrics import FusedCEStats, cpu_memory_metrics
+    from parallel.metrics import FusedCEStats
 
     stats = FusedCEStats()                       # one per trainer
     # every micro-batch, with FusedCEAux from fused_linear_cross_entropy(..., return_aux=True):
     stats.update(aux.lse.sum(), z_loss_sum, aux.valid_tokens)   # device tensors; no host sync
     # on log steps only (torchtitan: metrics_processor.should_log(step)):
     stats.flush(metrics_processor.logger, step)  # logs fused_ce/lse_mean and fused_ce/z_loss, then resets
-
-    # on CPU runs, on log steps:
-    metrics_processor.logger.log(cpu_memory_metrics(), step)   # {"memory/cpu_rss_peak(GiB)": ...}
-    reset_cpu_rss_peak()   # optional: the next value covers one log window, like torchtitan's GPU peaks
 
 ``FusedCEStats.update(lse_sum, z_loss_sum, valid_tokens)``
     * ``lse_sum``: the sum of log-sum-exp over the valid (non-ignored) tokens of the
@@ -40,43 +36,47 @@ The trainer (``parallel/train.py``) uses this module. The API::
     TP/vocab group, because TP ranks hold identical values. Every rank in ``g`` must
     then call ``flush`` at the same steps. Non-logging ranks pass torchtitan's no-op logger.
 
-``cpu_rss_peak_gib() -> float``
-    The peak resident set size of this process in GiB. It reads ``VmHWM`` from
-    ``/proc/self/status`` and falls back to ``resource.getrusage``. The value is
-    monotonic unless ``reset_cpu_rss_peak()`` is called.
-``reset_cpu_rss_peak() -> bool``
-    Resets the kernel's peak-RSS counter (writes "5" to ``/proc/self/clear_refs``,
-    Linux >= 4.0). Returns False where this is not possible.
-``cpu_memory_metrics() -> dict``
-    ``{CPU_RSS_PEAK_TAG: cpu_rss_peak_gib()}``. The tag is
-    ``"memory/cpu_rss_peak(GiB)"``, so a CPU RSS value cannot be mistaken for
-    torchtitan's device-memory tags (``memory/max_reserved(GiB)``, ...).
-    ``parallel.report`` recognises these tags.
+Tag names: the ``*_TAG`` constants below are the one list of the TensorBoard tags that the
+repository writes or reads: the fused head's own, torchtitan 0.2.2's (``components/metrics.py``)
+and the CPU memory tags (``CPU_MEMORY_RENAMES``: on a machine without an accelerator
+``parallel/cpu_shims.py`` reports the process's resident set under torchtitan's memory tags
+renamed, so that a CPU curve cannot be mistaken for GPU memory).
+``benchmarks/compare_runs.py`` and ``benchmarks/soak.py`` read them from here.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 from typing import Any, Protocol
 
 import torch
 
 __all__ = [
+    "CPU_MEMORY_RENAMES",
+    "CPU_RSS_CURRENT_TAG",
     "CPU_RSS_PEAK_TAG",
+    "LOSS_TAG",
     "LSE_MEAN_TAG",
+    "MAX_ACTIVE_TAG",
+    "MAX_RESERVED_TAG",
+    "MEMORY_PREFIX",
+    "TPS_TAG",
     "Z_LOSS_TAG",
     "FusedCEStats",
-    "cpu_memory_metrics",
-    "cpu_rss_peak_gib",
-    "reset_cpu_rss_peak",
 ]
 
+# The fused head's statistics (FusedCEStats.flush).
 LSE_MEAN_TAG = "fused_ce/lse_mean"
 Z_LOSS_TAG = "fused_ce/z_loss"
-CPU_RSS_PEAK_TAG = "memory/cpu_rss_peak(GiB)"
-
-_GIB = 1024**3
+# torchtitan's per-step tags.
+LOSS_TAG = "loss_metrics/global_avg_loss"
+TPS_TAG = "throughput(tps)"
+MEMORY_PREFIX = "memory/"
+MAX_RESERVED_TAG = MEMORY_PREFIX + "max_reserved(GiB)"
+MAX_ACTIVE_TAG = MEMORY_PREFIX + "max_active(GiB)"
+# On CPU: torchtitan's memory tag name -> what it holds there (the process's resident set size).
+CPU_MEMORY_RENAMES = {"max_active": "cpu_rss_current", "max_reserved": "cpu_rss_peak"}
+CPU_RSS_PEAK_TAG = MAX_RESERVED_TAG.replace("max_reserved", CPU_MEMORY_RENAMES["max_reserved"])
+CPU_RSS_CURRENT_TAG = MAX_ACTIVE_TAG.replace("max_active", CPU_MEMORY_RENAMES["max_active"])
 
 
 class _Logger(Protocol):
@@ -145,39 +145,3 @@ class FusedCEStats:
         metrics = {LSE_MEAN_TAG: sum_lse / n, Z_LOSS_TAG: sum_z / n}
         logger.log(metrics, step)
         return metrics
-
-
-def cpu_rss_peak_gib() -> float:
-    """Peak resident set size of this process, in GiB (VmHWM; falls back to getrusage)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024 / _GIB  # the value is in kB
-    except (OSError, ValueError, IndexError):
-        pass
-    import resource
-
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # ru_maxrss is in bytes on macOS and in KiB on Linux and the BSDs.
-    return (maxrss if sys.platform == "darwin" else maxrss * 1024) / _GIB
-
-
-def reset_cpu_rss_peak() -> bool:
-    """Reset the peak-RSS counter (Linux clear_refs "5"). Returns False where this is unsupported."""
-    try:
-        fd = os.open("/proc/self/clear_refs", os.O_WRONLY)
-    except OSError:
-        return False
-    try:
-        os.write(fd, b"5")
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-
-
-def cpu_memory_metrics() -> dict[str, float]:
-    """``{"memory/cpu_rss_peak(GiB)": cpu_rss_peak_gib()}``. This is ready for ``logger.log``."""
-    return {CPU_RSS_PEAK_TAG: cpu_rss_peak_gib()}

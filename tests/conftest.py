@@ -1,6 +1,5 @@
 """Shared helpers: launch run_train.sh jobs and read their per-step metrics."""
 
-import glob
 import os
 import re
 import shutil
@@ -69,14 +68,14 @@ def _aborted_after_last_step(proc, args) -> bool:
 
 
 def scalars(dump: Path, tag: str, tb_folder: str = "tb") -> dict[int, float]:
-    """{step: value} of one TensorBoard tag written by rank 0 of the job in `dump`."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    """{step: value} of one TensorBoard tag written by rank 0 of the job in `dump` (its one run)."""
+    import sys
 
-    runs = sorted(glob.glob(str(dump / tb_folder / "*")))
-    assert len(runs) == 1, f"expected one TensorBoard run in {dump / tb_folder}, found {runs}"
-    acc = EventAccumulator(runs[0], size_guidance={"scalars": 0})
-    acc.Reload()
-    return {event.step: event.value for event in acc.Scalars(tag)}
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))  # the repository's one event reader
+    from tb_events import scalar_series
+
+    return dict(scalar_series(dump / tb_folder, tag))
 
 
 def losses(dump: Path, tb_folder: str = "tb") -> dict[int, float]:

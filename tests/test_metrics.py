@@ -1,4 +1,4 @@
-"""Tests for parallel.metrics: FusedCEStats and the CPU memory helpers (CPU, fast)."""
+"""Tests for parallel.metrics: FusedCEStats and the shared tag names (CPU, fast)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from parallel.metrics import (  # noqa: E402
-    CPU_RSS_PEAK_TAG,
-    FusedCEStats,
-    cpu_memory_metrics,
-    cpu_rss_peak_gib,
-    reset_cpu_rss_peak,
-)
+from parallel import metrics  # noqa: E402
+from parallel.metrics import FusedCEStats  # noqa: E402
 
 
 class RecordingLogger:
@@ -129,40 +124,18 @@ def test_buffer_is_in_place():
     assert stats._buf is buf and buf.data_ptr() == ptr and buf.tolist() == [0.0, 0.0, 0.0]
 
 
-def test_cpu_rss_peak():
-    peak = cpu_rss_peak_gib()
-    assert 0.001 < peak < 1024
-    x = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB touched
-    x.add_(1)
-    assert cpu_rss_peak_gib() >= peak
-    del x
-    m = cpu_memory_metrics()
-    assert list(m) == [CPU_RSS_PEAK_TAG] == ["memory/cpu_rss_peak(GiB)"]
-    assert m[CPU_RSS_PEAK_TAG] > 0
+def test_cpu_memory_tags_are_what_the_cpu_shims_log():
+    """The CPU shims rename torchtitan's memory tags to exactly the names the report reads."""
+    from parallel.cpu_shims import _RenameMemoryTags
 
-
-def test_cpu_rss_peak_fallback(monkeypatch):
-    import builtins
-
-    real_open = builtins.open
-
-    def no_proc(path, *a, **k):
-        if str(path).startswith("/proc/self/status"):
-            raise OSError("no /proc")
-        return real_open(path, *a, **k)
-
-    monkeypatch.setattr(builtins, "open", no_proc)
-    assert 0.001 < cpu_rss_peak_gib() < 1024
-
-
-def test_reset_cpu_rss_peak():
-    big = torch.ones(256 * 1024 * 1024 // 4)  # 256 MiB
-    big.add_(1)
-    before = cpu_rss_peak_gib()
-    del big
-    if not reset_cpu_rss_peak():
-        pytest.skip("clear_refs not supported here")
-    assert cpu_rss_peak_gib() < before - 0.1  # the peak now tracks the current RSS
+    inner = RecordingLogger()
+    _RenameMemoryTags(inner).log({metrics.MAX_RESERVED_TAG: 2.0, metrics.MAX_ACTIVE_TAG: 1.0,
+                                  metrics.LOSS_TAG: 3.0, "memory/num_ooms": 0}, 7)
+    assert inner.calls == [({metrics.CPU_RSS_PEAK_TAG: 2.0, metrics.CPU_RSS_CURRENT_TAG: 1.0,
+                             "loss_metrics/global_avg_loss": 3.0}, 7)]
+    assert (metrics.CPU_RSS_PEAK_TAG, metrics.CPU_RSS_CURRENT_TAG) == (
+        "memory/cpu_rss_peak(GiB)", "memory/cpu_rss_current(GiB)")
+    assert set(metrics.__all__) <= set(dir(metrics))
 
 
 def test_reduce_group_single_process(tmp_path):

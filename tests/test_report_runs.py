@@ -11,11 +11,14 @@ import sys
 import pytest
 from conftest import FAST, ROOT, run_train, scalars
 
-from parallel.report import fmt
+from parallel.metrics import CPU_RSS_PEAK_TAG, LSE_MEAN_TAG, Z_LOSS_TAG
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_common import fmt  # noqa: E402
 
 pytestmark = pytest.mark.slow  # two run_train.sh jobs
 
-MEMORY = "memory/cpu_rss_peak(GiB)"  # the CPU memory tag: the process's resident set
+MEMORY = CPU_RSS_PEAK_TAG  # the CPU memory tag: the process's resident set
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +34,8 @@ def runs(tmp_path_factory):
 def test_event_files_hold_memory_and_fused_ce_tags(runs):
     for dump in runs.values():
         assert len(scalars(dump, MEMORY)) == 6
-    assert len(scalars(runs["fused"], "fused_ce/lse_mean")) == 6
-    assert len(scalars(runs["fused"], "fused_ce/z_loss")) == 6
+    assert len(scalars(runs["fused"], LSE_MEAN_TAG)) == 6
+    assert len(scalars(runs["fused"], Z_LOSS_TAG)) == 6
 
 
 def test_fused_runs_repeat_bit_for_bit(runs):
@@ -44,7 +47,7 @@ def test_fused_runs_repeat_bit_for_bit(runs):
 def test_report_matches_the_events(runs, tmp_path):
     out = tmp_path / "report"
     proc = subprocess.run(
-        [sys.executable, "-m", "parallel.report", str(runs["baseline"]), str(runs["fused"]),
+        [sys.executable, "benchmarks/compare_runs.py", str(runs["baseline"]), str(runs["fused"]),
          "--labels", "baseline,fused", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

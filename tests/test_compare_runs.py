@@ -1,12 +1,13 @@
-"""Tests for parallel.report (CPU, fast).
+"""Tests for benchmarks/compare_runs.py (CPU, fast).
 
 The tests write synthetic TensorBoard runs with torchtitan's tag names, run
-``python -m parallel.report`` as a subprocess, and check the PNG and every number in
+``python benchmarks/compare_runs.py`` as a subprocess, and check the PNG and every number in
 the Markdown table against values computed from the written events.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
@@ -19,10 +20,11 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+if str(REPO / "benchmarks") not in sys.path:
+    sys.path.insert(0, str(REPO / "benchmarks"))
 
-from parallel.report import fmt  # noqa: E402  (the formatting the table promises)
+import compare_runs  # noqa: E402
+from compare_runs import fmt  # noqa: E402  (the formatting the table promises)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STEPS = [1, 10, 20, 30, 40, 50, 60, 70, 80]  # log_freq=10, as torchtitan logs
@@ -73,7 +75,7 @@ def run_report(*args: str) -> subprocess.CompletedProcess:
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["MPLBACKEND"] = "Agg"
     return subprocess.run(
-        [sys.executable, "-m", "parallel.report", *args],
+        [sys.executable, str(REPO / "benchmarks" / "compare_runs.py"), *args],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )
 
@@ -85,12 +87,11 @@ class _Result:
 
 @pytest.fixture
 def report_inproc(capsys):
-    """Like run_report, but calls parallel.report.main in this process (fast). The CLI path has its own tests."""
-    from parallel.report import main
+    """Like run_report, but calls compare_runs.main in this process (fast). The CLI path has its own tests."""
 
     def run(*args: str) -> _Result:
         capsys.readouterr()
-        rc = main(list(args))
+        rc = compare_runs.main(list(args))
         cap = capsys.readouterr()
         return _Result(rc, cap.out, cap.err)
 
@@ -341,8 +342,7 @@ def test_refuses_bad_labels(two_runs, tmp_path, report_inproc):
 
 def test_duplicate_steps_last_write_wins(tmp_path):
     """A restart into the same folder rewrites steps: the report uses the last value written."""
-    from parallel.report import load_scalars
-
+    from tb_events import load_scalars
     from torch.utils.tensorboard import SummaryWriter
 
     w = SummaryWriter(str(tmp_path))
@@ -360,3 +360,86 @@ def test_fmt():
     assert fmt(None) == "n/a"
     assert fmt(0.0) == "0"
     assert fmt(1.0) == "1"
+
+
+# ---------------------------------------------------------------- issue 16: runs sharing a folder, the picture
+
+
+def test_warns_when_a_folder_holds_several_runs(tmp_path, report_inproc):
+    """Two jobs started in one minute used to land in one TensorBoard folder: say so."""
+    shared = tmp_path / "dump" / "tb" / "20261122-0230"
+    write_run(shared, gpu_series(10.0, 8.0, 40000.0, 11.0))
+    write_run(shared, gpu_series(6.5, 8.1, 52000.0, 10.5))  # a second writer, same folder
+    write_run(tmp_path / "other", gpu_series(10.0, 8.0, 40000.0, 11.0))
+    res = report_inproc(str(tmp_path / "dump"), str(tmp_path / "other"), "--out", str(tmp_path / "rep"))
+    assert res.returncode == 0, res.stderr
+    assert "warning" in res.stderr and str(shared) in res.stderr and "2 event files" in res.stderr
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "**Warning:**" in md and "several runs" in md
+    summary = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert [r["event_files"] for r in summary["runs"]] == [2, 1] and len(summary["warnings"]) == 1
+    # one run per folder: no warning
+    res = report_inproc(str(tmp_path / "other"), str(tmp_path / "other"), "--out", str(tmp_path / "rep2"),
+                        "--labels", "a,b")
+    assert res.returncode == 0 and "warning" not in res.stderr
+
+
+def _noisy_series(tps: list[float]) -> dict[str, list[float]]:
+    s = gpu_series(10.0, 8.0, 1.0, 11.0)
+    s["throughput(tps)"] = tps
+    return s
+
+
+def test_noisy_tps_ratio_is_flagged_not_reported(tmp_path, report_inproc):
+    """A 0.9x tps ratio inside a +-10% step-to-step spread is noise; 0.5x with a 1% spread is not."""
+    jitter = [1.0, 1.1, 0.9, 1.05, 0.95, 1.1, 0.9, 1.0, 1.08]  # IQR/median ~ 0.15
+    write_run(tmp_path / "base", _noisy_series([100 * j for j in jitter]))
+    write_run(tmp_path / "slow", _noisy_series([90 * j for j in jitter]))
+    write_run(tmp_path / "half", _noisy_series([50.0 * (1 + 0.001 * i) for i in range(len(STEPS))]))
+    write_run(tmp_path / "steady", _noisy_series([100.0 * (1 + 0.001 * i) for i in range(len(STEPS))]))
+    md, col, rows = report_table(report_inproc, tmp_path / "rep", tmp_path / "base", tmp_path / "slow")
+    assert rows[1][col["median tps ratio"]] == f"{fmt(0.9)} (noisy)"
+    assert "**Noisy throughput:**" in md and "not a finding" in md
+    summary = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert summary["runs"][1]["median_tps_ratio_noisy"] is True
+    assert summary["runs"][0]["tps_spread"] == pytest.approx(
+        (np.percentile([f32(100 * j) for j in jitter[1:]], 75) - np.percentile([f32(100 * j) for j in jitter[1:]], 25))
+        / statistics.median([f32(100 * j) for j in jitter[1:]]))
+    md, col, rows = report_table(report_inproc, tmp_path / "rep2", tmp_path / "steady", tmp_path / "half")
+    assert rows[1][col["median tps ratio"]] == fmt(statistics.median(
+        [f32(50.0 * (1 + 0.001 * i)) for i in range(len(STEPS))]) / statistics.median(
+        [f32(100.0 * (1 + 0.001 * i)) for i in range(len(STEPS))]))
+    assert "Noisy" not in md
+
+
+def test_picture(two_runs, tmp_path):
+    """Title names both runs; both loss lines and their difference; memory from 0; integer steps."""
+    a_dir, b_dir, va, vb = two_runs
+    runs = [compare_runs.load_run(str(a_dir), "baseline"), compare_runs.load_run(str(b_dir), "fused")]
+    summary = compare_runs.summarize(runs)
+    fig = compare_runs.figure(runs, summary)
+    title = fig._suptitle.get_text()
+    assert title.startswith("fused vs baseline: peak memory ") and "baseline: baseline" not in title
+    panels = {ax.get_title().split(" (")[0].split(":")[0]: ax for ax in fig.axes if ax.axison}
+    assert set(panels) >= {"loss", "loss difference", "memory", "throughput", "fused_ce/lse_mean"}
+    loss_lines = [l for l in panels["loss"].get_lines()]
+    assert [l.get_label() for l in loss_lines] == ["baseline", "fused"]
+    assert loss_lines[0].get_linewidth() > 2 * loss_lines[1].get_linewidth()  # the baseline shows underneath
+    (diff,) = [l for l in panels["loss difference"].get_lines() if l.get_label().startswith("fused")]
+    want = [(b - a) / a for a, b in zip(va["loss_metrics/global_avg_loss"], vb["loss_metrics/global_avg_loss"])]
+    assert list(diff.get_xdata()) == STEPS and np.allclose(diff.get_ydata(), want, rtol=1e-5)
+    assert panels["memory"].get_ylim()[0] == 0 and panels["throughput"].get_ylim()[0] == 0
+    fig.canvas.draw()
+    for ax in panels.values():
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), (ax.get_title(), ticks)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_report_output_is_git_ignored():
+    proc = subprocess.run(["git", "check-ignore", "-q", "report/report.png"], cwd=REPO)
+    assert proc.returncode == 0, "report/ (the README's --out) must be git-ignored"
+    proc = subprocess.run(["git", "check-ignore", "-q", "benchmarks/report/report.png"], cwd=REPO)
+    assert proc.returncode == 1, "the checked-in pictures under benchmarks/report/ must stay tracked"

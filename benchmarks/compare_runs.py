@@ -1,34 +1,41 @@
+#!/usr/bin/env python3
 """Compare two or more TensorBoard runs: memory, loss and throughput.
 
 Usage::
 
-    python -m parallel.report RUN_A RUN_B [RUN_C ...] --out report/ [--labels a,b,c]
+    python benchmarks/compare_runs.py RUN_A RUN_B [RUN_C ...] --out report/ [--labels a,b,c]
 
-Each RUN is either a folder that contains TensorBoard event files
-(``events.out.tfevents.*``), or a parent of exactly one such folder. For example,
-pass torchtitan's ``{dump_folder}`` or ``{dump_folder}/tb`` and the single
-``tb/{YYYYmmdd-HHMM}`` folder under it is found. The first run is the baseline.
+Each RUN is a folder that holds TensorBoard event files (``events.out.tfevents.*``), or a
+parent of exactly one such folder: pass torchtitan's ``{dump_folder}`` or ``{dump_folder}/tb``
+and the one run folder under it is found (``tb_events.run_folder``). The first run is the
+baseline.
 
 The command writes:
 
-* ``OUT/report.png``: side-by-side panels of memory, loss
-  (``loss_metrics/global_avg_loss``) and throughput (``throughput(tps)``) against
-  step. A ``fused_ce/lse_mean`` panel is added when a run logged it.
+* ``OUT/report.png``: loss (every run's line, the baseline's drawn wide underneath so that an
+  identical curve does not hide it), the loss difference to the baseline per step, memory
+  (from 0 GiB up) and throughput against step, with integer step ticks. A
+  ``fused_ce/lse_mean`` panel is added when a run logged it. The title names the runs and
+  the memory and tps ratios.
 * ``OUT/report.md``: one table row per run. The columns are peak memory, steady-state
   memory, final loss and median tps, each followed by a ratio column against the baseline.
 * ``OUT/report.json``: the same numbers at full precision, for scripts and tests.
 
-Definitions. A run's series is its scalar events sorted by step. If one step was
-written more than once (for example, a restart into the same folder), the last one
-written is kept.
+Definitions. A run's series is its scalar events sorted by step; a step written more than
+once keeps its last write.
 
 * peak memory: the maximum of the memory series.
 * steady memory: the median of the last half of the memory series, which is the last
   ``ceil(n/2)`` logged points.
 * final loss: the loss at the last logged step.
 * median tps: the median of all logged ``throughput(tps)`` points.
+* tps spread: the interquartile range of the tps points after the first logged one (warm-up),
+  divided by their median.
 * ratio: this run's value divided by the baseline's value. It is "n/a" when the
   baseline is 0, or when the two runs report memory under different tags.
+* noisy: a tps ratio whose distance from 1 is no larger than the two runs' tps spreads added
+  (or with fewer than 2 steps after warm-up to judge by). It is printed as ``0.855 (noisy)``
+  and the table says it is not a finding.
 
 Memory tags. Any scalar tag under ``memory/`` counts as a memory amount, except
 percentages (``...(%)``) and counters (``memory/num_*``). A series whose values are
@@ -36,12 +43,12 @@ all <= 0 is ignored; torchtitan logs -1 bytes when the device has no allocator
 stats. The table uses the first tag in this order that every run has:
 ``memory/max_reserved(GiB)``, ``memory/max_active(GiB)``,
 ``memory/cpu_rss_peak(GiB)``, ``memory/cpu_rss_current(GiB)``, any other tag
-containing ``cpu_rss``, then the rest in alphabetical order. CPU runs log the
-``cpu_rss`` tags: ``parallel/cpu_shims.py`` renames torchtitan's tags, and
-``parallel.metrics.cpu_memory_metrics`` also writes them. If no tag is common to all runs, each run uses
-its own first tag and the ratio is "n/a". The table always names the tag it used.
-The plot draws every memory-amount tag: a colour for each run and a line style for
-each tag.
+containing ``cpu_rss``, then the rest in alphabetical order (the names are
+``parallel.metrics``'s; CPU runs log the ``cpu_rss`` ones). If no tag is common to all runs,
+each run uses its own first tag and the ratio is "n/a". The table always names the tag it used.
+
+Warnings (stderr and the table): a run folder that holds several event files, i.e. several
+runs written into one folder (their steps are merged, the last write of a step wins).
 
 Numbers are printed by ``fmt`` with 4 significant digits, in plain notation for
 magnitudes between 1e-3 and 1e4. Values from 1e4 to 1e12 are printed as integers,
@@ -56,83 +63,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
 from dataclasses import dataclass, field
 
-LOSS_TAG = "loss_metrics/global_avg_loss"
-TPS_TAG = "throughput(tps)"
-LSE_TAG = "fused_ce/lse_mean"
-ZLOSS_TAG = "fused_ce/z_loss"
-MEMORY_PREFIX = "memory/"
-MEMORY_PRIORITY = (
-    "memory/max_reserved(GiB)",
-    "memory/max_active(GiB)",
-    # CPU runs: parallel/cpu_shims.py renames max_reserved -> cpu_rss_peak, max_active -> cpu_rss_current.
-    "memory/cpu_rss_peak(GiB)",
-    "memory/cpu_rss_current(GiB)",
+import tb_events  # benchmarks/tb_events.py
+from bench_common import fmt, ratio
+from parallel.metrics import (
+    CPU_RSS_CURRENT_TAG,
+    CPU_RSS_PEAK_TAG,
+    LOSS_TAG,
+    LSE_MEAN_TAG,
+    MAX_ACTIVE_TAG,
+    MAX_RESERVED_TAG,
+    MEMORY_PREFIX,
+    TPS_TAG,
+    Z_LOSS_TAG,
 )
 
-
-class ReportError(Exception):
-    """A refusal: the message is printed and the process exits with code 2."""
-
-
-# ---------------------------------------------------------------- formatting
-
-
-def fmt(x: float | None) -> str:
-    """Format a table number with 4 significant digits (see the module docstring)."""
-    if x is None:
-        return "n/a"
-    x = float(x)
-    if math.isnan(x):
-        return "nan"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    if x == 0:
-        return "0"
-    ax = abs(x)
-    if 1e4 <= ax < 1e12:
-        return f"{x:.0f}"
-    return f"{x:.4g}"
+MEMORY_PRIORITY = (MAX_RESERVED_TAG, MAX_ACTIVE_TAG, CPU_RSS_PEAK_TAG, CPU_RSS_CURRENT_TAG)
+ReportError = tb_events.EventsError  # a refusal: the message is printed and the process exits with code 2
 
 
 # ---------------------------------------------------------------- reading runs
-
-
-def _has_events(folder: str) -> bool:
-    try:
-        return any(
-            "tfevents" in name and os.path.isfile(os.path.join(folder, name))
-            for name in os.listdir(folder)
-        )
-    except OSError:
-        return False
-
-
-def resolve_run_dir(path: str) -> str:
-    """Return the folder with the event files: ``path`` itself, or its one events-bearing descendant."""
-    if not os.path.exists(path):
-        raise ReportError(f"{path}: no such folder")
-    if not os.path.isdir(path):
-        raise ReportError(f"{path}: not a folder (pass the run folder that holds the event files)")
-    if _has_events(path):
-        return path
-    found = sorted(root for root, _dirs, _files in os.walk(path) if _has_events(root))
-    if not found:
-        raise ReportError(
-            f"{path}: no TensorBoard event files (events.out.tfevents.*) in this folder "
-            "or any folder under it"
-        )
-    if len(found) > 1:
-        listing = "\n  ".join(found)
-        raise ReportError(
-            f"{path}: holds {len(found)} folders with event files; pass one of them:\n  {listing}"
-        )
-    return found[0]
 
 
 @dataclass
@@ -141,45 +95,13 @@ class Run:
     arg: str  # the path as given
     folder: str  # the folder holding the event files
     scalars: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # tag -> sorted (step, value)
+    event_files: int = 1
 
     def series(self, tag: str) -> list[tuple[int, float]]:
         return self.scalars.get(tag, [])
 
     def values(self, tag: str) -> list[float]:
         return [v for _, v in self.series(tag)]
-
-
-def _dedupe(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
-    by_step: dict[int, float] = {}
-    for step, value in points:  # in file order: the last write of a step wins
-        by_step[int(step)] = float(value)
-    return sorted(by_step.items())
-
-
-def load_scalars(folder: str) -> dict[str, list[tuple[int, float]]]:
-    """All scalar series in ``folder``'s event files, via EventAccumulator (reads every event)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(folder, size_guidance={"scalars": 0, "tensors": 0})
-    acc.Reload()
-    tags = acc.Tags()
-    out: dict[str, list[tuple[int, float]]] = {}
-    for tag in tags.get("scalars", []):
-        out[tag] = _dedupe([(e.step, e.value) for e in acc.Scalars(tag)])
-    # Writers that use the new-style format store scalars as 0-d tensors.
-    tensor_tags = [t for t in tags.get("tensors", []) if t not in out]
-    if tensor_tags:
-        from tensorboard.util import tensor_util
-
-        for tag in tensor_tags:
-            points = []
-            for e in acc.Tensors(tag):
-                arr = tensor_util.make_ndarray(e.tensor_proto)
-                if arr.size == 1 and arr.dtype.kind in "fiu":
-                    points.append((e.step, float(arr.reshape(()))))
-            if points:
-                out[tag] = _dedupe(points)
-    return out
 
 
 def is_memory_amount(tag: str) -> bool:
@@ -207,21 +129,28 @@ def _memory_priority(tag: str) -> tuple[int, str]:
 
 
 def load_run(arg: str, label: str) -> Run:
-    folder = resolve_run_dir(arg)
-    try:
-        scalars = load_scalars(folder)
-    except Exception as e:  # a corrupt or unreadable event file
-        raise ReportError(f"{folder}: cannot read TensorBoard events: {type(e).__name__}: {e}") from e
-    run = Run(label=label, arg=arg, folder=folder, scalars=scalars)
+    folder = tb_events.run_folder(arg)
+    scalars = tb_events.load_scalars(folder)
+    run = Run(label, arg, folder, scalars, len(tb_events.event_files(folder)))
     missing = [t for t in (LOSS_TAG, TPS_TAG) if not run.series(t)]
     if not memory_tags(run):
-        missing.append("memory/* (e.g. memory/max_reserved(GiB) or memory/cpu_rss_peak(GiB), with values > 0)")
+        missing.append(f"memory/* (e.g. {MAX_RESERVED_TAG} or {CPU_RSS_PEAK_TAG}, with values > 0)")
     if missing:
         have = ", ".join(sorted(scalars)) or "(no scalars at all)"
         raise ReportError(
             f"{folder}: run '{label}' lacks required tag(s): {'; '.join(missing)}. Tags present: {have}"
         )
     return run
+
+
+def several_runs_warnings(runs: list[Run]) -> list[str]:
+    return [
+        f"{r.folder} (run '{r.label}') holds {r.event_files} event files: several runs were written into "
+        "one folder, and their steps are merged (the last write of a step wins). Give each run its own "
+        "folder, or pass the one you mean."
+        for r in runs
+        if r.event_files > 1
+    ]
 
 
 # ---------------------------------------------------------------- statistics
@@ -233,10 +162,22 @@ def steady(values: list[float]) -> float:
     return statistics.median(values[n // 2 :])
 
 
-def ratio(value: float | None, base: float | None) -> float | None:
-    if value is None or base is None or base == 0:
+def spread(values: list[float]) -> float | None:
+    """Interquartile range / median of the points after the first (warm-up); None if < 2 points."""
+    rest = values[1:]
+    if len(rest) < 2 or statistics.median(rest) == 0:
         return None
-    return value / base
+    q1, _, q3 = statistics.quantiles(rest, n=4, method="inclusive")
+    return (q3 - q1) / statistics.median(rest)
+
+
+def is_noisy(value_ratio: float | None, spread_run: float | None, spread_base: float | None) -> bool:
+    """A ratio is noisy when it is within the runs' combined step-to-step spread of 1."""
+    if value_ratio is None:
+        return False
+    if spread_run is None or spread_base is None:
+        return True
+    return abs(value_ratio - 1) <= spread_run + spread_base
 
 
 def choose_memory_tags(runs: list[Run]) -> tuple[list[str], bool]:
@@ -248,33 +189,35 @@ def choose_memory_tags(runs: list[Run]) -> tuple[list[str], bool]:
     return [tags[0] for tags in per_run], False
 
 
+def _max_or_none(run: Run, tag: str) -> float | None:
+    return max(run.values(tag)) if run.series(tag) else None
+
+
 def summarize(runs: list[Run]) -> dict:
     mem_tags, comparable = choose_memory_tags(runs)
     rows = []
     for run, mtag in zip(runs, mem_tags):
         mem = run.values(mtag)
         loss = run.series(LOSS_TAG)
-        lse = run.series(LSE_TAG)
-        zl = run.series(ZLOSS_TAG)
+        lse = run.series(LSE_MEAN_TAG)
+        zl = run.series(Z_LOSS_TAG)
         rows.append(
             {
                 "label": run.label,
                 "folder": run.folder,
+                "event_files": run.event_files,
                 "memory_tag": mtag,
                 "peak_memory": max(mem),
                 "steady_memory": steady(mem),
                 "final_loss": loss[-1][1],
                 "final_step": loss[-1][0],
                 "median_tps": statistics.median(run.values(TPS_TAG)),
+                "tps_spread": spread(run.values(TPS_TAG)),
                 "final_lse_mean": lse[-1][1] if lse else None,
-                "max_lse_mean": max(v for _, v in lse) if lse else None,
+                "max_lse_mean": _max_or_none(run, LSE_MEAN_TAG),
                 "final_z_loss": zl[-1][1] if zl else None,
-                "num_ooms": max(run.values("memory/num_ooms")) if run.series("memory/num_ooms") else None,
-                "num_alloc_retries": (
-                    max(run.values("memory/num_alloc_retries"))
-                    if run.series("memory/num_alloc_retries")
-                    else None
-                ),
+                "num_ooms": _max_or_none(run, "memory/num_ooms"),
+                "num_alloc_retries": _max_or_none(run, "memory/num_alloc_retries"),
             }
         )
     base = rows[0]
@@ -282,7 +225,10 @@ def summarize(runs: list[Run]) -> dict:
         for key in ("peak_memory", "steady_memory", "final_loss", "median_tps"):
             same_kind = comparable or key in ("final_loss", "median_tps")
             row[key + "_ratio"] = ratio(row[key], base[key]) if same_kind else None
-    return {"baseline": base["label"], "memory_tags_comparable": comparable, "runs": rows}
+        row["median_tps_ratio_noisy"] = row is not base and is_noisy(
+            row["median_tps_ratio"], row["tps_spread"], base["tps_spread"])
+    return {"baseline": base["label"], "memory_tags_comparable": comparable, "runs": rows,
+            "warnings": several_runs_warnings(runs)}
 
 
 # ---------------------------------------------------------------- output
@@ -290,6 +236,14 @@ def summarize(runs: list[Run]) -> dict:
 
 def _md_escape(s: str) -> str:
     return str(s).replace("|", "\\|")
+
+
+def _tps_ratio_cell(row: dict) -> str:
+    return fmt(row["median_tps_ratio"]) + (" (noisy)" if row["median_tps_ratio_noisy"] else "")
+
+
+def _spread_text(s: float | None) -> str:
+    return "n/a" if s is None else f"{100 * s:.1f}%"
 
 
 def render_markdown(summary: dict) -> str:
@@ -300,10 +254,12 @@ def render_markdown(summary: dict) -> str:
         f"Baseline (ratios are run / baseline): **{_md_escape(summary['baseline'])}**",
         "",
         "Peak memory is the max over logged steps. Steady memory is the median of the last half "
-        "of the logged steps. Final loss is `loss_metrics/global_avg_loss` at the last step. "
-        "Median tps is the median of `throughput(tps)` over all logged steps.",
+        f"of the logged steps. Final loss is `{LOSS_TAG}` at the last step. "
+        f"Median tps is the median of `{TPS_TAG}` over all logged steps.",
         "",
     ]
+    for warning in summary["warnings"]:
+        lines += [f"**Warning:** {_md_escape(warning)}", ""]
     if not summary["memory_tags_comparable"]:
         lines += [
             "**Warning:** the runs share no memory tag, so the memory ratios are n/a. "
@@ -336,17 +292,28 @@ def render_markdown(summary: dict) -> str:
             fmt(r["final_loss"]),
             fmt(r["final_loss_ratio"]),
             fmt(r["median_tps"]),
-            fmt(r["median_tps_ratio"]),
+            _tps_ratio_cell(r),
             str(r["final_step"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+
+    noisy = [r for r in rows if r["median_tps_ratio_noisy"]]
+    if noisy:
+        spreads = ", ".join(f"{_md_escape(r['label'])} {_spread_text(r['tps_spread'])}" for r in rows)
+        lines += [
+            "",
+            f"**Noisy throughput:** the tps ratio of {', '.join(_md_escape(r['label']) for r in noisy)} is within "
+            f"the runs' step-to-step tps spread (interquartile range / median after the first step: {spreads}): "
+            "not a finding. Measure on an idle machine, with more steps, or as alternating pairs "
+            "(`benchmarks/e2e.py --pairs N`).",
+        ]
 
     if any(r["final_lse_mean"] is not None or r["final_z_loss"] is not None for r in rows):
         lines += [
             "",
             "## Fused cross-entropy",
             "",
-            "| run | final fused_ce/lse_mean | max fused_ce/lse_mean | final fused_ce/z_loss |",
+            f"| run | final {LSE_MEAN_TAG} | max {LSE_MEAN_TAG} | final {Z_LOSS_TAG} |",
             "|---|---:|---:|---:|",
         ]
         for r in rows:
@@ -369,48 +336,100 @@ def render_markdown(summary: dict) -> str:
 _LINESTYLES = ("-", "--", ":", "-.")
 
 
-def render_png(runs: list[Run], summary: dict, path: str) -> None:
+def title(summary: dict) -> str:
+    """'fused vs baseline: peak memory 0.489x, median tps 1.051x' (the ratios of the 2nd run)."""
+    rows = summary["runs"]
+    others = ", ".join(r["label"] for r in rows[1:])
+    text = f"{others} vs {rows[0]['label']}"
+    if len(rows) == 2:
+        r = rows[1]
+        mem = f"{fmt(r['peak_memory_ratio'])}x" if r["peak_memory_ratio"] is not None else "n/a (tags differ)"
+        tps = f"{fmt(r['median_tps_ratio'])}x" + (" (noisy)" if r["median_tps_ratio_noisy"] else "")
+        text += f": peak memory {mem}, median tps {tps}, final loss {fmt(r['final_loss_ratio'])}x"
+    return text
+
+
+def _plot(ax, run: Run, tag: str, color, **kw) -> None:
+    if run.series(tag):
+        steps, vals = zip(*run.series(tag))
+        ax.plot(steps, vals, color=color, **kw)
+
+
+def figure(runs: list[Run], summary: dict):
+    """The picture as a matplotlib Figure: panels loss, loss difference[, lse_mean] / memory, tps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    with_lse = any(r.series(LSE_TAG) for r in runs)
-    n = 4 if with_lse else 3
-    fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4.5), squeeze=False)
-    axes = axes[0]
+    with_lse = any(r.series(LSE_MEAN_TAG) for r in runs)
+    ncols = 3 if with_lse else 2
+    fig, grid = plt.subplots(2, ncols, figsize=(6 * ncols, 8.5), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0", "C1", "C2", "C3"])
 
+    def color(i):
+        return colors[i % len(colors)]
+
+    def line_kw(i):  # the baseline wide and pale underneath, the others thin and dashed on top
+        return dict(lw=5, alpha=0.45) if i == 0 else dict(lw=1.5, ls="--", marker=".", zorder=3)
+
+    ax_loss, ax_diff = grid[0][0], grid[0][1]
+    for i, run in enumerate(runs):
+        _plot(ax_loss, run, LOSS_TAG, color(i), label=run.label, **line_kw(i))
+    ax_loss.set_title(f"loss ({LOSS_TAG})")
+
+    base_loss = dict(runs[0].series(LOSS_TAG))
+    ax_diff.axhline(0.0, color=color(0), lw=1)
+    for i, run in enumerate(runs[1:], 1):
+        common = [(s, v) for s, v in run.series(LOSS_TAG) if base_loss.get(s)]
+        if common:
+            steps = [s for s, _ in common]
+            ax_diff.plot(steps, [(v - base_loss[s]) / abs(base_loss[s]) for s, v in common],
+                         color=color(i), marker=".", label=f"{run.label} - {runs[0].label}")
+    ax_diff.set_title(f"loss difference: (run - {runs[0].label}) / {runs[0].label}")
+    ax_diff.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+
+    ax_mem = grid[1][0]
     all_mem_tags = sorted({t for r in runs for t in memory_tags(r)}, key=_memory_priority)
     style = {t: _LINESTYLES[i % len(_LINESTYLES)] for i, t in enumerate(all_mem_tags)}
     table_tags = {row["label"]: row["memory_tag"] for row in summary["runs"]}
-    ax = axes[0]
     for i, run in enumerate(runs):
         for tag in memory_tags(run):
-            steps, vals = zip(*run.series(tag))
             used = " *" if tag == table_tags[run.label] else ""
-            ax.plot(
-                steps, vals, linestyle=style[tag], color=colors[i % len(colors)], marker=".",
-                label=f"{run.label}: {tag[len(MEMORY_PREFIX):]}{used}",
-            )
-    ax.set_title("memory (* = tag in table)")
-    ax.set_ylabel("memory (unit as in tag)")
+            _plot(ax_mem, run, tag, color(i), linestyle=style[tag], marker=".",
+                  label=f"{run.label}: {tag[len(MEMORY_PREFIX):]}{used}")
+    ax_mem.set_ylim(bottom=0)
+    ax_mem.set_title("memory (* = tag in table), from 0")
+    ax_mem.set_ylabel("GiB")
 
-    for ax, tag, title in (
-        (axes[1], LOSS_TAG, "loss (loss_metrics/global_avg_loss)"),
-        (axes[2], TPS_TAG, "throughput (throughput(tps))"),
-    ) + (((axes[3], LSE_TAG, "fused_ce/lse_mean"),) if with_lse else ()):
+    ax_tps = grid[1][1]
+    for i, run in enumerate(runs):
+        _plot(ax_tps, run, TPS_TAG, color(i), marker=".", label=run.label)
+    ax_tps.set_ylim(bottom=0)
+    spreads = ", ".join(f"{r['label']} {_spread_text(r['tps_spread'])}" for r in summary["runs"])
+    ax_tps.set_title(f"throughput ({TPS_TAG}); spread {spreads}", fontsize="medium")
+
+    if with_lse:
         for i, run in enumerate(runs):
-            if run.series(tag):
-                steps, vals = zip(*run.series(tag))
-                ax.plot(steps, vals, color=colors[i % len(colors)], marker=".", label=run.label)
-        ax.set_title(title)
-    for ax in axes:
+            _plot(grid[0][2], run, LSE_MEAN_TAG, color(i), marker=".", label=run.label)
+        grid[0][2].set_title(LSE_MEAN_TAG)
+        grid[1][2].axis("off")
+    for ax in (ax for row in grid for ax in row if ax.axison):
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small")
-    fig.suptitle(f"baseline: {summary['baseline']}")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    fig.suptitle(title(summary) + ("\nWARNING: a folder holds several runs" if summary["warnings"] else ""))
     fig.tight_layout()
+    return fig
+
+
+def render_png(runs: list[Run], summary: dict, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = figure(runs, summary)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -436,9 +455,12 @@ def _labels(args_runs: list[str], labels_opt: str | None) -> list[str]:
     return labels
 
 
+PROG = "benchmarks/compare_runs.py"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m parallel.report",
+        prog=PROG,
         description="Compare TensorBoard runs (memory, loss, throughput). The first run is the baseline.",
     )
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run folder (or a parent of exactly one)")
@@ -451,10 +473,12 @@ def main(argv: list[str] | None = None) -> int:
         labels = _labels(args.runs, args.labels)
         runs = [load_run(a, l) for a, l in zip(args.runs, labels)]
     except ReportError as e:
-        print(f"parallel.report: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
 
     summary = summarize(runs)
+    for warning in summary["warnings"]:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)
     md_path = os.path.join(args.out, "report.md")
     png_path = os.path.join(args.out, "report.png")
