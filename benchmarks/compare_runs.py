@@ -349,6 +349,19 @@ def title(summary: dict) -> str:
     return text
 
 
+def numbers_text(summary: dict) -> str:
+    """The table's numbers as text, for the picture's spare panel."""
+    lines = [f"{'run':<12} {'peak mem':>9} {'ratio':>7} {'med tps':>8} {'ratio':>7} {'spread':>7} {'loss':>7}"]
+    for r in summary["runs"]:
+        lines.append(f"{r['label'][:12]:<12} {fmt(r['peak_memory']):>9} {fmt(r['peak_memory_ratio']):>7} "
+                     f"{fmt(r['median_tps']):>8} {fmt(r['median_tps_ratio']):>7} {_spread_text(r['tps_spread']):>7} "
+                     f"{fmt(r['final_loss']):>7}")
+    lines.append(f"memory tag: {summary['runs'][0]['memory_tag']}")
+    if any(r["median_tps_ratio_noisy"] for r in summary["runs"]):
+        lines.append("tps ratio within the step-to-step spread: noisy, not a finding")
+    return "\n".join(lines)
+
+
 def _plot(ax, run: Run, tag: str, color, **kw) -> None:
     if run.series(tag):
         steps, vals = zip(*run.series(tag))
@@ -415,6 +428,8 @@ def figure(runs: list[Run], summary: dict):
             _plot(grid[0][2], run, LSE_MEAN_TAG, color(i), marker=".", label=run.label)
         grid[0][2].set_title(LSE_MEAN_TAG)
         grid[1][2].axis("off")
+        grid[1][2].text(0, 1, numbers_text(summary), family="monospace", va="top", fontsize="small",
+                        transform=grid[1][2].transAxes)
     for ax in (ax for row in grid for ax in row if ax.axison):
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
