@@ -3,7 +3,7 @@
 
 For each named case it runs ``./run_train.sh`` twice (baseline, then with --fused_ce.enable),
 same seed, saves each run's stdout+stderr to <out>/<case>_<mode>.log, parses torchtitan's
-per-step metric lines, and prints (and appends to benchmarks/RESULTS.md) a table:
+per-step metric lines, and prints (and appends to benchmarks/log/results.md) a table:
 loss at steps 1/10/20, the max relative loss difference fused vs baseline over all steps,
 max_reserved GiB (max over the logged steps), median tps (excluding step 1), ratios.
 
@@ -25,7 +25,7 @@ same math -- at 7.79310, 8e-4 apart), so a 1e-3 tolerance over 10-20 steps is at
 
 --pairs N runs N baseline/fused pairs per case, alternating which mode goes first, and adds a
 table of each pair's tps ratio (median and range): a host-bound layout (TP at small local batch)
-drifts 20-30% between runs (RESULTS.md, 2026-11-22 08:53-09:06), more than one pair can resolve.
+drifts 20-30% between runs (RESULTS.md, 4 GPUs, commit 3a4e669), more than one pair can resolve.
 Parity and memory come from the first pair.
 
 Max-seq_len mode (--max-seq): one GPU, seq_len doubling from --seq-start until the first
@@ -34,7 +34,6 @@ failure (OOM or other), baseline vs fused, --max-seq-steps steps each.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import math
 import os
 import re
@@ -46,10 +45,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from results import append_results  # benchmarks/results.py (scripts run from this folder)
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+import bench_common
+from bench_common import RESULTS_LOG, ROOT, cell, ratio
 
 ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 STEP_RE = re.compile(
@@ -308,18 +305,6 @@ def parity(base: RunResult, fused: RunResult, precision: str, base2: RunResult |
     return "FAIL", d, tol
 
 
-def _f(x, spec):
-    if x is None:
-        return ""
-    return format(x, spec)
-
-
-def _ratio(a, b):
-    if a is None or b is None or b == 0:
-        return None
-    return a / b
-
-
 def make_table(pairs, steps_to_show=(1, 10, 20)):
     """pairs: list of (case, precision, base, fused[, base2]) RunResults; base2 = baseline rerun."""
     cols = ["case", "mode", "status"] + [f"loss@{s}" for s in steps_to_show] + [
@@ -332,15 +317,15 @@ def make_table(pairs, steps_to_show=(1, 10, 20)):
         for r in (base, fused) + ((base2,) if base2 is not None else ()):
             is_f = r is fused
             row = [case if r is base else "", r.mode, r.status]
-            row += [_f(r.loss_at(s), ".5f") for s in steps_to_show]
+            row += [cell(r.loss_at(s), ".5f") for s in steps_to_show]
             if r is base2:
                 nd = max_rel_diff(base2, base)[0] if (base.ok and base2.ok) else None
-                row += [_f(nd, ".2e"), "run-to-run noise (baseline rerun)"]
+                row += [cell(nd, ".2e"), "run-to-run noise (baseline rerun)"]
             else:
-                row += [_f(d, ".2e") if is_f else "", f"{verdict} ({tol:.0e}, {precision})" if is_f else ""]
-            row += [_f(r.max_mem, ".2f"), _f(r.median_tps, ",.0f")]
-            row += [_f(_ratio(fused.max_mem, base.max_mem), ".3f") if is_f else "",
-                    _f(_ratio(fused.median_tps, base.median_tps), ".3f") if is_f else ""]
+                row += [cell(d, ".2e") if is_f else "", f"{verdict} ({tol:.0e}, {precision})" if is_f else ""]
+            row += [cell(r.max_mem, ".2f"), cell(r.median_tps, ",.0f")]
+            row += [cell(ratio(fused.max_mem, base.max_mem), ".3f") if is_f else "",
+                    cell(ratio(fused.median_tps, base.median_tps), ".3f") if is_f else ""]
             lines.append("| " + " | ".join(row) + " |")
         if verdict != "PASS":
             failures.append((case, verdict, base, fused))
@@ -366,43 +351,12 @@ def failure_details(failures) -> str:
 
 
 def header(title, opts, notes=()):
-    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    dev, vers = "unknown", []
-    try:
-        import torch
-
-        vers.append(f"torch {torch.__version__}")
-        if torch.cuda.is_available():
-            n = torch.cuda.device_count()
-            dev = f"{n}x {torch.cuda.get_device_name(0)}"
-        else:
-            dev = "no CUDA device visible to the driver script"
-    except Exception:
-        pass
-    from importlib.metadata import version
-
-    for pkg in ("triton", "torchtitan", "liger_kernel", "cut_cross_entropy"):
-        try:
-            vers.append(f"{pkg} {version(pkg)}")
-        except Exception:
-            pass
-    cmdline = " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
-    return "\n".join([
-        f"## {title} — {now}", "",
-        f"- device: {dev}",
-        f"- versions: {', '.join(vers)}",
-        f"- command: `{cmdline}`",
-        f"- config: {opts.config}; launcher {opts.launcher}; logs under {opts.out}",
-        *notes, "", "",
-    ])
+    return bench_common.header(title, notes=[
+        f"- config: {opts.config}; launcher {opts.launcher}; logs under {opts.out}", *notes])
 
 
 def emit(block, opts):
-    if not opts.no_append and not opts.dry_run:
-        append_results(block, opts.results)
-        print(f"(appended to {opts.results})")
-    print()
-    print(block, flush=True)
+    bench_common.emit(block, opts.results, not (opts.no_append or opts.dry_run))
 
 
 # --------------------------------------------------------------------------------------
@@ -456,11 +410,11 @@ def pairs_table(tps_pairs) -> str:
     for case, runs in tps_pairs:
         ratios = []
         for i, base, fused in runs:
-            r = _ratio(fused.median_tps, base.median_tps) if (base.ok and fused.ok) else None
+            r = ratio(fused.median_tps, base.median_tps) if (base.ok and fused.ok) else None
             if r is not None:
                 ratios.append(r)
             lines.append(f"| {case if i == 0 else ''} | {i} | {'fused' if i % 2 else 'baseline'} "
-                         f"| {_f(base.median_tps, ',.0f')} | {_f(fused.median_tps, ',.0f')} | {_f(r, '.3f')} |")
+                         f"| {cell(base.median_tps, ',.0f')} | {cell(fused.median_tps, ',.0f')} | {cell(r, '.3f')} |")
         if ratios:
             lines.append(f"| | median of {len(ratios)} | | | | {statistics.median(ratios):.3f} "
                          f"({min(ratios):.3f}-{max(ratios):.3f}) |")
@@ -557,7 +511,7 @@ def run_max_seq(opts):
         at = next((r for s, r in per if s == longest), None)
         runs = ", ".join(f"{s}:{r.status}" for s, r in per)
         lines.append(f"| {mode} | {longest or 'none'} | {f'{ff[0]} ({ff[1].status})' if ff else 'none of those tried'} "
-                     f"| {_f(at.max_mem, '.2f') if at else ''} | {_f(at.median_tps, ',.0f') if at else ''} | {runs} |")
+                     f"| {cell(at.max_mem, '.2f') if at else ''} | {cell(at.median_tps, ',.0f') if at else ''} | {runs} |")
     tried = f"seq_lens {opts.seqs}" if opts.seqs else f"seq_len doubling {opts.seq_start}..{opts.seq_max}"
     notes = [f"- one GPU, {opts.max_seq_steps} steps per try, local batch {lb or 'from config'}, {tried}, "
              f"stop at first failure; fused flag `{opts.fused_flag}`"]
@@ -592,7 +546,7 @@ def main(argv=None):
     p.add_argument("--timeout", type=float, default=900, help="seconds per run")
     p.add_argument("--budget", type=float, default=0, help="skip remaining runs after this many s (0: no limit)")
     p.add_argument("--out", default=os.path.join("outputs", "e2e"))
-    p.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
+    p.add_argument("--results", default=RESULTS_LOG, help="the results log to append to")
     p.add_argument("--no-append", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     p.add_argument("--no-dump-folders", dest="dump_folders", action="store_false",

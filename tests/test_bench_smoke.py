@@ -78,6 +78,8 @@ def test_quick_cpu_appends(tmp_path):
     text = res.read_text()
     assert "## Kernel benchmark" in text and "- device: CPU" in text
     assert "| shape (N, D, V) | impl |" in text and "torch " in text
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert f"- commit: {commit.strip()}" in text  # every results block names its commit
 
 
 def test_quick_cpu_sweep_prints_growth_table(tmp_path):
@@ -92,3 +94,10 @@ def test_quick_cpu_sweep_prints_growth_table(tmp_path):
     assert all(len(r) == 13 and r[-1] == "ok" for r in body), body
     assert body[0][7] == "1.00" and body[3][7] == "1.00"  # growth is against each axis's first point
     assert [r[8] for r in body] == ["1.00", "2.00", "4.00", "1.00", "4.00"]  # FLOP ratios
+
+
+def test_benchmark_modules_write_no_globals():
+    """Options travel as arguments (issue 15): no mode sets a module global at run time."""
+    for path in (ROOT / "benchmarks").glob("*.py"):
+        text = path.read_text()
+        assert "globals()" not in text and "\nglobal " not in text and "    global " not in text, path.name
