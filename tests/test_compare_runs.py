@@ -11,7 +11,6 @@ import json
 import math
 import os
 import statistics
-import struct
 import subprocess
 import sys
 from pathlib import Path
