@@ -6,6 +6,10 @@ For each chunk of C tokens (C from the memory budget):
   3. vocab parallel: one all-gather of the [C, 4] statistics -> full log-sum-exp
   4. z := dloss/dz in place         no second [C, V] buffer
   5. dh_c = z @ W,  dW += z^T @ h_c  (carried across chunks in fp32: see _add_weight_grad)
+The buffer has the inputs' dtype, so with 16-bit inputs the statistics (step 2) are taken
+from the logits rounded to 16 bits, by design, as eager `F.cross_entropy(h @ W.T)` takes
+them: each row's log-sum-exp is that of the rounded logits, computed in fp32 (an fp32
+buffer would double the bytes per chunk and differ from eager).
 So the [N, V] logits never exist, and the gradients are ready when the forward returns
 (6NDV FLOPs). With no gradient wanted, steps 4-5 are skipped (2NDV). A dW carried in fp32 is
 returned as it is: the backward's one pass scales it and rounds it to the weight's dtype.

@@ -1,7 +1,8 @@
 """The per-row passes over one logits chunk, in torch ops: the CPU path and the oracle.
 
 Both passes see `z [C, V_local]`, the logits of C tokens for this rank's vocabulary slice, in
-the GEMM's dtype. Statistics come out in fp32; the gradient overwrites `z` in place.
+the GEMM's dtype (16-bit inputs: 16-bit logits, read as they are, as eager reads its
+logits). Statistics come out in fp32; the gradient overwrites `z` in place.
 `scale_into` is the backward's last pass: the saved gradients times the upstream scalar.
 """
 
@@ -47,7 +48,8 @@ def row_grad_(z: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, row_scal
     g.scatter_add_(1, local[:, None],
                    torch.where(here, opts.label_smoothing - 1.0, 0.0)[:, None].to(g.dtype))
     if opts.logit_softcap:
-        g *= 1.0 - (y / opts.logit_softcap) ** 2
+        # d(cap*tanh(z/cap))/dz = sech^2(z/cap): 1 - tanh^2 would cancel as tanh nears 1
+        g *= torch.cosh(z.float() / opts.logit_softcap).square().reciprocal()
     g *= row_scale[:, None]
     g = torch.where((labels != opts.ignore_index)[:, None], g, 0.0)
     z.copy_(g)

@@ -1,5 +1,7 @@
 """An independent fp64 reference for the fused loss: materialize the logits, use torch's CE."""
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -32,3 +34,39 @@ def rel_err(got, want):
     got, want = got.detach().double().cpu(), want.detach().double().cpu()
     denom = want.norm()
     return float((got - want).norm() / denom) if denom > 0 else float((got - want).norm())
+
+
+def ulps(got, want):
+    """|got - want| in units of the fp32 spacing at want (want in fp64): the worst element."""
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    spacing = torch.ldexp(torch.ones_like(want), torch.frexp(want.float().abs())[1] - 24)
+    return float(((got - want).abs() / spacing.clamp(min=2.0 ** -149)).max())
+
+
+def softcap_logits(n, v, cap, lo, hi, seed=0):
+    """[n, v] fp32 logits with |z|/cap spread log-uniformly over [lo, hi], random signs."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.empty(n, v, dtype=torch.float64).uniform_(math.log(lo), math.log(hi), generator=g)
+    sign = torch.where(torch.rand(n, v, generator=g) < 0.5, -1.0, 1.0)
+    return (u.exp() * sign * cap).float()
+
+
+try:  # the Triton backend's capped logit, elementwise: a one-line kernel around its _cap
+    import triton
+    import triton.language as tl
+
+    from fused_loss import rows_triton
+
+    @triton.jit
+    def _softcap_kernel(x_ptr, out_ptr, n, cap, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        tl.store(out_ptr + offs, rows_triton._cap(x, cap, True), mask=mask)
+
+    def triton_softcap(z, cap):
+        out = torch.empty_like(z)
+        _softcap_kernel[(triton.cdiv(z.numel(), 4096),)](z, out, z.numel(), cap, BLOCK=4096)
+        return out
+except ImportError:  # no triton on this platform
+    triton_softcap = None
