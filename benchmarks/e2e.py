@@ -30,6 +30,9 @@ Parity and memory come from the first pair.
 
 Max-seq_len mode (--max-seq): one GPU, seq_len doubling from --seq-start until the first
 failure (OOM or other), baseline vs fused, --max-seq-steps steps each.
+
+Search mode (--search, e2e_search.py): under a GPU memory cap, the fastest setting (compile x
+activation checkpointing x local batch) of the baseline and of the fused head.
 """
 from __future__ import annotations
 
@@ -179,12 +182,21 @@ class RunResult:
     def max_mem(self):
         return max((s.mem_gib for s in self.steps.values()), default=None)
 
+    def _median(self, metric):
+        """Median of a per-step metric without step 1 (warm-up, compile), or of all if that is all."""
+        vals = [getattr(s, metric) for k, s in sorted(self.steps.items()) if k != 1]
+        if not vals:
+            vals = [getattr(s, metric) for s in self.steps.values()]
+        vals = [v for v in vals if v is not None]
+        return statistics.median(vals) if vals else None
+
     @property
     def median_tps(self):
-        vals = [s.tps for k, s in sorted(self.steps.items()) if k != 1]
-        if not vals:
-            vals = [s.tps for s in self.steps.values()]
-        return statistics.median(vals) if vals else None
+        return self._median("tps")
+
+    @property
+    def median_mfu(self):
+        return self._median("mfu")
 
 
 def summarize(res: RunResult, text: str):
@@ -208,7 +220,7 @@ def summarize(res: RunResult, text: str):
     return res
 
 
-def run_job(case, mode, ngpu, args_list, opts, expected_steps, log_name=None) -> RunResult:
+def run_job(case, mode, ngpu, args_list, opts, expected_steps, log_name=None, env_extra=None) -> RunResult:
     os.makedirs(opts.out, exist_ok=True)
     run_name = log_name or f"{case}_{mode}"
     log_path = os.path.join(opts.out, run_name + ".log")
@@ -218,19 +230,22 @@ def run_job(case, mode, ngpu, args_list, opts, expected_steps, log_name=None) ->
     env = dict(os.environ)
     env["NGPU"] = str(ngpu)
     env["CONFIG_FILE"] = opts.config
+    env.update(env_extra or {})
     env.setdefault("LOG_RANK", "0")
     # never unset the machine's NVLink-multicast guards
     for k, v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
         env.setdefault(k, v)
     res = RunResult(case, mode, cmd, log_path, expected_steps=expected_steps)
-    print(f"[e2e] {case}/{mode}: NGPU={ngpu} CONFIG_FILE={opts.config} {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+    env_text = " ".join(f"{k}={v}" for k, v in (env_extra or {}).items())
+    print(f"[e2e] {case}/{mode}: NGPU={ngpu} CONFIG_FILE={opts.config} {env_text + ' ' if env_text else ''}"
+          f"{' '.join(shlex.quote(c) for c in cmd)}", flush=True)
     print(f"[e2e]   log: {log_path}", flush=True)
     if opts.dry_run:
         res.status = "dry-run"
         return res
     t0 = time.time()
     with open(log_path, "w") as f:
-        f.write(f"# NGPU={ngpu} CONFIG_FILE={opts.config} {' '.join(shlex.quote(c) for c in cmd)}\n")
+        f.write(f"# NGPU={ngpu} CONFIG_FILE={opts.config} {env_text} {' '.join(shlex.quote(c) for c in cmd)}\n")
         f.flush()
         try:
             proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
@@ -531,6 +546,8 @@ def config_training(path):
 
 
 def main(argv=None):
+    import e2e_search  # the --search mode (it builds on this module's runs and tables)
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", default=DEFAULT_CASES,
                    help=f"comma list of {', '.join(CASES)}; or custom name=NGPU:bf16|fp32:ARGS")
@@ -564,6 +581,7 @@ def main(argv=None):
     p.add_argument("--seq-max", type=int, default=262144)
     p.add_argument("--max-seq-steps", type=int, default=5)
     p.add_argument("--max-seq-local-batch", type=int, default=1, help="0: the config's")
+    e2e_search.add_arguments(p)
     opts = p.parse_args(argv)
     if opts.pairs < 1:
         p.error(f"--pairs must be >= 1, got {opts.pairs}")
@@ -573,6 +591,8 @@ def main(argv=None):
     opts.schedule_steps = int(training.get("steps", 0))
     if opts.max_seq:
         return run_max_seq(opts)
+    if opts.search:
+        return e2e_search.run_search(opts)
     return run_cases(opts)
 
 

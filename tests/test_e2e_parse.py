@@ -295,3 +295,117 @@ def test_gpu_run_multi4_mode():
         assert f"\n{mode})\n" in script, mode
     assert "kernel|multi|e2e|maxseq|multi4" in script
     assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_run.sh")]).returncode == 0
+
+
+# ---------------------------------------------------------------- search mode (issue 19)
+def fake_memory(ac, lb, compiled, fused):
+    """GiB a fake run needs: activations by AC mode, plus logits (baseline only) per sample."""
+    per_sample = {"none": 12.0, "selective": 7.0, "full": 3.0}[ac] * (0.75 if compiled else 1.0)
+    return 10.0 + lb * (per_sample + (0.0 if fused else 6.0))
+
+
+def fake_tps(ac, lb, compiled, fused):
+    return 1000.0 * lb ** 0.5 * {"none": 1.0, "selective": 0.9, "full": 0.7}[ac] * (1.2 if compiled else 1.0)
+
+
+FAKE_SEARCH = textwrap.dedent('''\
+    #!/usr/bin/env python3
+    import os, sys
+    sys.path.insert(0, {tests!r})
+    from test_e2e_parse import fake_memory, fake_tps, titan_line
+    a = sys.argv[1:]
+    assert os.environ["TRAIN_FILE"] == "benchmarks.memory_cap", os.environ.get("TRAIN_FILE")
+    cap = float(os.environ["MEMORY_CAP_GIB"])
+    setting = (a[a.index("--activation_checkpoint.mode") + 1], int(a[a.index("--training.local_batch_size") + 1]),
+               "--compile.enable" in a, "--fused_ce.enable" in a)
+    print("[rank0]: fake run cap=%s setting=%s" % (cap, setting))
+    mem = fake_memory(*setting)
+    if mem > cap:
+        print("[rank0]: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"); sys.exit(1)
+    for s in range(1, int(a[a.index("--training.steps") + 1]) + 1):
+        loss = 12.0 - 0.1 * s + (2e-5 if setting[3] else 0.0) + 0.01 * setting[1]
+        print(titan_line(s, loss, mem=mem, tps=fake_tps(*setting) * (0.1 if s == 1 else 1.0), mfu=12.5))
+''')
+
+
+@pytest.fixture
+def fake_search_launcher(tmp_path):
+    p = tmp_path / "fake_search.sh"
+    p.write_text(FAKE_SEARCH.format(tests=str(ROOT / "tests")))
+    p.chmod(p.stat().st_mode | stat.S_IEXEC)
+    return p
+
+
+def _expected_search(cap, fused, batches=(1, 2, 4, 8, 16, 32, 64)):
+    """What the search must run (stopping each (compile, AC) at its first OOM) and find."""
+    tried, fits = [], []
+    for compiled in (False, True):
+        for ac in ("none", "selective", "full"):
+            for lb in batches:
+                tried.append((compiled, ac, lb))
+                if fake_memory(ac, lb, compiled, fused) > cap:
+                    break
+                fits.append((fake_tps(ac, lb, compiled, fused), compiled, ac, lb))
+    return tried, max(fits)
+
+
+def test_search_with_fake_launcher(tmp_path, fake_search_launcher):
+    out = tmp_path / "out"
+    rc = e2e.main(["--launcher", str(fake_search_launcher), "--search", "--caps", "80,40", "--steps", "3",
+                   "--out", str(out), "--results", str(tmp_path / "R.md"), "--timeout", "60"])
+    assert rc == 0
+    text = (tmp_path / "R.md").read_text()
+    assert "## Fastest setting under a memory cap" in text and "- commit: " in text and "- command: " in text
+    best_rows = text.split("Best per cap and mode:", 1)[1].strip().splitlines()
+    assert text.rstrip().endswith(best_rows[-1])  # the best table is printed last
+    best = {(c[0], c[1]): c for c in ([x.strip() for x in r.split("|")[1:-1]] for r in best_rows[2:])}
+    logs = {f.stem for f in out.glob("*.log")}
+    for cap in (80.0, 40.0):
+        base_tps = None
+        for mode, fused in (("baseline", False), ("fused", True)):
+            tried, (tps, compiled, ac, lb) = _expected_search(cap, fused)
+            # exactly the runs up to each (compile, AC) pair's first OOM, each under the cap
+            want = {f"cap{cap:g}_{'compile' if c else 'eager'}_ac-{a}_lb{b}_{mode}" for c, a, b in tried}
+            assert {l for l in logs if l.startswith(f"cap{cap:g}_") and l.endswith(mode)} == want
+            row = best[f"{cap:g}", mode]
+            assert row[2] == f"{'compile' if compiled else 'eager'}, AC {ac}, local batch {lb}"
+            assert row[3] == f"{tps:,.0f}" and float(row[4]) == pytest.approx(fake_memory(ac, lb, compiled, fused))
+            assert row[5] == "12.50"
+            base_tps = base_tps or tps
+            assert float(row[6]) == pytest.approx(tps / base_tps, abs=1e-3)
+        # the fused best does not fit the baseline at this cap: said, not compared
+        assert best[f"{cap:g}", "fused"][7].startswith("baseline: OOM")
+    assert best["80", "fused"][7] == "baseline: OOM at this setting"
+    assert best["40", "fused"][7] == "baseline: OOM already at local batch 4"
+    # the fused head's freed memory buys a larger batch, hence more tps
+    assert float(best["40", "fused"][6]) > 1.0 and float(best["80", "fused"][6]) > 1.0
+    log = (out / "cap40_eager_ac-none_lb1_baseline.log").read_text()
+    assert "TRAIN_FILE=benchmarks.memory_cap MEMORY_CAP_GIB=40" in log
+
+
+def test_search_refuses_local_batch_and_unknown_ac(tmp_path):
+    with pytest.raises(SystemExit, match="local batch"):
+        e2e.main(["--search", "--local-batch", "4", "--dry-run", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="unknown mode"):
+        e2e.main(["--search", "--search-ac", "some", "--dry-run", "--out", str(tmp_path)])
+
+
+def test_memory_cap_hook(tmp_path, monkeypatch):
+    """The hook caps the rank's device at the fraction cap / total, then runs the trainer module."""
+    import torch
+
+    import memory_cap
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: type("P", (), {"total_memory": 140 * 2**30}))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append((f, d)))
+    assert memory_cap.apply_cap(80, 3) == pytest.approx(80 / 140) and calls == [(pytest.approx(80 / 140), 3)]
+    assert memory_cap.apply_cap(200, 0) == 1.0  # a cap above the card: the whole card
+    (tmp_path / "fake_trainer.py").write_text("import sys\nprint('trainer', __name__, sys.argv[1:])\n")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.memory_cap", "--job.x", "1"], cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path), "MEMORY_CAP_TRAIN_FILE": "fake_trainer",
+                               "MEMORY_CAP_GIB": "40", "CUDA_VISIBLE_DEVICES": ""},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "trainer __main__ ['--job.x', '1']" in proc.stdout and "not applied" in proc.stdout
