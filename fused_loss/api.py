@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import NamedTuple
 
@@ -64,6 +65,19 @@ def _check_tensors(hidden: Tensor, weight: Tensor, labels: Tensor) -> None:
                          f"({labels.device}) must be on one device")
 
 
+def _follow_autocast(hidden, weight):
+    """(hidden, weight, context): the two in autocast's dtype where autocast is on for their
+    device, as F.linear would take them, and a context that turns autocast off around the op
+    (its GEMMs write into buffers of that dtype); else as they are, and a null context."""
+    if not (isinstance(hidden, Tensor) and isinstance(weight, Tensor)
+            and torch.is_autocast_enabled(hidden.device.type)):
+        return hidden, weight, contextlib.nullcontext()  # _check_tensors names bad arguments
+    device_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type)
+    hidden, weight = (t.to(dtype) if t.dtype in _FLOAT_DTYPES else t for t in (hidden, weight))
+    return hidden, weight, torch.autocast(device_type, enabled=False)
+
+
 def fused_linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
@@ -90,11 +104,23 @@ def fused_linear_cross_entropy(
     vocab_size, split over process_group), labels [...] int64. Returns the loss (every rank
     the same), or (loss, FusedCEAux) with return_aux. The gradient of hidden is this rank's
     partial sum over process_group: the caller reduces it (all-reduce / reduce-scatter).
-    z_loss adds z_loss * logsumexp**2 per token; logit_softcap applies cap*tanh(z/cap).
-    weight_grad_fp32 carries the weight gradient across token chunks in fp32 (V_local*D*2
-    bytes more than dW itself, until the backward rounds it; off: 16-bit carry, faster but
-    rounded once per chunk).
+
+    Where it differs from `F.cross_entropy(F.linear(hidden, weight), labels)`:
+      - reduction defaults to "sum", not torch's "mean" (a trainer that divides by the
+        global token count wants the sum); "mean" and "none" are there too.
+      - every label ignored: "mean" gives 0 (and zero gradients), where torch gives nan.
+      - the loss is fp32 whatever the inputs' dtype (torch returns the logits' dtype).
+    As in eager, with 16-bit inputs the logits are 16-bit and the fp32 row statistics
+    (log-sum-exp, ...) are those of the rounded logits. Under `torch.autocast` it follows
+    autocast as F.linear does: hidden and weight are cast to autocast's dtype for the
+    device (their gradients come back in their own dtypes) and the op runs in that dtype.
+
+    z_loss adds z_loss * logsumexp**2 per token; logit_softcap applies cap*tanh(z/cap)
+    (None = off). weight_grad_fp32 carries the weight gradient across token chunks in fp32
+    (V_local*D*2 bytes more than dW itself, until the backward rounds it; off: 16-bit carry,
+    faster but rounded once per chunk).
     """
+    hidden, weight, autocast_off = _follow_autocast(hidden, weight)
     _check_tensors(hidden, weight, labels)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -127,15 +153,16 @@ def fused_linear_cross_entropy(
     valid = (y != ignore_index).sum() if (reduction == "mean" or return_aux) else None
 
     if reduction == "none":
-        loss, lse = torch.ops.fused_loss.lce_rows(h, weight, y, *args, weight_grad_fp32,
-                                                   check_labels)
+        with autocast_off:
+            loss, lse = torch.ops.fused_loss.lce_rows(h, weight, y, *args, weight_grad_fp32,
+                                                       check_labels)
         z_term = z_loss * lse * lse
         loss, lse, z_term = (t.reshape(lead_shape) for t in (loss, lse, z_term))
     else:
         want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-        loss, lse, _, _ = torch.ops.fused_loss.lce_sum(h, weight, y, *args, want_grad,
-                                                        weight_grad_fp32,
-                                                        check_labels)
+        with autocast_off:
+            loss, lse, _, _ = torch.ops.fused_loss.lce_sum(h, weight, y, *args, want_grad,
+                                                            weight_grad_fp32, check_labels)
         z_term = z_loss * (lse * lse).sum()
         if reduction == "mean":
             # all tokens ignored -> 0, not torch's 0/0 = nan

@@ -7,6 +7,7 @@ test_fused_loss_gpu.
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fused_loss import FusedLinearCrossEntropy, fused_linear_cross_entropy
 from fused_loss.options import chunk_rows
@@ -352,3 +353,28 @@ def test_softcap_loss_and_gradients_elementwise(backend, cap, lo, hi):
     torch.testing.assert_close(loss.double(), want[0], rtol=5e-7, atol=0)
     torch.testing.assert_close(dh.double(), want[1], rtol=3e-6, atol=0)
     assert rel_err(dw, want[2]) < 1e-6
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_autocast_is_followed_as_f_linear_would(reduction, weight_dtype):
+    # under autocast the op runs in autocast's dtype (bf16 here), whatever the parameters'
+    # dtype, exactly as if called with bf16 inputs; the gradients return in each input's dtype
+    hidden, weight, labels = _inputs(40, 16, 300, seed=3)
+    weight = weight.to(weight_dtype)
+    upstream = torch.rand(40) if reduction == "none" else None
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused_linear_cross_entropy(h, w, labels, reduction=reduction, chunk_size=16)
+        (loss * upstream if upstream is not None else loss).sum().backward()  # inside, too
+    want = _run(hidden.bfloat16(), weight.bfloat16(), labels, upstream, reduction=reduction,
+                chunk_size=16)
+    assert loss.dtype == torch.float32 and (h.grad.dtype, w.grad.dtype) == (torch.float32,
+                                                                            weight_dtype)
+    for got, exact in zip((loss.detach(), h.grad, w.grad), want):
+        torch.testing.assert_close(got, exact.to(got.dtype), rtol=0, atol=0)
+    # and so within bf16's error of the fp64 loss, not fp32's: autocast was not ignored
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = F.cross_entropy(F.linear(hidden, weight), labels, reduction=reduction)
+    ref = reference_loss(hidden, weight, labels, reduction=reduction)[0]
+    assert rel_err(loss, ref) > 1e-5 and rel_err(loss, eager) < 1e-5
