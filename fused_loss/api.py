@@ -65,12 +65,19 @@ def _check_tensors(hidden: Tensor, weight: Tensor, labels: Tensor) -> None:
                          f"({labels.device}) must be on one device")
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta): never on there
+        return False
+
+
 def _follow_autocast(hidden, weight):
     """(hidden, weight, context): the two in autocast's dtype where autocast is on for their
     device, as F.linear would take them, and a context that turns autocast off around the op
     (its GEMMs write into buffers of that dtype); else as they are, and a null context."""
     if not (isinstance(hidden, Tensor) and isinstance(weight, Tensor)
-            and torch.is_autocast_enabled(hidden.device.type)):
+            and _autocast_enabled(hidden.device.type)):
         return hidden, weight, contextlib.nullcontext()  # _check_tensors names bad arguments
     device_type = hidden.device.type
     dtype = torch.get_autocast_dtype(device_type)
