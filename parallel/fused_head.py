@@ -1,35 +1,40 @@
 """The fused LM head: `model.output` computes the loss from hidden states.
 
-With `[fused_ce] enable` the Transformer stops at the normed hidden states and
-the loss function calls the head module once, `head(hidden, labels) -> sum
-loss`. Calling the module (rather than reading its weight) matters: FSDP2's
-pre-forward hook all-gathers the weight, so the fused op sees the unsharded
-weight, never the sharded DTensor parameter.
+Every torchtitan decoder ends its forward with `self.output(self.norm(h))`.
+With `[fused_ce] enable` that call is the fused loss: the trainer hands the
+batch's labels to the head (`expect_labels`) right before the forward, and the
+model returns the sum loss instead of logits. The head is called as the module
+it is, inside the model's forward, so its FSDP2 hooks (all-gather of the
+weight before, reshard after) and its TP hooks run exactly once, as they do
+for the baseline's `nn.Linear`: the fused op sees the unsharded weight, never
+the sharded DTensor parameter.
 
-The head is an `nn.Linear` with the same `weight` (`output.weight`, [V, D]),
-so checkpoints move between fused and baseline runs, and torchtitan's own TP
-plan for `output` applies to it unchanged: with loss_parallel off that is
+The head is an `nn.Linear` holding the same `weight` Parameter (`output.weight`,
+[V, D]; qwen3's tied flavors share it with `tok_embeddings.weight`), so
+checkpoints move between fused and baseline runs, and each family's TP plan for
+`output` applies unchanged: with loss_parallel off that is
 `ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())`, which
 shards the weight Shard(0) over the vocabulary and all-gathers the
-sequence-parallel hidden states to Replicate before `forward`.
+sequence-parallel hidden states before `forward`.
 """
 
 import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, Partial, Replicate
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from torchtitan.components.loss import IGNORE_INDEX
 
 from fused_loss import fused_linear_cross_entropy
 
 from parallel.config import FusedCE
 from parallel.metrics import FusedCEStats
 
-IGNORE_INDEX = -100  # torchtitan's (components/loss.py)
-
 
 class FusedLMHead(nn.Linear):
     """`nn.Linear(dim, vocab, bias=False)` whose forward is the fused linear + cross-entropy.
 
+    `forward(hidden)` scores the labels given to `expect_labels` (once: a forward
+    without fresh labels is an error, never a silent reuse of stale ones).
     `stats` sums the op's side outputs (logsumexp, z-loss, valid tokens) of the
     training micro-batches on the device, with no host sync; the trainer
     flushes them to the metric logger on log steps.
@@ -51,8 +56,21 @@ class FusedLMHead(nn.Linear):
             weight_grad_fp32=cfg.weight_grad_fp32,
         )
         self.stats = FusedCEStats()
+        self._labels: torch.Tensor | None = None
 
-    def forward(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def expect_labels(self, labels: torch.Tensor) -> None:
+        """The labels the next forward scores (the trainer calls this before each model forward)."""
+        self._labels = labels
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if labels is None:
+            labels, self._labels = self._labels, None
+        if labels is None:
+            raise RuntimeError(
+                "[fused_ce] the fused head was called without labels: with [fused_ce] enable the "
+                "model's forward is the loss. Launch with `python -m parallel.train` "
+                "(run_train.sh does), which hands each batch's labels to model.output first"
+            )
         weight, mesh, parallel = self.weight, None, {}
         if isinstance(weight, DTensor):
             # Tensor parallel: this rank holds vocab rows [vocab_start, vocab_start + V_local)
@@ -84,22 +102,13 @@ class FusedLMHead(nn.Linear):
 
 
 class FusedCELoss:
-    """What `build_loss_fn` returns with `[fused_ce] enable`: `pred` is the hidden
-    states, and the model's head computes the sum loss. The trainer binds the head
-    after the model is built (the loss is built before); the validator holds this
-    same object, so it goes through the fused path too."""
-
-    head: FusedLMHead | None = None
-
-    def bind(self, head: FusedLMHead) -> None:
-        self.head = head
+    """What `build_loss_fn` returns with `[fused_ce] enable`: the model's forward ended
+    in the fused head, so `pred` already is the sum loss over this rank's tokens."""
 
     def __call__(self, pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.head is None:
+        if pred.dim() != 0:
             raise RuntimeError(
-                "[fused_ce] the loss has no FusedLMHead bound; launch with "
-                "`python -m parallel.train` (run_train.sh does), which binds it"
+                f"[fused_ce] the model returned a tensor of shape {tuple(pred.shape)}, not the "
+                "fused head's loss: its forward must end with `self.output(h)`"
             )
-        # labels by keyword: under TP, ColwiseParallel's input hook rewrites the
-        # positional args to (hidden,) and would drop them.
-        return self.head(pred, labels=labels)
+        return pred

@@ -1,8 +1,9 @@
 """Training entry point: `python -m parallel.train` (run_train.sh's default TRAIN_FILE).
 
-torchtitan's Trainer, plus the `[fused_ce]` start-up check (before any process
-group, device or memory exists), binding of the fused loss to the model's head,
-and the label range check on the CPU copy of each batch.
+torchtitan's Trainer, plus: the project's train specs and datasets registered;
+the `[fused_ce]` start-up check (before any process group, device or memory
+exists); each batch's labels handed to the fused head before the forward; the
+label range check on the CPU copy of each batch; the fused stats logged.
 """
 
 import logging
@@ -21,34 +22,22 @@ from torchtitan.train import main, Trainer  # noqa: E402
 from fused_loss import check_label_range  # noqa: E402
 
 from parallel import config  # noqa: E402
+from parallel.datasets import register_datasets  # noqa: E402
 from parallel.fused_head import FusedCELoss  # noqa: E402
-from parallel.model import FLAVORS, MODEL_NAME  # noqa: E402
-from parallel.parallelize import PP_REFUSAL  # noqa: E402
-
-
-class JobRefused(ValueError):
-    """A job `[fused_ce]` cannot run; the message names the setting at fault."""
+from parallel.specs import JobRefused, PP_REFUSAL, register_train_specs, served_model_args  # noqa: E402
 
 
 def check_job(job_config) -> None:
+    """Start-up checks of `[fused_ce]` (none while it is off): JobRefused names the setting."""
     cfg = job_config.fused_ce
     if not cfg.enable:
         return
     pp = job_config.parallelism.pipeline_parallel_degree
     if pp > 1:
         raise JobRefused(PP_REFUSAL.format(degree=pp))
-    if job_config.model.name != MODEL_NAME:
-        raise JobRefused(
-            f"[fused_ce] enable=true needs model.name = {MODEL_NAME!r} (torchtitan's llama3 with "
-            f"the fused head); got {job_config.model.name!r}. Set --model.name {MODEL_NAME}, "
-            f"or turn the fused loss off with --fused_ce.no-enable."
-        )
-    if job_config.model.flavor not in FLAVORS:
-        raise JobRefused(f"model.flavor {job_config.model.flavor!r} is not one of {', '.join(FLAVORS)}")
+    model_args = served_model_args(job_config.model.name, job_config.model.flavor)
     try:
-        config.validate(
-            cfg, FLAVORS[job_config.model.flavor].vocab_size, job_config.parallelism.tensor_parallel_degree
-        )
+        config.validate(cfg, model_args.vocab_size, job_config.parallelism.tensor_parallel_degree)
     except ValueError as e:
         raise JobRefused(str(e)) from None
 
@@ -63,17 +52,36 @@ def check_labels(labels: torch.Tensor, vocab_size: int) -> None:
         ) from None
 
 
+def _handing_labels_to(head, post_dataloading_process):
+    """`post_dataloading_process` (the trainer's or the validator's) that also gives the
+    batch's labels - after CP sharding, on the device - to the head the forward ends in."""
+
+    def process(*args):
+        inputs, labels, extra_inputs, extra_kwargs = post_dataloading_process(*args)
+        head.expect_labels(labels)
+        return inputs, labels, extra_inputs, extra_kwargs
+
+    return process
+
+
 class FusedCETrainer(Trainer):
     def __init__(self, job_config):
+        register_datasets()
+        register_train_specs()
         check_job(job_config)
         super().__init__(job_config)
         self.fused_head = None
         if isinstance(self.loss_fn, FusedCELoss):
-            self.fused_head = self.model_parts[0].output
-            self.loss_fn.bind(self.fused_head)
+            self.fused_head = head = self.model_parts[0].output
+            self.post_dataloading_process = _handing_labels_to(head, self.post_dataloading_process)
+            validator = getattr(self, "validator", None)
+            if validator is not None:
+                validator.post_dataloading_process = _handing_labels_to(
+                    head, validator.post_dataloading_process
+                )
             # Token statistics differ across data-parallel and CP ranks, not across TP ranks.
             loss_mesh = self.parallel_dims.get_optional_mesh("loss")
-            self.fused_head.stats.reduce_group = loss_mesh.get_group() if loss_mesh is not None else None
+            head.stats.reduce_group = loss_mesh.get_group() if loss_mesh is not None else None
 
     def train_step(self, data_iterator):
         super().train_step(data_iterator)

@@ -6,8 +6,6 @@ import torch
 from conftest import ROOT, run_train
 from torchtitan.config import ConfigManager
 
-from parallel.model import FLAVORS
-from parallel.parallelize import pipelining
 from parallel.train import check_job, check_labels, JobRefused
 
 DEBUG = str(ROOT / "train_configs" / "debug_model.toml")
@@ -68,7 +66,6 @@ def test_typo_on_cli_is_refused(capsys):
         (("--fused_ce.logit_softcap", "-5"), "[fused_ce] logit_softcap must be >= 0"),
         (("--fused_ce.chunk_size", "-1"), "[fused_ce] chunk_size must be >= 0"),
         (("--fused_ce.chunk_budget_mib", "0"), "[fused_ce] chunk_budget_mib=0 is too small for one row"),
-        (("--model.name", "llama3"), "[fused_ce] enable=true needs model.name = 'llama3_fused_ce'"),
         (("--parallelism.pipeline_parallel_degree", "2"), "parallelism.pipeline_parallel_degree=2"),
     ],
 )
@@ -88,17 +85,6 @@ def test_budget_check_uses_the_local_vocab():
     check_job(parse("--fused_ce.enable", "--fused_ce.chunk_budget_mib", "0", "--fused_ce.chunk_size", "64"))
 
 
-def test_pipelining_backstop_raises_the_same_message():
-    job = parse("--fused_ce.enable", "--parallelism.pipeline_parallel_degree", "2")
-    with pytest.raises(JobRefused) as refused:
-        check_job(job)
-    with pytest.raises(ValueError) as backstop:
-        pipelining(None, None, job, None, None, None, None)
-    assert str(backstop.value) == str(refused.value)
-    for words in ("fused_ce", "pipeline_parallel_degree", "--fused_ce.no-enable", "--parallelism.pipeline_parallel_degree 1"):
-        assert words in str(refused.value)
-
-
 def test_pp_refused_at_start_up(tmp_path):
     """The launched job exits non-zero within 30 s with one message, before any process group."""
     proc, seconds = run_train(
@@ -115,26 +101,7 @@ def test_pp_refused_at_start_up(tmp_path):
     assert "Building device mesh" not in out and "Starting job" not in out
 
 
-def test_flavors_have_the_documented_shapes():
-    from parallel.model import Transformer
-
-    with torch.device("meta"):
-        model = Transformer(FLAVORS["1B"])
-    ffn = model.layers["0"].feed_forward.w1
-    assert (ffn.out_features, ffn.in_features) == (8192, 2048)
-    assert model.output.weight.shape == (128256, 2048)
-    assert len(model.layers) == 16 and FLAVORS["1B"].n_kv_heads == 8 and FLAVORS["1B"].rope_theta == 5e5
-
-
 def test_check_labels_names_count_and_value():
     check_labels(torch.tensor([[0, 5, -100]]), vocab_size=6)
     with pytest.raises(ValueError, match=r"check_labels: labels: 2 value\(s\) outside \[0, 6\) .* e.g. 7"):
         check_labels(torch.tensor([[0, 7, 9, -100]]), vocab_size=6)
-
-
-@pytest.mark.parametrize("name", ["debug_model", "llama3_1b", "llama3_8b", "llama3_70b"])
-def test_shipped_configs_parse_and_pass_the_checks(name):
-    job = parse("--fused_ce.enable", toml=str(ROOT / "train_configs" / f"{name}.toml"))
-    check_job(job)
-    assert job.metrics.enable_tensorboard and job.metrics.save_tb_folder == "tb"
-    assert job.job.dump_folder == f"./outputs/{name}"

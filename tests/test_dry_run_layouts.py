@@ -81,7 +81,7 @@ def _describe(trainer) -> dict:
         "fsdp_wrapped_head_unit": type(model.norm).__name__.startswith("FSDP"),
     }
     if isinstance(trainer.loss_fn, FusedCELoss):
-        out["loss_bound_to_head"] = trainer.loss_fn.head is model.output
+        out["loss_bound_to_head"] = trainer.fused_head is model.output
         out["disable_loss_parallel"] = trainer.job_config.parallelism.disable_loss_parallel
         out["stats_reduce_group"] = model.output.stats.reduce_group is not None
     return out
