@@ -101,3 +101,29 @@ def test_benchmark_modules_write_no_globals():
     for path in (ROOT / "benchmarks").glob("*.py"):
         text = path.read_text()
         assert "globals()" not in text and "\nglobal " not in text and "    global " not in text, path.name
+
+
+def test_soak_reads_the_one_run_and_judges_it(tmp_path):
+    """soak.py reads the job's events through the shared reader (benchmarks/tb_events.py)."""
+    import pytest
+    from torch.utils.tensorboard import SummaryWriter
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import soak
+
+    def write(folder, memory):
+        w = SummaryWriter(str(folder))
+        for step, m in enumerate(memory, 1):
+            w.add_scalar("loss_metrics/global_avg_loss", 10.0 / step, step)
+            w.add_scalar("memory/max_active(GiB)", m, step)
+        w.close()
+
+    write(tmp_path / "dump" / "tb" / "20261122-0230", [5.0] + [20.0] * 9 + [20.1])
+    losses = [v for _, v in soak.read_scalars(tmp_path / "dump", "loss_metrics/global_avg_loss")]
+    memory = [v for _, v in soak.read_scalars(tmp_path / "dump", soak.MAX_ACTIVE_TAG)]
+    assert losses == pytest.approx([10.0 / s for s in range(1, 12)])
+    assert soak.verdict(losses, memory, 0.01) == (True, 20.0, pytest.approx(0.005, rel=1e-4), True)
+    assert soak.verdict(losses + [float("nan")], memory, 0.001)[::3] == (False, False)
+    write(tmp_path / "dump" / "tb" / "20261122-0300", [1.0])  # a second run in the same dump
+    with pytest.raises(SystemExit, match="holds 2 folders with event files"):
+        soak.read_scalars(tmp_path / "dump", "loss_metrics/global_avg_loss")
