@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_run.sh e2e      # 2 GPUs: e2e.py only, the three cases multi leaves out (multi + e2e = all six)
 #   bash benchmarks/gpu_run.sh maxseq   # 1 GPU : e2e.py --max-seq (longest seq_len, baseline vs fused)
 #   bash benchmarks/gpu_run.sh multi4   # 4 GPUs (nvidia-h200-x4): e2e.py fsdp2_tp2,fsdp2_cp2,tp2_cp2,hsdp (issue 8)
+#   bash benchmarks/gpu_run.sh families # 1 GPU : pytest -m gpu, then each family's real-vocabulary config (issue 14):
+#                                       #         e2e.py --cases single per config in FAMILY_CONFIGS
 #
 # Every step's output is tee'd to $OUT/<step>.log; a failing step never aborts the script; a table of
 # return codes and the benchmark tables are printed last. Knobs (environment variables):
@@ -190,8 +192,23 @@ maxseq)
         --out "$OUT/e2e_maxseq" --dump-root /tmp/e2e_dumps $APPEND ${E2E_ARGS:-}
     summary e2e_maxseq
     ;;
+families)
+    # issue 14: each family's one-GPU real-vocabulary config, baseline vs fused (GPU tests first)
+    if [ "${SKIP_PYTEST:-0}" != "1" ]; then
+        run_step pytest_gpu "$PYTEST_TIMEOUT" python3 -m pytest -m gpu tests -q --maxfail=5 \
+            --junitxml="$OUT/pytest_gpu.xml" -p no:cacheprovider
+    fi
+    for cfg in ${FAMILY_CONFIGS:-llama3_1b qwen3_1.7b llama4_1bx8e deepseek_v3_1b gpt_oss_1b}; do
+        # shellcheck disable=SC2086
+        run_step "e2e_$cfg" "$(left)" python3 benchmarks/e2e.py --cases single \
+            --config "train_configs/$cfg.toml" --steps "${E2E_STEPS:-20}" \
+            --timeout "${E2E_TIMEOUT:-240}" --budget "$(( $(left) - 30 ))" \
+            --out "$OUT/e2e_$cfg" --dump-root /tmp/e2e_dumps $APPEND ${E2E_ARGS:-}
+    done
+    summary $(for cfg in ${FAMILY_CONFIGS:-llama3_1b qwen3_1.7b llama4_1bx8e deepseek_v3_1b gpt_oss_1b}; do echo "e2e_$cfg"; done)
+    ;;
 *)
-    echo "usage: $0 kernel|multi|e2e|maxseq|multi4" >&2
+    echo "usage: $0 kernel|multi|e2e|maxseq|multi4|families" >&2
     exit 2
     ;;
 esac
