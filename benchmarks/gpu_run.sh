@@ -24,7 +24,8 @@
 #                   "--seqs 32768,65536,131072" for maxseq, "--pairs 3" for alternating baseline/fused
 #                   pairs). Per-run dump folders (tb, traces) go to /tmp/e2e_dumps on the device, not $OUT
 #                   (too many files to bring back).
-#   NO_APPEND=1     do not append to benchmarks/RESULTS.md
+#   NO_APPEND=1     do not append to benchmarks/log/results.md (the raw log; RESULTS.md is the curated page)
+#   GIT_COMMIT      the commit the results blocks name (the device copy may have no .git)
 set -u
 MODE="${1:-kernel}"
 shift || true
@@ -127,7 +128,7 @@ summary() {
     for i in "${!STEPS[@]}"; do
         echo "| ${STEPS[$i]} | ${RCS[$i]} | ${SECS[$i]} |"
     done
-    cp -f benchmarks/RESULTS.md "$OUT/RESULTS.md" 2>/dev/null || true
+    cp -f benchmarks/log/results.md "$OUT/results.md" 2>/dev/null || true
 }
 
 setup

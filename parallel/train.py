@@ -22,7 +22,7 @@ from torchtitan.train import main, Trainer  # noqa: E402
 from fused_loss import check_label_range  # noqa: E402
 
 from parallel import config  # noqa: E402
-from parallel.datasets import register_datasets  # noqa: E402
+from parallel.embedded_data import register_datasets  # noqa: E402
 from parallel.fused_head import FusedCELoss  # noqa: E402
 from parallel.specs import JobRefused, PP_REFUSAL, register_train_specs, served_model_args  # noqa: E402
 
