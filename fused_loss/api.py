@@ -131,8 +131,6 @@ def fused_linear_cross_entropy(
     _check_tensors(hidden, weight, labels)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if logit_softcap is not None and logit_softcap <= 0:
-        raise ValueError(f"logit_softcap must be > 0 or None, got {logit_softcap}")
     v_local = weight.shape[0]
     if vocab_size is None:
         if process_group is not None and dist.get_world_size(process_group) > 1:
@@ -142,8 +140,9 @@ def fused_linear_cross_entropy(
     if vocab_start + v_local > vocab_size:
         raise ValueError(f"weight rows [{vocab_start}, {vocab_start + v_local}) exceed "
                          f"vocab_size={vocab_size}")
-    opts = LossOptions(ignore_index, float(label_smoothing), float(z_loss),
-                       float(logit_softcap or 0.0), vocab_start, vocab_size)
+    opts = LossOptions(ignore_index=ignore_index, label_smoothing=float(label_smoothing),
+                       z_loss=float(z_loss), vocab_start=vocab_start, vocab_size=vocab_size,
+                       logit_softcap=None if logit_softcap is None else float(logit_softcap))
     backend = _pick_backend(backend, hidden.device)
     group_name = ""
     if process_group is not None and dist.get_world_size(process_group) > 1:
@@ -155,21 +154,20 @@ def fused_linear_cross_entropy(
         h = h.contiguous()
     y = labels.reshape(-1).to(torch.int64).contiguous()
     chunk = chunk_rows(h.shape[0], v_local, h.element_size(), chunk_size, chunk_budget_bytes)
-    args = (opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.logit_softcap,
-            opts.vocab_start, opts.vocab_size, group_name, backend, chunk)
+    op_args = dict(opts.to_op_args(), group_name=group_name, backend=backend, chunk=chunk,
+                   weight_grad_fp32=weight_grad_fp32, check_labels=check_labels)
     valid = (y != ignore_index).sum() if (reduction == "mean" or return_aux) else None
 
     if reduction == "none":
         with autocast_off:
-            loss, lse = torch.ops.fused_loss.lce_rows(h, weight, y, *args, weight_grad_fp32,
-                                                       check_labels)
+            loss, lse = torch.ops.fused_loss.lce_rows(h, weight, y, **op_args)
         z_term = z_loss * lse * lse
         loss, lse, z_term = (t.reshape(lead_shape) for t in (loss, lse, z_term))
     else:
         want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
         with autocast_off:
-            loss, lse, _, _ = torch.ops.fused_loss.lce_sum(h, weight, y, *args, want_grad,
-                                                            weight_grad_fp32, check_labels)
+            loss, lse, _, _ = torch.ops.fused_loss.lce_sum(h, weight, y, **op_args,
+                                                            want_grad=want_grad)
         z_term = z_loss * (lse * lse).sum()
         if reduction == "mean":
             # all tokens ignored -> 0, not torch's 0/0 = nan

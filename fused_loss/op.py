@@ -19,18 +19,27 @@ from torch._subclasses.fake_tensor import is_fake
 from . import chunked
 from .options import LossOptions
 
+# Every op takes its tensors positionally and everything else as keyword-only arguments, named
+# as LossOptions' fields plus the run's settings: autograd then asks a gradient for the tensors
+# alone (_input_grads), and setup_context receives the options as a dict, by name.
 
-def _opts(ignore_index, label_smoothing, z_loss, logit_softcap, vocab_start, vocab_size):
-    return LossOptions(ignore_index, label_smoothing, z_loss, logit_softcap, vocab_start,
-                       vocab_size)
+
+def _input_grads(op, **grads) -> tuple:
+    """The backward's return: one entry per positional (tensor) input of `op`, in its schema's
+    order, the named ones from `grads`, None for the rest."""
+    names = [a.name for a in op._schema.arguments if not a.kwarg_only]
+    if set(grads) - set(names):
+        raise TypeError(f"{op} has no tensor inputs named {sorted(set(grads) - set(names))}")
+    return tuple(grads.get(name) for name in names)
 
 
 @torch.library.custom_op("fused_loss::lce_sum", mutates_args=())
-def lce_sum(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int,
-            label_smoothing: float, z_loss: float, logit_softcap: float, vocab_start: int,
-            vocab_size: int, group_name: str, backend: str, chunk: int, want_grad: bool,
-            weight_grad_fp32: bool, check_labels: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    opts = _opts(ignore_index, label_smoothing, z_loss, logit_softcap, vocab_start, vocab_size)
+def lce_sum(hidden: Tensor, weight: Tensor, labels: Tensor, *, ignore_index: int,
+            label_smoothing: float, z_loss: float, logit_softcap: float | None,
+            vocab_start: int, vocab_size: int, group_name: str, backend: str, chunk: int,
+            want_grad: bool, weight_grad_fp32: bool,
+            check_labels: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    opts = LossOptions.from_op_args(locals())  # first statement: locals() are the arguments
     if check_labels:
         chunked.check_label_range(labels, opts.vocab_size, opts.ignore_index)
     loss, lse, dh, dw = chunked.run(hidden, weight, labels, opts, backend=backend, chunk=chunk,
@@ -40,8 +49,7 @@ def lce_sum(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int,
 
 
 @lce_sum.register_fake
-def _(hidden, weight, labels, *args):
-    chunk, want_grad, weight_grad_fp32 = args[-4:-1]
+def _(hidden, weight, labels, *, chunk, want_grad, weight_grad_fp32, **_):
     n = hidden.shape[0]
     loss = hidden.new_empty((), dtype=torch.float32)
     lse = hidden.new_empty(n, dtype=torch.float32)
@@ -52,10 +60,10 @@ def _(hidden, weight, labels, *args):
     return loss, lse, hidden.new_empty(0), hidden.new_empty(0)
 
 
-def _sum_setup_context(ctx, inputs, output):
+def _sum_setup_context(ctx, inputs, keyword_only_inputs, output):
     _, _, dh, dw = output
     ctx.save_for_backward(dh, dw)
-    ctx.weight_dtype, ctx.backend = inputs[1].dtype, inputs[10]
+    ctx.weight_dtype, ctx.backend = inputs[1].dtype, keyword_only_inputs["backend"]
     # The dh / dW outputs are never used downstream: left materialized, their zero
     # "gradients" would be a second dW-sized buffer (2 GiB fp32 at the 8B head) in backward.
     ctx.set_materialize_grads(False)
@@ -66,8 +74,10 @@ def _sum_backward(ctx, grad_loss, grad_lse, grad_dh, grad_dw):
         raise RuntimeError("fused_loss::lce_sum is differentiable through its loss output "
                            "only (the API returns lse detached)")
     dh, dw = ctx.saved_tensors
+    op = torch.ops.fused_loss.lce_sum.default
     if torch.compiler.is_compiling() or is_fake(dh):  # traced (AOT autograd): graph ops
-        return (dh * grad_loss, (dw * grad_loss).to(ctx.weight_dtype)) + (None,) * 13
+        return _input_grads(op, hidden=dh * grad_loss,
+                            weight=(dw * grad_loss).to(ctx.weight_dtype))
     # In place where the dtype allows: a second dW-sized buffer would be the op's peak memory.
     # The saved gradients are ours alone; a second backward through the graph is refused by
     # autograd's version counter ("modified by an inplace operation"), never wrong.
@@ -75,18 +85,18 @@ def _sum_backward(ctx, grad_loss, grad_lse, grad_dh, grad_dw):
     rows.scale_into(dh, grad_loss, dh)
     dw_out = dw if dw.dtype == ctx.weight_dtype else torch.empty_like(dw, dtype=ctx.weight_dtype)
     rows.scale_into(dw, grad_loss, dw_out)
-    return (dh, dw_out) + (None,) * 13
+    return _input_grads(op, hidden=dh, weight=dw_out)
 
 
 lce_sum.register_autograd(_sum_backward, setup_context=_sum_setup_context)
 
 
 @torch.library.custom_op("fused_loss::lce_rows", mutates_args=())
-def lce_rows(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int,
-             label_smoothing: float, z_loss: float, logit_softcap: float, vocab_start: int,
-             vocab_size: int, group_name: str, backend: str, chunk: int,
+def lce_rows(hidden: Tensor, weight: Tensor, labels: Tensor, *, ignore_index: int,
+             label_smoothing: float, z_loss: float, logit_softcap: float | None,
+             vocab_start: int, vocab_size: int, group_name: str, backend: str, chunk: int,
              weight_grad_fp32: bool, check_labels: bool) -> tuple[Tensor, Tensor]:
-    opts = _opts(ignore_index, label_smoothing, z_loss, logit_softcap, vocab_start, vocab_size)
+    opts = LossOptions.from_op_args(locals())  # first statement: locals() are the arguments
     if check_labels:
         chunked.check_label_range(labels, opts.vocab_size, opts.ignore_index)
     loss, lse, _, _ = chunked.run(hidden, weight, labels, opts, backend=backend, chunk=chunk,
@@ -95,17 +105,18 @@ def lce_rows(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int,
 
 
 @lce_rows.register_fake
-def _(hidden, weight, labels, *args):
+def _(hidden, weight, labels, **_):
     n = hidden.shape[0]
     return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32)
 
 
 @torch.library.custom_op("fused_loss::lce_rows_backward", mutates_args=())
 def lce_rows_backward(hidden: Tensor, weight: Tensor, labels: Tensor, lse: Tensor,
-                      grad_rows: Tensor, ignore_index: int, label_smoothing: float,
-                      z_loss: float, logit_softcap: float, vocab_start: int, vocab_size: int,
-                      backend: str, chunk: int, weight_grad_fp32: bool) -> tuple[Tensor, Tensor]:
-    opts = _opts(ignore_index, label_smoothing, z_loss, logit_softcap, vocab_start, vocab_size)
+                      grad_rows: Tensor, *, ignore_index: int, label_smoothing: float,
+                      z_loss: float, logit_softcap: float | None, vocab_start: int,
+                      vocab_size: int, backend: str, chunk: int,
+                      weight_grad_fp32: bool) -> tuple[Tensor, Tensor]:
+    opts = LossOptions.from_op_args(locals())  # first statement: locals() are the arguments
     dh, dw = chunked.run(hidden, weight, labels, opts, backend=backend, chunk=chunk,
                          group_name="", want_grad=True, weight_grad_fp32=weight_grad_fp32,
                          lse_in=lse, grad_rows=grad_rows.float().contiguous())
@@ -113,22 +124,25 @@ def lce_rows_backward(hidden: Tensor, weight: Tensor, labels: Tensor, lse: Tenso
 
 
 @lce_rows_backward.register_fake
-def _(hidden, weight, *args):
+def _(hidden, weight, *args, **kwargs):
     return torch.empty_like(hidden), torch.empty_like(weight)
 
 
-def _rows_setup_context(ctx, inputs, output):
-    hidden, weight, labels = inputs[:3]
+# lce_rows' arguments the recompute does not take: it runs no collective (the saved lse is
+# already the full-vocabulary one) and the labels were checked in forward
+_NOT_RECOMPUTED = ("group_name", "check_labels")
+
+
+def _rows_setup_context(ctx, inputs, keyword_only_inputs, output):
+    hidden, weight, labels = inputs
     ctx.save_for_backward(hidden, weight, labels, output[1])
-    # everything but group_name and check_labels: the recompute needs no collective, since
-    # the saved lse is already the full-vocabulary one
-    ctx.options = inputs[3:9] + inputs[10:13]
+    ctx.options = {k: v for k, v in keyword_only_inputs.items() if k not in _NOT_RECOMPUTED}
 
 
 def _rows_backward(ctx, grad_loss, _grad_lse):
     hidden, weight, labels, lse = ctx.saved_tensors
-    dh, dw = lce_rows_backward(hidden, weight, labels, lse, grad_loss, *ctx.options)
-    return (dh, dw) + (None,) * 12
+    dh, dw = lce_rows_backward(hidden, weight, labels, lse, grad_loss, **ctx.options)
+    return _input_grads(torch.ops.fused_loss.lce_rows.default, hidden=dh, weight=dw)
 
 
 lce_rows.register_autograd(_rows_backward, setup_context=_rows_setup_context)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 BACKENDS = ("auto", "triton", "torch")
 REDUCTIONS = ("sum", "mean", "none")
@@ -11,12 +13,16 @@ DEFAULT_CHUNK_BUDGET_BYTES = 1 << 30  # one [chunk, V_local] logits buffer; see 
 
 @dataclasses.dataclass(frozen=True)
 class LossOptions:
-    """What the row kernels need to know about the loss (not about the tensors)."""
+    """What the row kernels need to know about the loss (not about the tensors).
+
+    At the custom ops' boundary these travel as keyword arguments of the same names
+    (`to_op_args` / `from_op_args`): by name, never by position.
+    """
 
     ignore_index: int = -100
     label_smoothing: float = 0.0
     z_loss: float = 0.0
-    logit_softcap: float = 0.0  # 0 means no softcap
+    logit_softcap: float | None = None  # None: no softcap (the one "off")
     vocab_start: int = 0
     vocab_size: int = 0  # the global vocabulary, over all ranks of the group
 
@@ -25,10 +31,20 @@ class LossOptions:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing:g}")
         if self.z_loss < 0.0:
             raise ValueError(f"z_loss must be >= 0, got {self.z_loss:g}")
-        if self.logit_softcap < 0.0:
-            raise ValueError(f"logit_softcap must be >= 0 (0 = off), got {self.logit_softcap:g}")
+        if self.logit_softcap is not None and not self.logit_softcap > 0.0:
+            raise ValueError(f"logit_softcap must be > 0 (None: no softcap), got "
+                             f"{self.logit_softcap:g}")
         if self.vocab_start < 0:
             raise ValueError(f"vocab_start must be >= 0, got {self.vocab_start}")
+
+    def to_op_args(self) -> dict:
+        """The options as the custom ops' keyword arguments (the same names)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_op_args(cls, args: Mapping[str, Any]) -> LossOptions:
+        """The options back from a mapping of the ops' arguments (others are ignored)."""
+        return cls(**{f.name: args[f.name] for f in dataclasses.fields(cls)})
 
 
 def chunk_rows(n_rows: int, v_local: int, element_size: int, chunk_size: int | None,

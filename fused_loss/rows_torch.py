@@ -15,7 +15,7 @@ from .options import LossOptions
 
 def _capped(z: torch.Tensor, opts: LossOptions) -> torch.Tensor:
     y = z.float()
-    if opts.logit_softcap:
+    if opts.logit_softcap is not None:
         y = opts.logit_softcap * torch.tanh(y / opts.logit_softcap)
     return y
 
@@ -47,7 +47,7 @@ def row_grad_(z: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, row_scal
     local, here = _local_targets(labels, z.shape[1], opts)
     g.scatter_add_(1, local[:, None],
                    torch.where(here, opts.label_smoothing - 1.0, 0.0)[:, None].to(g.dtype))
-    if opts.logit_softcap:
+    if opts.logit_softcap is not None:
         # d(cap*tanh(z/cap))/dz = sech^2(z/cap): 1 - tanh^2 would cancel as tanh nears 1
         g *= torch.cosh(z.float() / opts.logit_softcap).square().reciprocal()
     g *= row_scale[:, None]

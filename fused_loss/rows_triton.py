@@ -169,7 +169,8 @@ def _scale_kernel(src_ptr, out_ptr, scale_ptr, n, BLOCK: tl.constexpr):
 
 def _common(z: torch.Tensor, opts: LossOptions) -> dict:
     return dict(V_local=z.shape[1], vocab_start=opts.vocab_start, ignore_index=opts.ignore_index,
-                cap=float(opts.logit_softcap or 1.0), HAS_CAP=bool(opts.logit_softcap),
+                cap=1.0 if opts.logit_softcap is None else opts.logit_softcap,
+                HAS_CAP=opts.logit_softcap is not None,
                 BLOCK_V=min(_BLOCK_V, triton.next_power_of_2(z.shape[1])),
                 num_warps=_NUM_WARPS)
 

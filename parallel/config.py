@@ -55,9 +55,11 @@ def validate(cfg: FusedCE, vocab_size: int, tp_degree: int) -> None:
     """Raise ValueError naming the `[fused_ce]` key at fault."""
     if cfg.backend not in BACKENDS:
         raise ValueError(f"[fused_ce] backend must be one of {', '.join(BACKENDS)}; got {cfg.backend!r}")
+    if cfg.logit_softcap < 0:  # the TOML has no None: 0 is off
+        raise ValueError(f"[fused_ce] logit_softcap must be >= 0 (0 = off), got {cfg.logit_softcap:g}")
     try:  # the kernel library's own checks of the loss options, under the TOML key names
         LossOptions(label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss,
-                    logit_softcap=cfg.logit_softcap)
+                    logit_softcap=cfg.logit_softcap or None)
     except ValueError as e:
         raise ValueError(f"[fused_ce] {e}") from None
     if cfg.chunk_size < 0:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fused_loss import FusedLinearCrossEntropy, fused_linear_cross_entropy
-from fused_loss.options import chunk_rows
+from fused_loss.options import LossOptions, chunk_rows
 
 from fused_ce_reference import (reference_loss, rel_err, softcap_logits, triton_softcap,
                                 ulps)
@@ -306,8 +306,9 @@ def test_gradient_through_the_ops_side_outputs_is_refused():
     # the sum op's lse / dh / dW outputs carry no gradient: an error, never a silent zero
     hidden, weight, labels = _inputs(8, 4, 16)
     w = weight.clone().requires_grad_()
-    loss, lse, _, _ = torch.ops.fused_loss.lce_sum(hidden, w, labels, -100, 0.0, 0.0, 0.0, 0,
-                                                   16, "", "torch", 8, True, True, False)
+    loss, lse, _, _ = torch.ops.fused_loss.lce_sum(
+        hidden, w, labels, **LossOptions(vocab_size=16).to_op_args(), group_name="",
+        backend="torch", chunk=8, want_grad=True, weight_grad_fp32=True, check_labels=False)
     with pytest.raises(RuntimeError, match="through its loss output only"):
         (loss + lse.sum()).backward()
 
@@ -378,3 +379,30 @@ def test_autocast_is_followed_as_f_linear_would(reduction, weight_dtype):
         eager = F.cross_entropy(F.linear(hidden, weight), labels, reduction=reduction)
     ref = reference_loss(hidden, weight, labels, reduction=reduction)[0]
     assert rel_err(loss, ref) > 1e-5 and rel_err(loss, eager) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["lce_sum", "lce_rows", "lce_rows_backward"])
+def test_op_boundary_has_names_not_positions(name):
+    # tensors positional, everything else keyword-only: autograd then asks a gradient for the
+    # tensors alone and the options travel by name, so adding an argument cannot shift one
+    args = getattr(torch.ops.fused_loss, name).default._schema.arguments
+    for a in args:
+        assert a.kwarg_only != isinstance(a.type, torch._C.TensorType), a
+    assert set(LossOptions().to_op_args()) <= {a.name for a in args if a.kwarg_only}
+
+
+def test_loss_options_round_trip_by_name_with_one_off():
+    opts = LossOptions(ignore_index=3, label_smoothing=0.1, z_loss=1e-3, logit_softcap=5.0,
+                       vocab_start=2, vocab_size=9)
+    assert LossOptions.from_op_args({**opts.to_op_args(), "backend": "torch"}) == opts
+    assert LossOptions().logit_softcap is None  # the one "off"; 0 is not a second one
+    with pytest.raises(ValueError, match="logit_softcap must be > 0"):
+        LossOptions(logit_softcap=0.0)
+
+
+def test_backward_returns_gradients_by_input_name():
+    from fused_loss.op import _input_grads
+    op = torch.ops.fused_loss.lce_rows_backward.default
+    assert _input_grads(op, weight="dW", hidden="dh") == ("dh", "dW", None, None, None)
+    with pytest.raises(TypeError, match="no tensor inputs named .*ignore_index"):
+        _input_grads(op, ignore_index=0)
