@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import NamedTuple
 
 import torch
@@ -11,7 +10,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import op  # noqa: F401  (registers the custom ops)
-from .options import BACKENDS, REDUCTIONS, LossOptions, chunk_rows
+from .options import REDUCTIONS, LossOptions, chunk_rows, pick_backend
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -22,19 +21,6 @@ class FusedCEAux(NamedTuple):
     lse: Tensor  # fp32, shaped like labels, 0 where ignored
     z_loss: Tensor  # the z-loss term, reduced like the loss
     valid_tokens: Tensor  # int64 device scalar: labels != ignore_index
-
-
-def _pick_backend(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and device.type != "cuda" and not interpreted:
-        raise ValueError(f"backend='triton' needs CUDA tensors (got {device.type}); use "
-                         "backend='torch' or 'auto', or set TRITON_INTERPRET=1 for the "
-                         "(slow) Triton interpreter")
-    return backend
 
 
 def _check_tensors(hidden: Tensor, weight: Tensor, labels: Tensor) -> None:
@@ -143,7 +129,7 @@ def fused_linear_cross_entropy(
     opts = LossOptions(ignore_index=ignore_index, label_smoothing=float(label_smoothing),
                        z_loss=float(z_loss), vocab_start=vocab_start, vocab_size=vocab_size,
                        logit_softcap=None if logit_softcap is None else float(logit_softcap))
-    backend = _pick_backend(backend, hidden.device)
+    backend = pick_backend(backend, hidden.device.type)
     group_name = ""
     if process_group is not None and dist.get_world_size(process_group) > 1:
         group_name = process_group.group_name

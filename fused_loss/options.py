@@ -1,14 +1,45 @@
-"""The loss options shared by every backend, validated once, hashable for the op boundary."""
+"""The kernel library's rules, each in one place: the loss options (validated once, passed
+by name at the op boundary), the backend choice, and the chunk plan and its budget.
+Callers with their own configuration (parallel/config.py) check through these functions."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from typing import Any
 
 BACKENDS = ("auto", "triton", "torch")
 REDUCTIONS = ("sum", "mean", "none")
 DEFAULT_CHUNK_BUDGET_BYTES = 1 << 30  # one [chunk, V_local] logits buffer; see README "Memory"
+WIDEST_ELEMENT_SIZE = 4  # fp32: the widest dtype the op takes
+
+
+def pick_backend(backend: str, device_type: str) -> str:
+    """The backend that runs for tensors on `device_type` ("auto": triton on CUDA, else torch).
+
+    "triton" needs CUDA, or the Triton interpreter (TRITON_INTERPRET=1) on other devices.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if backend == "auto":
+        return "triton" if device_type == "cuda" else "torch"
+    if backend == "triton" and device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend='triton' needs CUDA tensors (got {device_type}); use "
+                         "backend='torch' or 'auto', or set TRITON_INTERPRET=1 for the "
+                         "(slow) Triton interpreter")
+    return backend
+
+
+def check_chunk_budget(chunk_budget_bytes: int, v_local: int,
+                       element_size: int = WIDEST_ELEMENT_SIZE) -> None:
+    """A chunk budget must hold one row of [V_local] logits (by default in the widest dtype,
+    so that a budget that passes holds a row whatever dtype the op later runs in)."""
+    row_bytes = v_local * element_size
+    if chunk_budget_bytes < row_bytes:
+        raise ValueError(
+            f"chunk_budget_bytes={chunk_budget_bytes} is smaller than one row of logits "
+            f"({v_local} x {element_size} B = {row_bytes} B)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,12 +90,8 @@ def chunk_rows(n_rows: int, v_local: int, element_size: int, chunk_size: int | N
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         return max(1, min(chunk_size, n_rows))
     budget = DEFAULT_CHUNK_BUDGET_BYTES if chunk_budget_bytes is None else chunk_budget_bytes
-    row_bytes = v_local * element_size
-    if budget < row_bytes:
-        raise ValueError(
-            f"chunk_budget_bytes={budget} is smaller than one row of logits "
-            f"({v_local} x {element_size} B = {row_bytes} B)")
-    most = budget // row_bytes
+    check_chunk_budget(budget, v_local, element_size)
+    most = budget // (v_local * element_size)
     if n_rows <= most:
         return max(n_rows, 1)
     n_chunks = -(-n_rows // most)

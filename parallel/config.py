@@ -11,7 +11,10 @@ distributed exists.
 
 from dataclasses import dataclass, field
 
-from fused_loss.options import BACKENDS, LossOptions
+import torch
+
+from fused_loss import (DEFAULT_CHUNK_BUDGET_BYTES, LossOptions, check_chunk_budget,
+                        pick_backend)
 
 
 @dataclass
@@ -20,12 +23,13 @@ class FusedCE:
     """Compute the LM head and cross-entropy with the fused op (never materializes logits)."""
 
     backend: str = "auto"
-    """Kernel backend: auto (triton on GPU, torch on CPU), triton or torch."""
+    """Kernel backend: auto (triton on GPU, torch on CPU), triton or torch (refused at start-up
+    without CUDA)."""
 
     chunk_size: int = 0
     """Tokens per chunk; 0 sizes the chunk from chunk_budget_mib."""
 
-    chunk_budget_mib: int = 1024
+    chunk_budget_mib: int = DEFAULT_CHUNK_BUDGET_BYTES // 2**20
     """Memory budget in MiB for one [chunk, local vocab] logits buffer."""
 
     z_loss: float = 0.0
@@ -51,24 +55,43 @@ class JobConfig:
     fused_ce: FusedCE = field(default_factory=FusedCE)
 
 
+def kernel_options(cfg: FusedCE) -> dict:
+    """The section as `fused_linear_cross_entropy`'s keyword arguments. The TOML has no None,
+    so there 0 means off (logit_softcap) or "from the budget" (chunk_size); here it becomes
+    the kernel's None, and a negative value is an error naming the key."""
+    for key, zero in (("logit_softcap", "off"), ("chunk_size", "from chunk_budget_mib")):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"[fused_ce] {key} must be >= 0 (0 = {zero}), got {getattr(cfg, key):g}")
+    return dict(
+        label_smoothing=cfg.label_smoothing,
+        z_loss=cfg.z_loss,
+        logit_softcap=cfg.logit_softcap or None,
+        backend=cfg.backend,
+        chunk_size=cfg.chunk_size or None,
+        chunk_budget_bytes=cfg.chunk_budget_mib * 2**20,
+        weight_grad_fp32=cfg.weight_grad_fp32,
+    )
+
+
+def _device_type() -> str:
+    """The device the job's tensors will live on (what the kernel picks its backend for)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def validate(cfg: FusedCE, vocab_size: int, tp_degree: int) -> None:
-    """Raise ValueError naming the `[fused_ce]` key at fault."""
-    if cfg.backend not in BACKENDS:
-        raise ValueError(f"[fused_ce] backend must be one of {', '.join(BACKENDS)}; got {cfg.backend!r}")
-    if cfg.logit_softcap < 0:  # the TOML has no None: 0 is off
-        raise ValueError(f"[fused_ce] logit_softcap must be >= 0 (0 = off), got {cfg.logit_softcap:g}")
-    try:  # the kernel library's own checks of the loss options, under the TOML key names
+    """Raise ValueError naming the `[fused_ce]` key at fault: the kernel library's own rules
+    (`fused_loss.pick_backend`, `LossOptions`, `check_chunk_budget`), under the TOML's names."""
+    options = kernel_options(cfg)
+    try:
+        pick_backend(cfg.backend, _device_type())
         LossOptions(label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss,
-                    logit_softcap=cfg.logit_softcap or None)
+                    logit_softcap=options["logit_softcap"])
     except ValueError as e:
         raise ValueError(f"[fused_ce] {e}") from None
-    if cfg.chunk_size < 0:
-        raise ValueError(f"[fused_ce] chunk_size must be >= 0 (0 = from chunk_budget_mib), got {cfg.chunk_size}")
-    # One fp32 row of the [chunk, V_local] buffer is the least a chunk can hold.
-    v_local = -(-vocab_size // tp_degree)
-    row_bytes = v_local * 4
-    if cfg.chunk_size == 0 and cfg.chunk_budget_mib * 2**20 < row_bytes:
-        raise ValueError(
-            f"[fused_ce] chunk_budget_mib={cfg.chunk_budget_mib} is too small for one row of "
-            f"{v_local} local vocab entries ({row_bytes} bytes); raise it or set chunk_size"
-        )
+    if options["chunk_size"] is None:
+        v_local = -(-vocab_size // tp_degree)  # the largest TP shard of the vocabulary
+        try:
+            check_chunk_budget(options["chunk_budget_bytes"], v_local)
+        except ValueError as e:
+            raise ValueError(f"[fused_ce] chunk_budget_mib={cfg.chunk_budget_mib} is too small "
+                             f"for one row: {e}; raise it or set chunk_size") from None

@@ -85,6 +85,36 @@ def test_budget_check_uses_the_local_vocab():
     check_job(parse("--fused_ce.enable", "--fused_ce.chunk_budget_mib", "0", "--fused_ce.chunk_size", "64"))
 
 
+def test_triton_without_cuda_is_refused_at_start_up(monkeypatch):
+    # the kernel's own backend rule, at start-up instead of a traceback at step 1
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(JobRefused, match=r"^\[fused_ce\] backend='triton' needs CUDA"):
+        check_job(parse("--fused_ce.enable", "--fused_ce.backend", "triton"))
+    check_job(parse("--fused_ce.enable", "--fused_ce.backend", "torch"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    check_job(parse("--fused_ce.enable", "--fused_ce.backend", "triton"))
+
+
+def test_config_checks_with_the_kernels_rules():
+    from fused_loss import DEFAULT_CHUNK_BUDGET_BYTES, chunk_rows
+    from parallel.config import kernel_options, validate
+
+    cfg = parse("--fused_ce.enable").fused_ce
+    assert kernel_options(cfg)["chunk_budget_bytes"] == DEFAULT_CHUNK_BUDGET_BYTES  # one default
+    assert (kernel_options(cfg)["logit_softcap"], kernel_options(cfg)["chunk_size"]) == (None, None)
+    # the budget rule at its edge: 1 MiB holds one fp32 row of 262144 entries, not of 262145,
+    # in the config as in the kernel
+    cfg = parse("--fused_ce.enable", "--fused_ce.chunk_budget_mib", "1").fused_ce
+    validate(cfg, vocab_size=2 * 262144, tp_degree=2)
+    assert chunk_rows(1, 262144, 4, None, 2**20) == 1
+    with pytest.raises(ValueError, match=r"chunk_budget_mib=1 is too small for one row: "
+                                         r"chunk_budget_bytes=1048576 is smaller"):
+        validate(cfg, vocab_size=2 * 262145, tp_degree=2)
+    with pytest.raises(ValueError, match="chunk_budget_bytes=1048576 is smaller"):
+        chunk_rows(1, 262145, 4, None, 2**20)
+
+
 def test_pp_refused_at_start_up(tmp_path):
     """The launched job exits non-zero within 30 s with one message, before any process group."""
     proc, seconds = run_train(
