@@ -7,6 +7,7 @@ machine it changes nothing.
 """
 
 import sys
+import warnings
 
 import torch
 from torch.distributed.fsdp import FSDPModule
@@ -93,6 +94,78 @@ def _sum_only_fsdp_gradient_division(disable_division):
     return wrapped
 
 
+def _histc_accepting_integers(histc):
+    def wrapped(input, *args, **kwargs):
+        if input.is_floating_point() or input.is_cuda:
+            return histc(input, *args, **kwargs)
+        # CUDA's histc counts integer tensors, the CPU's refuses them ("histogram_cpu" not
+        # implemented for 'Long'): MoE routers count tokens per expert that way. float64 is exact.
+        return histc(input.double(), *args, **kwargs).to(input.dtype)
+
+    return wrapped
+
+
+def _cpu_autocast_accepting_fp32(init):
+    def wrapped(self, device_type, dtype=None, enabled=True, cache_enabled=None):
+        # CUDA autocasts to float32 when asked; the CPU refuses it with a warning and runs without
+        # autocast, so gpt_oss's bf16 blocks meet fp32 activations ("mat1 and mat2 must have the
+        # same dtype"), in the forward and in activation checkpointing's recompute.
+        fp32_on_cpu = device_type == "cpu" and dtype == torch.float32 and enabled
+        init(self, device_type, torch.bfloat16 if fp32_on_cpu else dtype, enabled, cache_enabled)
+        if fp32_on_cpu:
+            self.fast_dtype = torch.float32
+
+    return wrapped
+
+
+def _allow_flex_attention_backward_on_cpu(validate_device):
+    def wrapped(query, key, value):
+        # torch refuses gradients through FlexAttention on the CPU because inductor's CPU kernel
+        # has no backward; the eager path (dense math, no compile) has one and is used instead.
+        if query.device.type != "cpu":
+            validate_device(query, key, value)
+
+    return wrapped
+
+
+def _flex_attention_eager(set_determinism):
+    from torch.nn.attention.flex_attention import flex_attention
+    from torchtitan.models.attention import FlexAttentionWrapper
+
+    def use_eager():
+        # The compiled FlexAttention (inductor's CPU kernel) has no backward; the eager one has.
+        FlexAttentionWrapper._compiled_flex_attn = flex_attention
+
+    def wrapped(*args, **kwargs):
+        set_determinism(*args, **kwargs)
+        use_eager()  # deterministic mode installs a compiled one again
+
+    use_eager()
+    return wrapped
+
+
+def _router_bias_initialized(init_weights):
+    def wrapped(self, init_std):
+        init_weights(self, init_std)
+        # torchtitan 0.2.2 leaves a router's gate bias (gpt_oss: gate_bias=True) as torch.empty:
+        # NaN under debug.deterministic (which fills uninitialized memory), garbage otherwise.
+        # Later torchtitan zeroes it; so does this. Not CPU-specific: GPU runs need it as much.
+        if self.gate.bias is not None:
+            torch.nn.init.zeros_(self.gate.bias)
+
+    return wrapped
+
+
+def _experts_for_loop(update_from_config):
+    def wrapped(self, *args, **kwargs):
+        update_from_config(self, *args, **kwargs)
+        # llama4, deepseek_v3 and gpt_oss drop grouped mm without an SM90 GPU; qwen3 keeps it, and
+        # its token permutation is a Triton kernel ("0 active drivers" on the CPU). Same rule here.
+        self.moe_args.use_grouped_mm = False
+
+    return wrapped
+
+
 def applied() -> bool:
     """Whether this process runs on the CPU shims (no accelerator)."""
     return torch._utils._get_available_device_type() == "cpu"
@@ -110,7 +183,10 @@ def apply() -> None:
 
     from torchtitan.components import metrics
     from torchtitan.distributed import utils as dist_utils
+    from torch.nn.attention import flex_attention as flex_attention_module
     from torchtitan.models.llama3.infra import parallelize as llama3_parallelize
+    from torchtitan.models.moe import moe
+    from torchtitan.models.qwen3.model import args as qwen3_args
 
     # torch.cpu has no memory_stats / get_device_properties / reset_peak_memory_stats.
     metrics.build_device_memory_monitor = CpuRssMonitor
@@ -123,3 +199,16 @@ def apply() -> None:
     llama3_parallelize.disable_fsdp_gradient_division = _sum_only_fsdp_gradient_division(
         llama3_parallelize.disable_fsdp_gradient_division
     )
+    # MoE token counting (deepseek_v3, llama4, qwen3 MoE, gpt_oss) calls histc on int64 (see _histc_accepting_integers).
+    torch.histc = _histc_accepting_integers(torch.histc)
+    # mixed_precision_param = "float32" autocasts to fp32 as on CUDA (see _cpu_autocast_accepting_fp32).
+    torch.autocast.__init__ = _cpu_autocast_accepting_fp32(torch.autocast.__init__)
+    # qwen3 MoE experts run as a for-loop, as the other MoE families do here (see _experts_for_loop).
+    qwen3_args.Qwen3ModelArgs.update_from_config = _experts_for_loop(qwen3_args.Qwen3ModelArgs.update_from_config)
+    # gpt_oss's router bias starts at zero, not uninitialized memory (see _router_bias_initialized).
+    moe.TokenChoiceTopKRouter.init_weights = _router_bias_initialized(moe.TokenChoiceTopKRouter.init_weights)
+    # FlexAttention (gpt_oss; attn_type "flex" elsewhere) runs eagerly: see _flex_attention_eager and
+    # _allow_flex_attention_backward_on_cpu; its warning that eager is unfused is the point here.
+    dist_utils.set_determinism = _flex_attention_eager(dist_utils.set_determinism)
+    flex_attention_module._validate_device = _allow_flex_attention_backward_on_cpu(flex_attention_module._validate_device)
+    warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
