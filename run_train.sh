@@ -50,7 +50,8 @@ if [[ -n "$COMM_MODE" ]]; then
         --comm.mode="$COMM_MODE" --training.steps=1
 fi
 
-exec torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$NGPU" \
+# torchrun, except that a refused job ends with its one message and exit code 2 (parallel/launch.py).
+exec python3 -m parallel.launch --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$NGPU" \
     --rdzv_backend c10d --rdzv_endpoint="$RDZV_ENDPOINT" --rdzv_id="$RDZV_ID" \
     --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
     -m "$TRAIN_FILE" "${config_args[@]}" "$@"

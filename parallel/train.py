@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from parallel import cpu_shims
+from parallel import cpu_shims, launch
 
 cpu_shims.apply()  # before torchtitan is imported: it binds the device type at import time
 
@@ -113,6 +113,7 @@ if __name__ == "__main__":
         main(FusedCETrainer)
     except JobRefused as e:
         logger.error(str(e))
+        launch.record_refusal(str(e))  # run_train.sh's launcher ends with it, exit code 2
         sys.exit(2)
     if cpu_shims.applied():
         _exit_without_teardown()

@@ -1,0 +1,83 @@
+"""torchrun, except that a refused job ends with its one message and exit code 2.
+
+run_train.sh starts the ranks through this (`python -m parallel.launch <torchrun args>`).
+torchrun turns any rank's non-zero exit into ~30 lines of ChildFailedError traceback and
+exit code 1, burying a configuration error under launcher noise. Here each rank that
+refuses its job (parallel.train: JobRefused) writes the message into a folder named by
+$FUSED_CE_REFUSALS; when the ranks fail and that folder holds a message, the launcher's
+own failure logs are dropped, the message is printed once more as the last line of
+stderr, and the exit code is 2. A rank that exits 2 by itself (an unknown option: tyro's
+message) ends the launch with exit code 2 and no traceback as well. Every other failure
+is torchrun's, unchanged.
+"""
+
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+REFUSALS_ENV = "FUSED_CE_REFUSALS"
+USAGE_ERROR = 2  # a refused job's exit code, and a command-line parser's (tyro, argparse)
+
+
+def record_refusal(message: str) -> None:
+    """Called by a rank that refuses its job (a no-op outside this launcher)."""
+    folder = os.environ.get(REFUSALS_ENV)
+    if not folder or not os.path.isdir(folder):
+        return
+    rank = os.environ.get("LOCAL_RANK", "0")
+    tmp = Path(folder) / f".rank{rank}.tmp"
+    tmp.write_text(message)
+    tmp.replace(Path(folder) / f"rank{rank}")  # atomic: the launcher never reads half a message
+
+
+def _refusal(folder: str) -> str | None:
+    for path in sorted(Path(folder).glob("rank*")):
+        if message := path.read_text().strip():
+            return message
+    return None
+
+
+class _QuietAfterRefusal(logging.Filter):
+    """Drops torchrun's failure reports once a rank has refused (they would follow the message)."""
+
+    def __init__(self, folder: str):
+        super().__init__()
+        self.folder = folder
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("torch.distributed"):
+            return True
+        usage_error = record.getMessage().startswith(f"failed (exitcode: {USAGE_ERROR})")
+        return not (usage_error or _refusal(self.folder))
+
+
+def main(argv: list[str]) -> int:
+    from torch.distributed import run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    folder = tempfile.mkdtemp(prefix="fused_ce_refusals_")
+    os.environ[REFUSALS_ENV] = folder  # the ranks inherit it
+    quiet = _QuietAfterRefusal(folder)
+    handlers = {h for name in ("", "torch", "torch.distributed") for h in logging.getLogger(name).handlers}
+    for handler in handlers:
+        handler.addFilter(quiet)
+    try:
+        run.main(argv)
+    except ChildFailedError as e:
+        message = _refusal(folder)
+        if message is not None:
+            print(message, file=sys.stderr, flush=True)
+            return USAGE_ERROR
+        if e.get_first_failure()[1].exitcode == USAGE_ERROR:
+            return USAGE_ERROR  # e.g. an unknown option: the rank's own message (tyro's) is above
+        raise
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

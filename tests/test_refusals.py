@@ -1,0 +1,79 @@
+"""A refused job ends with its one message and exit code 2 (issue 16 item 3).
+
+torchrun used to bury the trainer's refusal under ~30 lines of ChildFailedError and exit 1.
+run_train.sh now launches through parallel/launch.py: one process, two processes and two
+"nodes" (c10d rendezvous on localhost) all end with the message as the last line of stderr
+and exit code 2; other failures keep torchrun's report.
+"""
+
+import os
+import socket
+import subprocess
+import uuid
+
+import pytest
+
+from conftest import ROOT, run_train
+
+pytestmark = pytest.mark.slow  # torchrun jobs
+
+PP_MESSAGE = "[fused_ce] enable=true does not support pipeline parallelism"
+SMOOTHING_MESSAGE = "[fused_ce] label_smoothing must be in [0, 1), got 2"
+
+
+def _last_line(text: str) -> str:
+    return [line for line in text.splitlines() if line.strip()][-1]
+
+
+def assert_refused(proc, message: str) -> None:
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-4000:]
+    assert _last_line(proc.stderr).startswith(message), proc.stderr[-4000:]
+    assert "ChildFailedError" not in output and "Traceback" not in output, output[-4000:]
+    assert f"ERROR - {_last_line(proc.stderr)}" in proc.stdout  # the rank's own log line says the same
+
+
+@pytest.mark.parametrize(
+    "ngpu, args, message",
+    [
+        ("1", ("--fused_ce.enable", "--fused_ce.label_smoothing", "2"), SMOOTHING_MESSAGE),
+        ("2", ("--fused_ce.enable", "--parallelism.pipeline_parallel_degree", "2"), PP_MESSAGE),
+    ],
+    ids=["one-process", "two-processes"],
+)
+def test_refused_job_ends_with_its_message_and_exit_2(tmp_path, ngpu, args, message):
+    proc, _ = run_train(tmp_path, *args, env={"NGPU": ngpu}, check=False)
+    assert_refused(proc, message)
+
+
+def test_refused_multinode_job_ends_with_its_message_and_exit_2(tmp_path):
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "NNODES": "2", "NGPU": "1", "RDZV_ENDPOINT": f"localhost:{port}",
+           "RDZV_ID": uuid.uuid4().hex}
+    nodes = [
+        subprocess.Popen(
+            ["./run_train.sh", "--job.dump_folder", str(tmp_path), "--fused_ce.enable",
+             "--fused_ce.label_smoothing", "2"],
+            cwd=ROOT, env={**env, "NODE_RANK": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    for node in nodes:
+        stdout, stderr = node.communicate(timeout=300)
+        assert_refused(subprocess.CompletedProcess(node.args, node.returncode, stdout, stderr), SMOOTHING_MESSAGE)
+
+
+def test_unknown_option_exits_2_without_launcher_traceback(tmp_path):
+    proc, _ = run_train(tmp_path, "--fused_ce.enabel", check=False)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert "Unrecognized options: --fused_ce.enabel" in proc.stderr
+    assert "ChildFailedError" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_other_failures_keep_torchruns_report(tmp_path):
+    proc, _ = run_train(tmp_path, "--training.dataset", "no_such_dataset", "--training.steps", "1", check=False)
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    assert "ChildFailedError" in proc.stderr
