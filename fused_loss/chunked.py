@@ -5,14 +5,16 @@ For each chunk of C tokens (C from the memory budget):
   2. row statistics of z            (max, sum-exp, target logit, logit sum), fp32
   3. vocab parallel: one all-gather of the [C, 4] statistics -> full log-sum-exp
   4. z := dloss/dz in place         no second [C, V] buffer
-  5. dh_c = z @ W,  dW += z^T @ h_c  (carried across chunks in fp32: see _add_weight_grad)
+  5. dh_c = z @ W,  dW += z^T @ h_c  (dh in fp32, dW carried across chunks in fp32: see
+                                    _input_grad and _add_weight_grad)
 The buffer has the inputs' dtype, so with 16-bit inputs the statistics (step 2) are taken
 from the logits rounded to 16 bits, by design, as eager `F.cross_entropy(h @ W.T)` takes
 them: each row's log-sum-exp is that of the rounded logits, computed in fp32 (an fp32
 buffer would double the bytes per chunk and differ from eager).
 So the [N, V] logits never exist, and the gradients are ready when the forward returns
 (6NDV FLOPs). With no gradient wanted, steps 4-5 are skipped (2NDV). A dW carried in fp32 is
-returned as it is: the backward's one pass scales it and rounds it to the weight's dtype.
+returned as it is: the backward's one pass scales it and rounds it to the weight's dtype;
+so is dh, which is always fp32 here (see _input_grad).
 """
 
 from __future__ import annotations
@@ -65,6 +67,20 @@ def carries_weight_grad_in_fp32(n_tokens: int, chunk: int, weight_dtype: torch.d
     return weight_grad_fp32 and weight_dtype != torch.float32 and n_tokens > chunk
 
 
+def _input_grad(z, weight, out) -> None:
+    """out (fp32) := z @ W. Like dW, dh is rounded to the inputs' dtype once, by the backward's
+    scale pass (by the upstream gradient: 1/tokens for "mean", torchtitan's 1/global tokens
+    for "sum"); a 16-bit dh from the GEMM would be rounded there a second time (measured at
+    the 8B head, "mean": 2.39e-3 against fp64, 1.43x its "sum" error). Costs N*D*2 bytes
+    more than a 16-bit dh until the backward."""
+    if z.dtype == torch.float32:
+        torch.mm(z, weight, out=out)
+    elif z.device.type == "cuda":
+        torch.mm(z, weight, out_dtype=torch.float32, out=out)
+    else:  # no out_dtype GEMMs on CPU: the exact upcast, then an fp32 GEMM
+        torch.mm(z.float(), weight.float(), out=out)
+
+
 def _add_weight_grad(dw, acc, z, h_c, first: bool) -> None:
     """dW (+)= z^T @ h_c. Every GEMM accumulates in fp32 inside; across chunks, a 16-bit dW
     would be rounded once per chunk (bf16: ~1e-3 relative each time, measured 1.6e-3 -> 2.4e-3
@@ -89,7 +105,8 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
         lse_in: torch.Tensor | None = None, grad_rows: torch.Tensor | None = None):
     """hidden [N, D], weight [V_local, D], labels [N] -> (loss [N], lse [N], dh, dW).
 
-    dW is fp32 when carries_weight_grad_in_fp32, else in the weight's dtype.
+    dh is fp32 and dW is fp32 when carries_weight_grad_in_fp32, else in the weight's dtype:
+    the backward scales them and rounds them to the inputs' dtypes.
     With lse_in and grad_rows (the backward of reduction="none"): recompute z, skip the
     statistics and the collective, and return only (dh, dW) scaled per row by grad_rows.
     """
@@ -105,7 +122,9 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
     acc = None
     if want_grad:
         dense = torch.contiguous_format  # the backward's scale pass walks them flat
-        dh = torch.empty_like(hidden, memory_format=dense)
+        # the recompute's dh is final (the per-row upstream gradients are in z already)
+        dh = torch.empty_like(hidden, memory_format=dense, dtype=hidden.dtype if recompute
+                              else torch.float32)
         if carries_weight_grad_in_fp32(n_tokens, chunk, weight.dtype, weight_grad_fp32):
             acc = dw = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
         elif n_tokens == 0:
@@ -136,7 +155,10 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
                 full_lse = stats[:, 0] + torch.log(stats[:, 1])
                 rows.row_grad_(z, full_lse, y_c, unit_scale.expand(last - first), opts)
         if want_grad:
-            torch.mm(z, weight, out=dh[first:last])
+            if recompute:
+                torch.mm(z, weight, out=dh[first:last])
+            else:
+                _input_grad(z, weight, dh[first:last])
             _add_weight_grad(dw, acc, z, h_c, first == 0)
     if recompute:
         return dh, dw

@@ -56,14 +56,15 @@ def _(hidden, weight, labels, *, chunk, want_grad, weight_grad_fp32, **_):
     if want_grad:
         fp32 = chunked.carries_weight_grad_in_fp32(n, chunk, weight.dtype, weight_grad_fp32)
         dw = torch.empty_like(weight, dtype=torch.float32 if fp32 else weight.dtype)
-        return loss, lse, torch.empty_like(hidden), dw
+        return loss, lse, torch.empty_like(hidden, dtype=torch.float32), dw
     return loss, lse, hidden.new_empty(0), hidden.new_empty(0)
 
 
 def _sum_setup_context(ctx, inputs, keyword_only_inputs, output):
     _, _, dh, dw = output
     ctx.save_for_backward(dh, dw)
-    ctx.weight_dtype, ctx.backend = inputs[1].dtype, keyword_only_inputs["backend"]
+    ctx.hidden_dtype, ctx.weight_dtype = inputs[0].dtype, inputs[1].dtype
+    ctx.backend = keyword_only_inputs["backend"]
     # The dh / dW outputs are never used downstream: left materialized, their zero
     # "gradients" would be a second dW-sized buffer (2 GiB fp32 at the 8B head) in backward.
     ctx.set_materialize_grads(False)
@@ -76,16 +77,29 @@ def _sum_backward(ctx, grad_loss, grad_lse, grad_dh, grad_dw):
     dh, dw = ctx.saved_tensors
     op = torch.ops.fused_loss.lce_sum.default
     if torch.compiler.is_compiling() or is_fake(dh):  # traced (AOT autograd): graph ops
-        return _input_grads(op, hidden=dh * grad_loss,
+        return _input_grads(op, hidden=(dh * grad_loss).to(ctx.hidden_dtype),
                             weight=(dw * grad_loss).to(ctx.weight_dtype))
-    # In place where the dtype allows: a second dW-sized buffer would be the op's peak memory.
-    # The saved gradients are ours alone; a second backward through the graph is refused by
-    # autograd's version counter ("modified by an inplace operation"), never wrong.
     rows = chunked.rows_backend(ctx.backend)
-    rows.scale_into(dh, grad_loss, dh)
-    dw_out = dw if dw.dtype == ctx.weight_dtype else torch.empty_like(dw, dtype=ctx.weight_dtype)
-    rows.scale_into(dw, grad_loss, dw_out)
-    return _input_grads(op, hidden=dh, weight=dw_out)
+    return _input_grads(op, hidden=_scale_and_round(rows, dh, grad_loss, ctx.hidden_dtype),
+                        weight=_scale_and_round(rows, dw, grad_loss, ctx.weight_dtype))
+
+
+def _scale_and_round(rows, saved: Tensor, grad_loss: Tensor, dtype: torch.dtype) -> Tensor:
+    """saved * grad_loss, rounded once to `dtype`. In place where saved has that dtype: a
+    second dW-sized buffer would be the op's peak memory. Else into a new tensor, and the fp32
+    buffer's memory is released right away (not when autograd drops the node), so the fp32 dh
+    and dW are never held together with both of their rounded copies. The saved gradients
+    are ours alone (the API drops those outputs); a second backward through the graph is
+    refused by autograd's version counter ("modified by an inplace operation"), never wrong.
+    """
+    if saved.dtype == dtype:
+        rows.scale_into(saved, grad_loss, saved)
+        return saved
+    out = torch.empty_like(saved, dtype=dtype)
+    rows.scale_into(saved, grad_loss, out)
+    torch.autograd.graph.increment_version(saved)
+    saved.untyped_storage().resize_(0)
+    return out
 
 
 lce_sum.register_autograd(_sum_backward, setup_context=_sum_setup_context)
