@@ -40,9 +40,25 @@ if (( gpus > 0 )); then
     export PYTORCH_ALLOC_CONF=${PYTORCH_ALLOC_CONF:-expandable_segments:True}
 fi
 export LOG_RANK
+# Progress bars redrawn with \r inside torchrun's "[rank0]:" lines are noise, not progress.
+export HF_DATASETS_DISABLE_PROGRESS_BARS=${HF_DATASETS_DISABLE_PROGRESS_BARS:-1}
+if (( gpus == 0 && NGPU > 1 )); then
+    # Without it torchrun prints a banner and gives each process 1 thread; share the cores instead.
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NGPU > 1 ? $(nproc) / NGPU : 1 ))}
+fi
 
 # Makes the [fused_ce] section known to torchtitan's config parser.
 config_args=(--job.config_file "$CONFIG_FILE" --job.custom_config_module=parallel.config)
+# Colour codes only on a terminal: piped or redirected logs stay plain text.
+[[ -t 1 ]] || config_args+=(--metrics.disable_color_printing)
+
+for arg in "$@"; do
+    if [[ "$arg" == -h || "$arg" == --help ]]; then
+        # One process, no torchrun: the help without "[rank0]:" on every line.
+        echo "run_train.sh: the fused head's options (--fused_ce.*) are the last section, 'fused-ce options'."
+        exec python3 -m "$TRAIN_FILE" "${config_args[@]}" "$@"
+    fi
+done
 
 if [[ -n "$COMM_MODE" ]]; then
     # Like torchtitan's script: the forced flags come last, so they win.

@@ -2,14 +2,19 @@
 
 torchtitan assumes an accelerator: it binds `device_type` when it is imported
 and falls back to "cuda" on a CPU-only machine. `apply()` must therefore run
-before anything imports torchtitan; `parallel/__init__.py` calls it. On a GPU
-machine it changes nothing.
+before anything imports torchtitan; `parallel/train.py` (and the tests'
+conftest) call it. On a GPU machine it only tidies two log texts (see
+`_tidy_logs`); everything else is CPU-only.
 """
 
+import logging
+import os
+import re
 import sys
 import warnings
 
 import torch
+from torch.distributed.distributed_c10d import ProcessGroupGloo
 from torch.distributed.fsdp import FSDPModule
 
 _GIB = 2**30
@@ -63,6 +68,8 @@ class _RenameMemoryTags:
     def log(self, metrics, step):
         renamed = {}
         for key, value in metrics.items():
+            if key == "mfu(%)":
+                continue  # no peak FLOPS for a CPU: see _peak_flops_unknown
             if "memory/" in key:
                 if "num_alloc_retries" in key or "num_ooms" in key:
                     continue  # CUDA caching-allocator counters; meaningless here
@@ -78,9 +85,13 @@ class _RenameMemoryTags:
 def _set_pg_timeouts_without_device_barrier(timeout, parallel_dims):
     # torchtitan's version calls barrier(device_ids=[...]), which only NCCL accepts (TypeError on gloo).
     torch.distributed.barrier()
-    for mesh in parallel_dims.get_all_one_dimensional_meshes().values():
-        torch.distributed.distributed_c10d._set_pg_timeout(timeout, mesh.get_group())
-    torch.distributed.distributed_c10d._set_pg_timeout(timeout, None)
+    groups = [mesh.get_group() for mesh in parallel_dims.get_all_one_dimensional_meshes().values()]
+    for group in [*groups, torch.distributed.distributed_c10d._get_default_group()]:
+        # Size-1 mesh dimensions get a FakeProcessGroup, where torch would only warn ("Set timeout
+        # is now only supported for either nccl or gloo"): set gloo groups' timeouts, skip the rest.
+        cpu = torch.device("cpu")
+        if cpu in group._device_types and isinstance(group._get_backend(cpu), ProcessGroupGloo):
+            torch.distributed.distributed_c10d._set_pg_timeout(timeout, group)
 
 
 def _sum_only_fsdp_gradient_division(disable_division):
@@ -166,14 +177,60 @@ def _experts_for_loop(update_from_config):
     return wrapped
 
 
+def _peak_flops_unknown(device_name: str) -> float:
+    # torchtitan runs lspci (absent: a warning) and then measures a CPU against an A100's peak
+    # (another warning, and a meaningless MFU). NaN makes the MFU "n/a" (see _LogText).
+    return float("nan")
+
+
+def _without_nccl_environment(init_distributed):
+    def wrapped(*args, **kwargs):
+        # torchrun sets TORCH_NCCL_ASYNC_ERROR_HANDLING; torchtitan then warns that it overrides it.
+        # NCCL and its flight recorder play no part on the CPU.
+        for name in ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCH_NCCL_DUMP_ON_TIMEOUT",
+                     "TORCH_FR_BUFFER_SIZE", "TORCH_FR_DUMP_TEMP_FILE"):
+            os.environ.pop(name, None)
+        return init_distributed(*args, **kwargs)
+
+    return wrapped
+
+
+class _LogText(logging.Filter):
+    """Rewrites torchtitan log lines that mislead (it logs finished f-strings on the root logger)."""
+
+    def __init__(self, cpu: bool):
+        super().__init__()
+        self.cpu = cpu
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and not record.args:
+            msg = re.sub(r"^(Building \S+ \S+)with ", r"\1 with ", record.msg)  # torchtitan's missing space
+            if self.cpu:
+                msg = msg.replace("mfu: nan%", "mfu: n/a")
+                if msg.startswith("Peak FLOPS used for computing MFU"):
+                    msg = "MFU: n/a on CPU (no peak FLOPS to measure against)"
+            record.msg = msg
+        return True
+
+
+def _tidy_logs(cpu: bool) -> None:
+    logging.getLogger().addFilter(_LogText(cpu))
+    # torchdata's own call of a deprecated torch API; nothing a user can act on.
+    warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+
+
 def applied() -> bool:
     """Whether this process runs on the CPU shims (no accelerator)."""
     return torch._utils._get_available_device_type() == "cpu"
 
 
 def apply() -> None:
-    """Patch torchtitan for a CPU-only machine; a no-op where an accelerator exists."""
-    if torch._utils._get_available_device_type() is not None:
+    """Patch torchtitan for a CPU-only machine; where an accelerator exists, only `_tidy_logs`."""
+    device = torch._utils._get_available_device_type()
+    if device == "cpu":
+        return  # applied already (torch itself says None on a CPU-only machine)
+    if device is not None:
+        _tidy_logs(cpu=False)
         return
     if "torchtitan" in sys.modules:
         raise RuntimeError("parallel.cpu_shims.apply() must run before torchtitan is imported")
@@ -187,12 +244,19 @@ def apply() -> None:
     from torchtitan.models.llama3.infra import parallelize as llama3_parallelize
     from torchtitan.models.moe import moe
     from torchtitan.models.qwen3.model import args as qwen3_args
+    from torchtitan.tools import utils as titan_utils
+
+    _tidy_logs(cpu=True)
 
     # torch.cpu has no memory_stats / get_device_properties / reset_peak_memory_stats.
     metrics.build_device_memory_monitor = CpuRssMonitor
     # Memory tags name what they measure (process RSS), see _RenameMemoryTags.
     build_logger = metrics._build_metric_logger
     metrics._build_metric_logger = lambda *a, **k: _RenameMemoryTags(build_logger(*a, **k))
+    # MFU says n/a, without lspci or A100 warnings (see _peak_flops_unknown); tensorboard drops it.
+    titan_utils.get_peak_flops = _peak_flops_unknown
+    # No NCCL environment warnings (see _without_nccl_environment).
+    dist_utils.init_distributed = _without_nccl_environment(dist_utils.init_distributed)
     # gloo's barrier takes no device_ids.
     dist_utils.set_pg_timeouts = _set_pg_timeouts_without_device_barrier
     # FSDP on gloo (see _sum_only_fsdp_gradient_division).
