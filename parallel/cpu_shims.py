@@ -4,13 +4,15 @@ torchtitan assumes an accelerator: it binds `device_type` when it is imported
 and falls back to "cuda" on a CPU-only machine. `apply()` must therefore run
 before anything imports torchtitan; `parallel/train.py` (and the tests'
 conftest) call it. On a GPU machine it only tidies two log texts (see
-`_tidy_logs`); everything else is CPU-only.
+`_tidy_logs`) and names each run's TensorBoard folder apart (see
+`_one_folder_per_run`); everything else is CPU-only.
 """
 
 import logging
 import os
 import re
 import sys
+import time
 import warnings
 
 import torch
@@ -219,6 +221,34 @@ def _tidy_logs(cpu: bool) -> None:
     warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
 
+RUN_ENV = "FUSED_CE_RUN"  # set by parallel/launch.py, so that every rank of a job names the same run
+
+
+def run_name() -> str:
+    """This job's TensorBoard run folder name: to the second, plus the launcher's pid."""
+    if not os.environ.get(RUN_ENV):
+        os.environ[RUN_ENV] = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    return os.environ[RUN_ENV]
+
+
+class _RunFolderClock:
+    """Stands in for `datetime` in torchtitan's metrics module, whose one use of it names the run
+    folder to the minute: two short runs started in one minute then share a folder."""
+
+    @staticmethod
+    def now():
+        return _RunFolderClock()
+
+    def strftime(self, fmt: str) -> str:
+        return run_name()
+
+
+def _one_folder_per_run() -> None:
+    from torchtitan.components import metrics
+
+    metrics.datetime = _RunFolderClock
+
+
 def applied() -> bool:
     """Whether this process runs on the CPU shims (no accelerator)."""
     return torch._utils._get_available_device_type() == "cpu"
@@ -231,6 +261,7 @@ def apply() -> None:
         return  # applied already (torch itself says None on a CPU-only machine)
     if device is not None:
         _tidy_logs(cpu=False)
+        _one_folder_per_run()
         return
     if "torchtitan" in sys.modules:
         raise RuntimeError("parallel.cpu_shims.apply() must run before torchtitan is imported")
@@ -247,6 +278,7 @@ def apply() -> None:
     from torchtitan.tools import utils as titan_utils
 
     _tidy_logs(cpu=True)
+    _one_folder_per_run()
 
     # torch.cpu has no memory_stats / get_device_properties / reset_peak_memory_stats.
     metrics.build_device_memory_monitor = CpuRssMonitor

@@ -8,7 +8,8 @@ $FUSED_CE_REFUSALS; when the ranks fail and that folder holds a message, the lau
 own failure logs are dropped, the message is printed once more as the last line of
 stderr, and the exit code is 2. A rank that exits 2 by itself (an unknown option: tyro's
 message) ends the launch with exit code 2 and no traceback as well. Every other failure
-is torchrun's, unchanged.
+is torchrun's, unchanged. It also names this job's TensorBoard run folder once, for all
+its local ranks (cpu_shims.run_name).
 """
 
 import logging
@@ -17,6 +18,8 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+from parallel import cpu_shims
 
 REFUSALS_ENV = "FUSED_CE_REFUSALS"
 USAGE_ERROR = 2  # a refused job's exit code, and a command-line parser's (tyro, argparse)
@@ -60,6 +63,7 @@ def main(argv: list[str]) -> int:
 
     folder = tempfile.mkdtemp(prefix="fused_ce_refusals_")
     os.environ[REFUSALS_ENV] = folder  # the ranks inherit it
+    cpu_shims.run_name()  # one TensorBoard run folder name for all local ranks
     quiet = _QuietAfterRefusal(folder)
     handlers = {h for name in ("", "torch", "torch.distributed") for h in logging.getLogger(name).handlers}
     for handler in handlers:
