@@ -10,6 +10,8 @@
 # COMM_MODE     fake_backend | local_tensor: one-process dry run of an NGPU-rank job (1 step)
 # NNODES, NODE_RANK, RDZV_ENDPOINT (host:port of node 0), RDZV_ID: multi-node over torchrun's
 #               c10d rendezvous; run the same command on every node.
+# FUSED_CE_RUN  name of this run's TensorBoard folder under <dump_folder>/tb (default: start time
+#               to the second + the launcher's pid, so runs never share one; give every node the same)
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
