@@ -224,11 +224,16 @@ def _tidy_logs(cpu: bool) -> None:
 RUN_ENV = "FUSED_CE_RUN"  # set by parallel/launch.py, so that every rank of a job names the same run
 
 
+_run_name: str | None = None
+
+
 def run_name() -> str:
-    """This job's TensorBoard run folder name: to the second, plus the launcher's pid."""
-    if not os.environ.get(RUN_ENV):
-        os.environ[RUN_ENV] = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    return os.environ[RUN_ENV]
+    """This job's TensorBoard run folder name: $FUSED_CE_RUN, else to the second plus this pid.
+    Kept in this process only: processes it starts (tests' jobs) must name their own runs."""
+    global _run_name
+    if _run_name is None:
+        _run_name = os.environ.get(RUN_ENV) or f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    return _run_name
 
 
 class _RunFolderClock:

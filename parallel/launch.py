@@ -63,7 +63,7 @@ def main(argv: list[str]) -> int:
 
     folder = tempfile.mkdtemp(prefix="fused_ce_refusals_")
     os.environ[REFUSALS_ENV] = folder  # the ranks inherit it
-    cpu_shims.run_name()  # one TensorBoard run folder name for all local ranks
+    os.environ[cpu_shims.RUN_ENV] = cpu_shims.run_name()  # one TensorBoard run name for all local ranks
     quiet = _QuietAfterRefusal(folder)
     handlers = {h for name in ("", "torch", "torch.distributed") for h in logging.getLogger(name).handlers}
     for handler in handlers:

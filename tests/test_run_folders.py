@@ -5,15 +5,26 @@ share it (and a report then saw one run). parallel/cpu_shims.py names it to the 
 the launcher's pid; all ranks of one job use the same name.
 """
 
+import os
+
 import pytest
 
 from conftest import FAST, run_train
-
-pytestmark = pytest.mark.slow  # torchrun jobs
+from parallel import cpu_shims
 
 QUICK = (*FAST, "--training.steps", "1", "--validation.no-enable")
 
 
+def test_run_name_stays_in_its_process(monkeypatch):
+    """A name picked in-process (tests build trainers in pytest) must not leak into the jobs it starts."""
+    monkeypatch.delenv(cpu_shims.RUN_ENV, raising=False)
+    monkeypatch.setattr(cpu_shims, "_run_name", None)
+    name = cpu_shims.run_name()
+    assert name.endswith(f"-{os.getpid()}") and cpu_shims.run_name() == name
+    assert cpu_shims.RUN_ENV not in os.environ
+
+
+@pytest.mark.slow
 def test_two_runs_into_one_dump_get_two_folders(tmp_path):
     run_train(tmp_path, *QUICK)
     run_train(tmp_path, *QUICK, "--fused_ce.enable")
@@ -22,6 +33,7 @@ def test_two_runs_into_one_dump_get_two_folders(tmp_path):
     assert all(list((tmp_path / "tb" / run).glob("events.out.tfevents.*")) for run in runs)
 
 
+@pytest.mark.slow
 def test_ranks_of_one_job_share_its_folder(tmp_path):
     run_train(tmp_path, *QUICK, "--metrics.save_for_all_ranks", env={"NGPU": "2"})
     (run,) = (tmp_path / "tb").iterdir()
