@@ -26,7 +26,7 @@ from torchtitan.components.loss import IGNORE_INDEX
 
 from fused_loss import fused_linear_cross_entropy
 
-from parallel.config import FusedCE
+from parallel.config import FusedCE, kernel_options
 from parallel.metrics import FusedCEStats
 
 
@@ -46,17 +46,20 @@ class FusedLMHead(nn.Linear):
         self.options = dict(
             ignore_index=IGNORE_INDEX,
             reduction="sum",  # torchtitan divides by the global valid-token count
-            label_smoothing=cfg.label_smoothing,
-            z_loss=cfg.z_loss,
-            logit_softcap=cfg.logit_softcap or None,
-            backend=cfg.backend,
-            chunk_size=cfg.chunk_size or None,
-            chunk_budget_bytes=cfg.chunk_budget_mib * 2**20,
             check_labels=False,  # the trainer checks the CPU labels instead (a device check syncs)
-            weight_grad_fp32=cfg.weight_grad_fp32,
+            **kernel_options(cfg),
         )
         self.stats = FusedCEStats()
         self._labels: torch.Tensor | None = None
+
+    def vocab_slice(self) -> tuple[int, int, int]:
+        """(vocab_start, rows, vocab_size): the vocabulary rows this rank holds (all of them
+        without TP; a Shard(0) slice under TP, uneven where the vocabulary does not divide)."""
+        if not isinstance(self.weight, DTensor):
+            return 0, self.weight.shape[0], self.weight.shape[0]
+        w = self.weight
+        local, offset = compute_local_shape_and_global_offset(w.shape, w.device_mesh, w.placements)
+        return offset[0], local[0], w.shape[0]
 
     def expect_labels(self, labels: torch.Tensor) -> None:
         """The labels the next forward scores (the trainer calls this before each model forward)."""
@@ -77,20 +80,15 @@ class FusedLMHead(nn.Linear):
             # (uneven shards allowed). The input gradient of the op is a partial sum over
             # the TP ranks; marking it Partial lets DTensor reduce-scatter it back to Shard(1).
             mesh = weight.device_mesh
-            _, offset = compute_local_shape_and_global_offset(weight.shape, mesh, weight.placements)
-            parallel = dict(vocab_start=offset[0], vocab_size=weight.shape[0], process_group=mesh.get_group())
+            vocab_start, _, vocab_size = self.vocab_slice()
+            parallel = dict(vocab_start=vocab_start, vocab_size=vocab_size, process_group=mesh.get_group())
             hidden = hidden.redistribute(mesh, [Replicate()]).to_local(grad_placements=[Partial()])
             weight = weight.to_local()
 
-        device_type = hidden.device.type
-        if torch.is_autocast_enabled(device_type):
-            # The op takes hidden and weight in one dtype; autocast would have run the head in its dtype.
-            dtype = torch.get_autocast_dtype(device_type)
-            hidden, weight = hidden.to(dtype), weight.to(dtype)
-        with torch.autocast(device_type, enabled=False):
-            loss, aux = fused_linear_cross_entropy(
-                hidden, weight, labels, **self.options, **parallel, return_aux=True
-            )
+        # Under autocast the op computes in autocast's dtype, as the baseline's F.linear would.
+        loss, aux = fused_linear_cross_entropy(
+            hidden, weight, labels, **self.options, **parallel, return_aux=True
+        )
         if self.training:  # validation runs in eval mode and stays out of the training stats
             self.stats.update(aux.lse.sum(), aux.z_loss, aux.valid_tokens)
 

@@ -6,6 +6,7 @@ exists); each batch's labels handed to the fused head before the forward; the
 label range check on the CPU copy of each batch; the fused stats logged.
 """
 
+import dataclasses
 import logging
 import os
 import sys
@@ -15,11 +16,13 @@ from parallel import cpu_shims, launch
 cpu_shims.apply()  # before torchtitan is imported: it binds the device type at import time
 
 import torch  # noqa: E402
+from torchtitan.config import TORCH_DTYPE_MAP  # noqa: E402
 from torchtitan.components.loss import IGNORE_INDEX  # noqa: E402
 from torchtitan.tools.logging import logger  # noqa: E402
 from torchtitan.train import main, Trainer  # noqa: E402
 
-from fused_loss import check_label_range  # noqa: E402
+from fused_loss import check_label_range, chunk_rows, pick_backend  # noqa: E402
+from fused_loss.chunked import carries_weight_grad_in_fp32  # noqa: E402
 
 from parallel import config  # noqa: E402
 from parallel.embedded_data import register_datasets  # noqa: E402
@@ -28,9 +31,16 @@ from parallel.specs import JobRefused, PP_REFUSAL, register_train_specs, served_
 
 
 def check_job(job_config) -> None:
-    """Start-up checks of `[fused_ce]` (none while it is off): JobRefused names the setting."""
+    """Start-up checks of `[fused_ce]`: JobRefused names the setting; while it is off, a
+    warning names any other `[fused_ce]` setting, which then does nothing."""
     cfg = job_config.fused_ce
     if not cfg.enable:
+        ignored = [f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
+                   if f.name != "enable" and getattr(cfg, f.name) != f.default]
+        if ignored:
+            logger.warning(f"[fused_ce] enable is off, so {', '.join(ignored)} "
+                           f"{'does' if len(ignored) == 1 else 'do'} nothing; "
+                           "turn the fused head on with --fused_ce.enable")
         return
     pp = job_config.parallelism.pipeline_parallel_degree
     if pp > 1:
@@ -40,6 +50,37 @@ def check_job(job_config) -> None:
         config.validate(cfg, model_args.vocab_size, job_config.parallelism.tensor_parallel_degree)
     except ValueError as e:
         raise JobRefused(str(e)) from None
+
+
+def describe_head(job_config, head, parallel_dims) -> str:
+    """The start-up line of a fused run: what the head will do, in the job's own terms."""
+    cfg, training = job_config.fused_ce, job_config.training
+    start, v_local, vocab = head.vocab_slice()
+    # What the op sees: FSDP casts to the mixed-precision dtype, one device autocasts to it,
+    # TP or PP without FSDP trains in fp32 (torchtitan's maybe_enable_amp).
+    fp32 = not parallel_dims.fsdp_enabled and (parallel_dims.tp_enabled or parallel_dims.pp_enabled)
+    dtype = torch.float32 if fp32 else TORCH_DTYPE_MAP[training.mixed_precision_param]
+    dtype_name = str(dtype).removeprefix("torch.")
+    tokens = training.local_batch_size * training.seq_len // parallel_dims.cp
+    options = config.kernel_options(cfg)
+    rows = chunk_rows(tokens, v_local, dtype.itemsize, options["chunk_size"],
+                      options["chunk_budget_bytes"])
+    plan = (f"chunk_size={cfg.chunk_size}" if cfg.chunk_size
+            else f"chunk_budget_mib={cfg.chunk_budget_mib} of {dtype_name} logits")
+    if carries_weight_grad_in_fp32(tokens, rows, dtype, cfg.weight_grad_fp32):
+        dw = "carried across chunks in fp32"
+    elif tokens > rows and dtype != torch.float32:
+        dw = f"carried across chunks in {dtype_name}"
+    else:
+        dw = f"in {dtype_name} (no carry: one chunk or fp32)"
+    active = [f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
+              if f.name in ("label_smoothing", "z_loss", "logit_softcap", "check_labels")
+              and getattr(cfg, f.name) != f.default]
+    return (f"[fused_ce] on: backend {pick_backend(cfg.backend, head.weight.device.type)}; "
+            f"{-(-tokens // rows)} chunk(s) of {rows} of {tokens} tokens per micro-batch ({plan}); "
+            f"dW {dw}; vocab rows [{start}, {start + v_local}) of {vocab} on this rank"
+            f"{f' (TP={parallel_dims.tp})' if parallel_dims.tp_enabled else ''}; "
+            f"options: {', '.join(active) or 'none'}")
 
 
 def check_labels(labels: torch.Tensor, vocab_size: int) -> None:
@@ -82,6 +123,7 @@ class FusedCETrainer(Trainer):
             # Token statistics differ across data-parallel and CP ranks, not across TP ranks.
             loss_mesh = self.parallel_dims.get_optional_mesh("loss")
             head.stats.reduce_group = loss_mesh.get_group() if loss_mesh is not None else None
+            logger.info(describe_head(job_config, head, self.parallel_dims))
 
     def train_step(self, data_iterator):
         super().train_step(data_iterator)

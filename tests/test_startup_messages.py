@@ -1,0 +1,73 @@
+"""What a job says at start-up about the fused head (issue 16 items 1-2): one line when it is on,
+and a warning naming any `[fused_ce]` setting that does nothing because it is off."""
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import ROOT
+from torchtitan.config import ConfigManager
+
+from parallel.config import FusedCE
+from parallel.fused_head import FusedLMHead
+from parallel.train import check_job, describe_head
+
+
+def parse(*args: str):
+    return ConfigManager().parse_args(["--job.custom_config_module=parallel.config", "--job.config_file",
+                                       str(ROOT / "train_configs" / "debug_model.toml"), *args])
+
+
+def test_settings_ignored_while_off_are_named(caplog):
+    with caplog.at_level(logging.WARNING):
+        check_job(parse("--fused_ce.label_smoothing", "0.1", "--fused_ce.no-weight_grad_fp32"))
+    warnings = [r.getMessage() for r in caplog.records if "[fused_ce]" in r.getMessage()]
+    assert warnings == ["[fused_ce] enable is off, so label_smoothing=0.1, weight_grad_fp32=False do "
+                        "nothing; turn the fused head on with --fused_ce.enable"]
+
+
+@pytest.mark.parametrize("args", [(), ("--fused_ce.enable", "--fused_ce.label_smoothing", "0.1")])
+def test_no_warning_when_nothing_is_ignored(args, caplog):
+    with caplog.at_level(logging.WARNING):
+        check_job(parse(*args))
+    assert not [r for r in caplog.records if "[fused_ce]" in r.getMessage()]
+
+
+def _dims(**kw):
+    base = dict(fsdp_enabled=False, tp_enabled=False, pp_enabled=False, cp=1, tp=1)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def _head(vocab=1000, dim=8, **cfg):
+    return FusedLMHead(torch.nn.Linear(dim, vocab, bias=False), FusedCE(enable=True, **cfg))
+
+
+def test_start_up_line_one_gpu_bf16():
+    # 2 x 4096 tokens of bf16 logits over 100000 entries in a 512 MiB budget: 2684 rows per
+    # chunk at most -> 4 balanced chunks of 2048 rows (multiples of 128), dW carried in fp32.
+    job = parse("--fused_ce.enable", "--fused_ce.chunk_budget_mib", "512", "--fused_ce.z_loss", "1e-4",
+                "--training.seq_len", "4096", "--training.mixed_precision_param", "bfloat16")
+    line = describe_head(job, _head(vocab=100_000), _dims(fsdp_enabled=True))
+    assert line == ("[fused_ce] on: backend torch; 4 chunk(s) of 2048 of 8192 tokens per micro-batch "
+                    "(chunk_budget_mib=512 of bfloat16 logits); dW carried across chunks in fp32; "
+                    "vocab rows [0, 100000) of 100000 on this rank; options: z_loss=0.0001")
+
+
+def test_start_up_line_fp32_one_chunk():
+    job = parse("--fused_ce.enable", "--fused_ce.no-check_labels")
+    line = describe_head(job, _head(), _dims())
+    assert "1 chunk(s) of 512 of 512 tokens per micro-batch (chunk_budget_mib=1024 of float32 logits)" in line
+    assert "dW in float32 (no carry: one chunk or fp32)" in line
+    assert line.endswith("options: check_labels=False")
+
+
+def test_start_up_line_tp_alone_is_fp32_and_names_the_slice():
+    job = parse("--fused_ce.enable", "--fused_ce.chunk_size", "100", "--fused_ce.no-weight_grad_fp32",
+                "--training.mixed_precision_param", "bfloat16")
+    head = _head(vocab=11)
+    head.vocab_slice = lambda: (6, 5, 11)  # rank 1 of an uneven TP=2 split
+    line = describe_head(job, head, _dims(tp_enabled=True, tp=2, cp=1))
+    assert "6 chunk(s) of 100 of 512 tokens per micro-batch (chunk_size=100)" in line
+    assert "dW in float32 (no carry: one chunk or fp32)" in line  # TP alone trains in fp32
+    assert "vocab rows [6, 11) of 11 on this rank (TP=2)" in line
