@@ -25,15 +25,17 @@ REFUSALS_ENV = "FUSED_CE_REFUSALS"
 USAGE_ERROR = 2  # a refused job's exit code, and a command-line parser's (tyro, argparse)
 
 
-def record_refusal(message: str) -> None:
-    """Called by a rank that refuses its job (a no-op outside this launcher)."""
+def record_refusal(message: str) -> bool:
+    """Called by a rank that refuses its job; whether the launcher will print the message
+    (False outside this launcher: the rank must say it itself)."""
     folder = os.environ.get(REFUSALS_ENV)
     if not folder or not os.path.isdir(folder):
-        return
+        return False
     rank = os.environ.get("LOCAL_RANK", "0")
     tmp = Path(folder) / f".rank{rank}.tmp"
     tmp.write_text(message)
     tmp.replace(Path(folder) / f"rank{rank}")  # atomic: the launcher never reads half a message
+    return True
 
 
 def _refusal(folder: str) -> str | None:

@@ -154,8 +154,8 @@ if __name__ == "__main__":
     try:
         main(FusedCETrainer)
     except JobRefused as e:
-        logger.error(str(e))
-        launch.record_refusal(str(e))  # run_train.sh's launcher ends with it, exit code 2
+        if not launch.record_refusal(str(e)):  # run_train.sh's launcher ends with it, exit code 2
+            logger.error(str(e))
         sys.exit(2)
     if cpu_shims.applied():
         _exit_without_teardown()

@@ -28,7 +28,8 @@ CASES = [(c, "one") for c in ("qwen3_debug", "llama4_debug", "deepseek_v3_debug"
 def train(dump, config: str, layout: str, *args: str, steps: int = STEPS):
     ngpu, layout_args = LAYOUTS[layout]
     run_train(dump, *FAST, *NO_VALIDATION, "--training.steps", str(steps), *layout_args, *args,
-              env={"CONFIG_FILE": str(ROOT / "train_configs" / f"{config}.toml"), "NGPU": ngpu})
+              env={"CONFIG_FILE": str(ROOT / "train_configs" / f"{config}.toml"), "NGPU": ngpu},
+              timeout=900)
     return dump
 
 
