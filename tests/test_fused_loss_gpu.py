@@ -111,8 +111,9 @@ def test_dh_rounded_once_under_mean():
         for who, got in (("fused", fused), ("eager", eager)):
             errors[reduction, who] = [_rel(got[i], ref[i] * scale) for i in (1, 2)]
     print(f"\ndh, dW rel err: {errors}")
-    for i in (0, 1):  # dh, dW
-        assert errors["mean", "fused"][i] <= 1.05 * errors["sum", "fused"][i]
+    # dh rounded once: "mean" as accurate as "sum" (measured 1.669e-3 vs 1.667e-3 at 7e7c59e)
+    assert errors["mean", "fused"][0] <= 1.05 * errors["sum", "fused"][0]
+    for i in (0, 1):  # dh, dW: no less accurate than eager's "mean" (the bar)
         assert errors["mean", "fused"][i] <= 1.05 * errors["mean", "eager"][i]
 
 
