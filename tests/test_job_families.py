@@ -1,7 +1,13 @@
 """End to end on CPU (gloo, fp32): every torchtitan decoder family's debug config, as torchtitan
 names it, trains with `--fused_ce.enable` added and nothing else, and gives the baseline's
 per-step losses; tied (qwen3) and MoE (deepseek_v3) under TP=2 and FSDP=2; checkpoints cross
-between the two modes. (llama3, the default config, is covered by test_job.py.)
+between the two modes. (llama3, the default config, is covered by test_job.py; qwen3's MoE
+flavor, in one process, by test_specs.py.)
+
+Stock torchtitan 0.2.2 trains none of the MoE families, nor gpt_oss, on CPU even with the
+fused head off; `parallel/cpu_shims.py` carries one small shim per cause (integer histogram,
+qwen3-MoE experts as a loop, CPU autocast to float32, eager FlexAttention, gpt_oss's router
+bias): every baseline run here depends on them.
 """
 
 import shutil
