@@ -16,11 +16,20 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class FusedCEAux(NamedTuple):
-    """Statistics the kernel has anyway (detached): for logging logit drift and z-loss."""
+    """Statistics the kernel has anyway (detached): for logging logit drift and z-loss.
+
+    With token_stats=True also, per token and from the same pass over the logits (the
+    capped logits with logit_softcap), the softmax entropy, the predicted token (the argmax
+    over the whole vocabulary, first of ties, as torch.argmax) and whether it is the label;
+    None without token_stats."""
 
     lse: Tensor  # fp32, shaped like labels, 0 where ignored
     z_loss: Tensor  # the z-loss term, reduced like the loss
     valid_tokens: Tensor  # int64 device scalar: labels != ignore_index
+    entropy: Tensor | None = None  # fp32, shaped like labels, 0 where ignored
+    predicted: Tensor | None = None  # int64, shaped like labels, every token (ignored too)
+    correct: Tensor | None = None  # bool, shaped like labels: predicted == label, False
+    #                                  where ignored
 
 
 def _check_tensors(hidden: Tensor, weight: Tensor, labels: Tensor) -> None:
@@ -90,6 +99,7 @@ def fused_linear_cross_entropy(
     check_labels: bool = True,
     weight_grad_fp32: bool = True,
     return_aux: bool = False,
+    token_stats: bool = False,
 ):
     """cross_entropy(hidden @ weight.T, labels) without ever holding the logits.
 
@@ -112,11 +122,20 @@ def fused_linear_cross_entropy(
     (None = off). weight_grad_fp32 carries the weight gradient across token chunks in fp32
     (V_local*D*2 bytes more than dW itself, until the backward rounds it; off: 16-bit carry,
     faster but rounded once per chunk).
+
+    token_stats (needs return_aux) fills FusedCEAux's entropy, predicted and correct from the
+    same statistics pass (two more fp32 numbers per row, in the same all-gather under vocab
+    parallelism); off, the op computes exactly what it computes without the option.
     """
     hidden, weight, autocast_off = _follow_autocast(hidden, weight)
     _check_tensors(hidden, weight, labels)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not isinstance(token_stats, bool):
+        raise ValueError(f"token_stats must be True or False, got {token_stats!r}")
+    if token_stats and not return_aux:
+        raise ValueError("token_stats=True needs return_aux=True (the per-token outputs are "
+                         "FusedCEAux's entropy, predicted and correct)")
     v_local = weight.shape[0]
     if vocab_size is None:
         if process_group is not None and dist.get_world_size(process_group) > 1:
@@ -141,19 +160,21 @@ def fused_linear_cross_entropy(
     y = labels.reshape(-1).to(torch.int64).contiguous()
     chunk = chunk_rows(h.shape[0], v_local, h.element_size(), chunk_size, chunk_budget_bytes)
     op_args = dict(opts.to_op_args(), group_name=group_name, backend=backend, chunk=chunk,
-                   weight_grad_fp32=weight_grad_fp32, check_labels=check_labels)
+                   weight_grad_fp32=weight_grad_fp32, check_labels=check_labels,
+                   token_stats=token_stats)
     valid = (y != ignore_index).sum() if (reduction == "mean" or return_aux) else None
 
     if reduction == "none":
         with autocast_off:
-            loss, lse = torch.ops.fused_loss.lce_rows(h, weight, y, **op_args)
+            loss, lse, entropy, predicted = torch.ops.fused_loss.lce_rows(h, weight, y,
+                                                                          **op_args)
         z_term = z_loss * lse * lse
         loss, lse, z_term = (t.reshape(lead_shape) for t in (loss, lse, z_term))
     else:
         want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
         with autocast_off:
-            loss, lse, _, _ = torch.ops.fused_loss.lce_sum(h, weight, y, **op_args,
-                                                            want_grad=want_grad)
+            loss, lse, _, _, entropy, predicted = torch.ops.fused_loss.lce_sum(
+                h, weight, y, **op_args, want_grad=want_grad)
         z_term = z_loss * (lse * lse).sum()
         if reduction == "mean":
             # all tokens ignored -> 0, not torch's 0/0 = nan
@@ -162,7 +183,12 @@ def fused_linear_cross_entropy(
         lse = lse.reshape(lead_shape)
     if not return_aux:
         return loss
-    return loss, FusedCEAux(lse.detach(), z_term.detach(), valid)
+    if not token_stats:
+        return loss, FusedCEAux(lse.detach(), z_term.detach(), valid)
+    correct = (predicted == y) & (y != ignore_index)
+    entropy, predicted, correct = (t.reshape(lead_shape) for t in (entropy, predicted, correct))
+    return loss, FusedCEAux(lse.detach(), z_term.detach(), valid, entropy.detach(), predicted,
+                            correct)
 
 
 class FusedLinearCrossEntropy(nn.Module):

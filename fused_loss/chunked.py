@@ -2,8 +2,10 @@
 
 For each chunk of C tokens (C from the memory budget):
   1. z = h_c @ W^T                  vendor GEMM into ONE reused [C, V_local] buffer
-  2. row statistics of z            (max, sum-exp, target logit, logit sum), fp32
+  2. row statistics of z            (max, sum-exp, target logit, logit sum), fp32; with
+                                    token_stats also the entropy's numerator and the argmax
   3. vocab parallel: one all-gather of the [C, 4] statistics -> full log-sum-exp
+                                    ([C, 6] with token_stats: the same one all-gather)
   4. z := dloss/dz in place         no second [C, V] buffer
   5. dh_c = z @ W,  dW += z^T @ h_c  (dh in fp32, dW carried across chunks in fp32: see
                                     _input_grad and _add_weight_grad)
@@ -37,13 +39,25 @@ def rows_backend(backend: str) -> ModuleType:
 
 def loss_from_stats(stats: torch.Tensor, labels: torch.Tensor, opts: LossOptions):
     """Per-token loss and log-sum-exp from the merged statistics (0 where ignored)."""
-    row_max, sum_exp, target, logit_sum = stats.unbind(dim=1)
+    row_max, sum_exp, target, logit_sum = stats[:, :4].unbind(dim=1)
     lse = row_max + torch.log(sum_exp)
     loss = lse - (1.0 - opts.label_smoothing) * target + opts.z_loss * lse * lse
     if opts.label_smoothing:
         loss = loss - (opts.label_smoothing / opts.vocab_size) * logit_sum
     valid = labels != opts.ignore_index
     return torch.where(valid, loss, 0.0), torch.where(valid, lse, 0.0)
+
+
+def token_outputs(stats: torch.Tensor, labels: torch.Tensor, opts: LossOptions):
+    """Per-token softmax entropy (0 where ignored) and predicted token (the argmax over the
+    whole vocabulary, first of ties, for every row) from the merged [C, 6] statistics.
+
+    With S = sum e^(y-m) and T = sum e^(y-m) (y-m) (<= 0): entropy = lse - sum p y
+    = log S - T / S, a sum of two terms >= 0 (no cancellation of lse against E[y])."""
+    sum_exp, spread = stats[:, 1], stats[:, 4]
+    entropy = torch.log(sum_exp) - spread / sum_exp
+    predicted = stats[:, 5].view(torch.int32).to(torch.int64)
+    return torch.where(labels != opts.ignore_index, entropy, 0.0), predicted
 
 
 def check_label_range(labels: torch.Tensor, vocab_size: int, ignore_index: int = -100) -> None:
@@ -101,9 +115,13 @@ def _add_weight_grad(dw, acc, z, h_c, first: bool) -> None:
 
 def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: LossOptions, *,
         backend: str, chunk: int, group_name: str, want_grad: bool,
-        weight_grad_fp32: bool = True,
+        weight_grad_fp32: bool = True, token_stats: bool = False,
         lse_in: torch.Tensor | None = None, grad_rows: torch.Tensor | None = None):
-    """hidden [N, D], weight [V_local, D], labels [N] -> (loss [N], lse [N], dh, dW).
+    """hidden [N, D], weight [V_local, D], labels [N] -> (loss [N], lse [N], dh, dW, entropy,
+    predicted).
+
+    entropy [N] fp32 and predicted [N] int64 (see token_outputs) with token_stats, else empty:
+    off, the statistics and the collective are exactly those without them.
 
     dh is fp32 and dW is fp32 when carries_weight_grad_in_fp32, else in the weight's dtype:
     the backward scales them and rounds them to the inputs' dtypes.
@@ -119,6 +137,10 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
     if not recompute:
         loss = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(loss)
+        entropy = torch.empty(n_tokens if token_stats else 0, dtype=torch.float32,
+                              device=hidden.device)
+        predicted = torch.empty(n_tokens if token_stats else 0, dtype=torch.int64,
+                                device=hidden.device)
     acc = None
     if want_grad:
         dense = torch.contiguous_format  # the backward's scale pass walks them flat
@@ -144,16 +166,18 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
         if recompute:
             rows.row_grad_(z, lse_in[first:last], y_c, grad_rows[first:last], opts)
         elif want_grad and group is None and hasattr(rows, "row_stats_and_grad_"):
-            stats = rows.row_stats_and_grad_(z, y_c, opts)
+            stats = rows.row_stats_and_grad_(z, y_c, opts, token_stats=token_stats)
             loss[first:last], lse[first:last] = loss_from_stats(stats, y_c, opts)
         else:
-            stats = rows.row_stats(z, y_c, opts)
+            stats = rows.row_stats(z, y_c, opts, token_stats=token_stats)
             if group is not None:
                 stats = combine_stats(stats, group)
             loss[first:last], lse[first:last] = loss_from_stats(stats, y_c, opts)
             if want_grad:
                 full_lse = stats[:, 0] + torch.log(stats[:, 1])
                 rows.row_grad_(z, full_lse, y_c, unit_scale.expand(last - first), opts)
+        if token_stats and not recompute:
+            entropy[first:last], predicted[first:last] = token_outputs(stats, y_c, opts)
         if want_grad:
             if recompute:
                 torch.mm(z, weight, out=dh[first:last])
@@ -162,4 +186,4 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
             _add_weight_grad(dw, acc, z, h_c, first == 0)
     if recompute:
         return dh, dw
-    return loss, lse, dh, dw
+    return loss, lse, dh, dw, entropy, predicted

@@ -1,12 +1,14 @@
 """The custom ops: what torch.compile sees as opaque, and their autograd.
 
-  fused_loss::lce_sum            -> (loss sum, lse [N], dh, dW)   gradient in forward
-  fused_loss::lce_rows           -> (loss [N], lse [N])           reduction="none"
+  fused_loss::lce_sum            -> (loss sum, lse [N], dh, dW, entropy, predicted)
+                                                                  gradient in forward
+  fused_loss::lce_rows           -> (loss [N], lse [N], entropy, predicted)  reduction="none"
   fused_loss::lce_rows_backward  -> (dh, dW)                      recompute with per-row grads
 
 The sum op computes the gradients in its forward (6NDV instead of 8NDV); its backward only
 multiplies them by the scalar upstream gradient (and rounds a dW carried in fp32 to the
-weight's dtype in the same pass). Per-token upstream gradients ("none") cannot
+weight's dtype in the same pass). entropy [N] fp32 and predicted [N] int64 are there with
+token_stats (else empty), never differentiable. Per-token upstream gradients ("none") cannot
 be folded in that way, so that path recomputes the logits in backward instead.
 """
 
@@ -37,31 +39,37 @@ def _input_grads(op, **grads) -> tuple:
 def lce_sum(hidden: Tensor, weight: Tensor, labels: Tensor, *, ignore_index: int,
             label_smoothing: float, z_loss: float, logit_softcap: float | None,
             vocab_start: int, vocab_size: int, group_name: str, backend: str, chunk: int,
-            want_grad: bool, weight_grad_fp32: bool,
-            check_labels: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            want_grad: bool, weight_grad_fp32: bool, check_labels: bool,
+            token_stats: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     opts = LossOptions.from_op_args(locals())  # first statement: locals() are the arguments
     if check_labels:
         chunked.check_label_range(labels, opts.vocab_size, opts.ignore_index)
-    loss, lse, dh, dw = chunked.run(hidden, weight, labels, opts, backend=backend, chunk=chunk,
-                                    group_name=group_name, want_grad=want_grad,
-                                    weight_grad_fp32=weight_grad_fp32)
-    return loss.sum(), lse, dh, dw
+    loss, lse, dh, dw, entropy, predicted = chunked.run(
+        hidden, weight, labels, opts, backend=backend, chunk=chunk, group_name=group_name,
+        want_grad=want_grad, weight_grad_fp32=weight_grad_fp32, token_stats=token_stats)
+    return loss.sum(), lse, dh, dw, entropy, predicted
+
+
+def _fake_token_outputs(hidden, token_stats):
+    n = hidden.shape[0] if token_stats else 0
+    return (hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.int64))
 
 
 @lce_sum.register_fake
-def _(hidden, weight, labels, *, chunk, want_grad, weight_grad_fp32, **_):
+def _(hidden, weight, labels, *, chunk, want_grad, weight_grad_fp32, token_stats=False, **_):
     n = hidden.shape[0]
     loss = hidden.new_empty((), dtype=torch.float32)
     lse = hidden.new_empty(n, dtype=torch.float32)
+    tokens = _fake_token_outputs(hidden, token_stats)
     if want_grad:
         fp32 = chunked.carries_weight_grad_in_fp32(n, chunk, weight.dtype, weight_grad_fp32)
         dw = torch.empty_like(weight, dtype=torch.float32 if fp32 else weight.dtype)
-        return loss, lse, torch.empty_like(hidden, dtype=torch.float32), dw
-    return loss, lse, hidden.new_empty(0), hidden.new_empty(0)
+        return loss, lse, torch.empty_like(hidden, dtype=torch.float32), dw, *tokens
+    return loss, lse, hidden.new_empty(0), hidden.new_empty(0), *tokens
 
 
 def _sum_setup_context(ctx, inputs, keyword_only_inputs, output):
-    _, _, dh, dw = output
+    _, _, dh, dw, _, _ = output
     ctx.save_for_backward(dh, dw)
     ctx.hidden_dtype, ctx.weight_dtype = inputs[0].dtype, inputs[1].dtype
     ctx.backend = keyword_only_inputs["backend"]
@@ -70,8 +78,10 @@ def _sum_setup_context(ctx, inputs, keyword_only_inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _sum_backward(ctx, grad_loss, grad_lse, grad_dh, grad_dw):
-    if grad_loss is None or any(g is not None for g in (grad_lse, grad_dh, grad_dw)):
+def _sum_backward(ctx, grad_loss, grad_lse, grad_dh, grad_dw, grad_entropy=None,
+                  _grad_predicted=None):
+    if grad_loss is None or any(g is not None for g in (grad_lse, grad_dh, grad_dw,
+                                                        grad_entropy)):
         raise RuntimeError("fused_loss::lce_sum is differentiable through its loss output "
                            "only (the API returns lse detached)")
     dh, dw = ctx.saved_tensors
@@ -109,19 +119,22 @@ lce_sum.register_autograd(_sum_backward, setup_context=_sum_setup_context)
 def lce_rows(hidden: Tensor, weight: Tensor, labels: Tensor, *, ignore_index: int,
              label_smoothing: float, z_loss: float, logit_softcap: float | None,
              vocab_start: int, vocab_size: int, group_name: str, backend: str, chunk: int,
-             weight_grad_fp32: bool, check_labels: bool) -> tuple[Tensor, Tensor]:
+             weight_grad_fp32: bool, check_labels: bool,
+             token_stats: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     opts = LossOptions.from_op_args(locals())  # first statement: locals() are the arguments
     if check_labels:
         chunked.check_label_range(labels, opts.vocab_size, opts.ignore_index)
-    loss, lse, _, _ = chunked.run(hidden, weight, labels, opts, backend=backend, chunk=chunk,
-                                  group_name=group_name, want_grad=False)
-    return loss, lse
+    loss, lse, _, _, entropy, predicted = chunked.run(
+        hidden, weight, labels, opts, backend=backend, chunk=chunk, group_name=group_name,
+        want_grad=False, token_stats=token_stats)
+    return loss, lse, entropy, predicted
 
 
 @lce_rows.register_fake
-def _(hidden, weight, labels, **_):
+def _(hidden, weight, labels, *, token_stats=False, **_):
     n = hidden.shape[0]
-    return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32)
+    return (hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32),
+            *_fake_token_outputs(hidden, token_stats))
 
 
 @torch.library.custom_op("fused_loss::lce_rows_backward", mutates_args=())
@@ -143,8 +156,9 @@ def _(hidden, weight, *args, **kwargs):
 
 
 # lce_rows' arguments the recompute does not take: it runs no collective (the saved lse is
-# already the full-vocabulary one) and the labels were checked in forward
-_NOT_RECOMPUTED = ("group_name", "check_labels")
+# already the full-vocabulary one), the labels were checked in forward and the per-token
+# outputs were given there
+_NOT_RECOMPUTED = ("group_name", "check_labels", "token_stats")
 
 
 def _rows_setup_context(ctx, inputs, keyword_only_inputs, output):
@@ -153,7 +167,7 @@ def _rows_setup_context(ctx, inputs, keyword_only_inputs, output):
     ctx.options = {k: v for k, v in keyword_only_inputs.items() if k not in _NOT_RECOMPUTED}
 
 
-def _rows_backward(ctx, grad_loss, _grad_lse):
+def _rows_backward(ctx, grad_loss, _grad_lse, _grad_entropy=None, _grad_predicted=None):
     hidden, weight, labels, lse = ctx.saved_tensors
     dh, dw = lce_rows_backward(hidden, weight, labels, lse, grad_loss, **ctx.options)
     return _input_grads(torch.ops.fused_loss.lce_rows.default, hidden=dh, weight=dw)

@@ -26,15 +26,30 @@ def _local_targets(labels: torch.Tensor, v_local: int, opts: LossOptions):
     return local.clamp(0, max(v_local - 1, 0)), here
 
 
-def row_stats(z: torch.Tensor, labels: torch.Tensor, opts: LossOptions) -> torch.Tensor:
-    """[C, 4] fp32: row max, sum(exp(y - max)), target logit (0 off this slice), sum of logits."""
+def row_stats(z: torch.Tensor, labels: torch.Tensor, opts: LossOptions,
+              token_stats: bool = False) -> torch.Tensor:
+    """[C, 4] fp32: row max, sum(exp(y - max)), target logit (0 off this slice), sum of logits.
+
+    With token_stats, [C, 6]: two more columns, sum(exp(y - max) * (y - max)) (the entropy's
+    numerator) and the row's argmax as a global vocabulary index (first of ties), stored as
+    int32 bits in the fp32 column (`token_argmax` reads it back; exact at any vocabulary)."""
     y = _capped(z, opts)
     row_max = y.amax(dim=1)
-    sum_exp = torch.exp(y - row_max[:, None]).sum(dim=1)
+    if token_stats:
+        shifted = y - row_max[:, None]
+        e = torch.exp(shifted)
+        sum_exp = e.sum(dim=1)
+        # exp(-inf) * -inf would be nan: a logit of -inf adds 0, as it does to sum_exp
+        spread = (torch.where(e > 0, shifted, 0.0) * e).sum(dim=1)
+    else:
+        sum_exp = torch.exp(y - row_max[:, None]).sum(dim=1)
     local, here = _local_targets(labels, z.shape[1], opts)
     target = torch.where(here, y.gather(1, local[:, None]).squeeze(1), 0.0)
     logit_sum = y.sum(dim=1) if opts.label_smoothing else torch.zeros_like(row_max)
-    return torch.stack([row_max, sum_exp, target, logit_sum], dim=1)
+    if not token_stats:
+        return torch.stack([row_max, sum_exp, target, logit_sum], dim=1)
+    argmax = (y.argmax(dim=1) + opts.vocab_start).to(torch.int32).view(torch.float32)
+    return torch.stack([row_max, sum_exp, target, logit_sum, spread, argmax], dim=1)
 
 
 def row_grad_(z: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, row_scale: torch.Tensor,

@@ -3,8 +3,10 @@
 Same contract as rows_torch. One program per row walks the vocabulary slice in blocks: the
 statistics pass keeps an online max / sum-exp in fp32 (one exp per element) over the logits
 as the buffer holds them (16-bit for 16-bit inputs, as eager; by design); the gradient
-pass rewrites the row in place. `row_stats_and_grad_` does both in one launch when no
-collective has to run between them (a single rank): the row is re-read while it is still in L2.
+pass rewrites the row in place. With token_stats the same online pass also keeps the
+entropy's numerator and the argmax (two more columns; off, the kernels compile as without).
+`row_stats_and_grad_` does both in one launch when no collective has to run between them (a
+single rank): the row is re-read while it is still in L2.
 `scale_into` is the backward's last pass (the saved gradients times the upstream scalar).
 
 Offsets are int64 (`row * stride` passes 2^31 at 32k tokens x 128k vocab). Labels are only
@@ -70,23 +72,43 @@ def _cap(x, cap, HAS_CAP: tl.constexpr):
 
 @triton.jit
 def _stats(z_row, V_local, local_target, on_slice, cap,
-           HAS_CAP: tl.constexpr, NEED_SUM: tl.constexpr, BLOCK_V: tl.constexpr):
+           HAS_CAP: tl.constexpr, NEED_SUM: tl.constexpr, TOKEN_STATS: tl.constexpr,
+           BLOCK_V: tl.constexpr):
+    """Online row max / sum-exp (and logit sum); with TOKEN_STATS also T = sum e^(y-m) (y-m),
+    rescaled with the max as sum-exp is, and the argmax (first of ties: a later block takes
+    over only with a strictly greater max)."""
     row_max = -float("inf")
     sum_exp = 0.0
     logit_sum = 0.0
+    spread = 0.0
+    best = 0
     for start in range(0, V_local, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < V_local
         y = _cap(tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32), cap, HAS_CAP)
         y = tl.where(mask, y, -float("inf"))
-        new_max = tl.maximum(row_max, tl.max(y, 0))
-        sum_exp = sum_exp * tl.exp(row_max - new_max) + tl.sum(tl.exp(y - new_max), 0)
+        if TOKEN_STATS:
+            block_max = tl.max(y, 0)
+            new_max = tl.maximum(row_max, block_max)
+            alpha = tl.exp(row_max - new_max)
+            d = y - new_max
+            e = tl.exp(d)
+            # T_old is relative to the old max: T + (m_old - m_new) S, then rescaled; the
+            # first block (S = 0, m_old = -inf) and masked columns (e = 0) add nothing
+            moved = tl.where(sum_exp > 0, row_max - new_max, 0.0) * sum_exp
+            spread = alpha * (spread + moved) + tl.sum(tl.where(e > 0, d, 0.0) * e, 0)
+            sum_exp = sum_exp * alpha + tl.sum(e, 0)
+            best = tl.where(block_max > row_max, start + tl.argmax(y, 0, tie_break_left=True),
+                            best)
+        else:
+            new_max = tl.maximum(row_max, tl.max(y, 0))
+            sum_exp = sum_exp * tl.exp(row_max - new_max) + tl.sum(tl.exp(y - new_max), 0)
         row_max = new_max
         if NEED_SUM:
             logit_sum += tl.sum(tl.where(mask, y, 0.0), 0)
     target = tl.load(z_row + local_target, mask=on_slice, other=0.0).to(tl.float32)
     target = tl.where(on_slice, _cap(target, cap, HAS_CAP), 0.0)
-    return row_max, sum_exp, target, logit_sum
+    return row_max, sum_exp, target, logit_sum, spread, best
 
 
 @triton.jit
@@ -116,21 +138,27 @@ def _row_target(labels_ptr, row, vocab_start, V_local, ignore_index):
 
 
 @triton.jit
-def _store_stats(stats_row, row_max, sum_exp, target, logit_sum):
+def _store_stats(stats_row, row_max, sum_exp, target, logit_sum, spread, best, vocab_start,
+                 TOKEN_STATS: tl.constexpr):
     tl.store(stats_row + 0, row_max)
     tl.store(stats_row + 1, sum_exp)
     tl.store(stats_row + 2, target)
     tl.store(stats_row + 3, logit_sum)
+    if TOKEN_STATS:  # the global argmax as int32 bits in the fp32 row (rows_torch.row_stats)
+        tl.store(stats_row + 4, spread)
+        tl.store(stats_row + 5, (best + vocab_start).to(tl.int32).to(tl.float32, bitcast=True))
 
 
 @triton.jit
 def _stats_kernel(z_ptr, stride_z, labels_ptr, stats_ptr, V_local, vocab_start, ignore_index,
-                  cap, HAS_CAP: tl.constexpr, NEED_SUM: tl.constexpr, BLOCK_V: tl.constexpr):
+                  cap, HAS_CAP: tl.constexpr, NEED_SUM: tl.constexpr, TOKEN_STATS: tl.constexpr,
+                  N_STATS: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
     local, on_slice, _ = _row_target(labels_ptr, row, vocab_start, V_local, ignore_index)
-    m, s, t, a = _stats(z_row, V_local, local, on_slice, cap, HAS_CAP, NEED_SUM, BLOCK_V)
-    _store_stats(stats_ptr + row * 4, m, s, t, a)
+    m, s, t, a, sp, b = _stats(z_row, V_local, local, on_slice, cap, HAS_CAP, NEED_SUM,
+                               TOKEN_STATS, BLOCK_V)
+    _store_stats(stats_ptr + row * N_STATS, m, s, t, a, sp, b, vocab_start, TOKEN_STATS)
 
 
 @triton.jit
@@ -149,12 +177,14 @@ def _grad_kernel(z_ptr, stride_z, labels_ptr, lse_ptr, scale_ptr, stride_scale, 
 def _stats_and_grad_kernel(z_ptr, stride_z, labels_ptr, stats_ptr, V_local, vocab_start,
                            ignore_index, smoothing, z_loss, inv_vocab, cap,
                            HAS_CAP: tl.constexpr, NEED_SUM: tl.constexpr,
+                           TOKEN_STATS: tl.constexpr, N_STATS: tl.constexpr,
                            BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
     local, on_slice, valid = _row_target(labels_ptr, row, vocab_start, V_local, ignore_index)
-    m, s, t, a = _stats(z_row, V_local, local, on_slice, cap, HAS_CAP, NEED_SUM, BLOCK_V)
-    _store_stats(stats_ptr + row * 4, m, s, t, a)
+    m, s, t, a, sp, b = _stats(z_row, V_local, local, on_slice, cap, HAS_CAP, NEED_SUM,
+                               TOKEN_STATS, BLOCK_V)
+    _store_stats(stats_ptr + row * N_STATS, m, s, t, a, sp, b, vocab_start, TOKEN_STATS)
     _grad(z_row, V_local, m + tl.log(s), 1.0, local, on_slice, valid, smoothing, z_loss,
           inv_vocab, cap, HAS_CAP, BLOCK_V)
 
@@ -180,10 +210,17 @@ def _grad_consts(opts: LossOptions) -> dict:
                 inv_vocab=1.0 / opts.vocab_size)
 
 
-def row_stats(z: torch.Tensor, labels: torch.Tensor, opts: LossOptions) -> torch.Tensor:
-    stats = torch.empty(z.shape[0], 4, dtype=torch.float32, device=z.device)
+def _stats_consts(opts: LossOptions, token_stats: bool) -> dict:
+    return dict(NEED_SUM=bool(opts.label_smoothing), TOKEN_STATS=token_stats,
+                N_STATS=6 if token_stats else 4)
+
+
+def row_stats(z: torch.Tensor, labels: torch.Tensor, opts: LossOptions,
+              token_stats: bool = False) -> torch.Tensor:
+    stats = torch.empty(z.shape[0], 6 if token_stats else 4, dtype=torch.float32,
+                        device=z.device)
     _stats_kernel[(z.shape[0],)](z, z.stride(0), labels, stats,
-                                 NEED_SUM=bool(opts.label_smoothing), **_common(z, opts))
+                                 **_stats_consts(opts, token_stats), **_common(z, opts))
     return stats
 
 
@@ -193,11 +230,13 @@ def row_grad_(z: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, row_scal
                                 **_grad_consts(opts), **_common(z, opts))
 
 
-def row_stats_and_grad_(z: torch.Tensor, labels: torch.Tensor, opts: LossOptions) -> torch.Tensor:
+def row_stats_and_grad_(z: torch.Tensor, labels: torch.Tensor, opts: LossOptions,
+                        token_stats: bool = False) -> torch.Tensor:
     """Single rank only: statistics, then z := dloss/dz with unit scale, in one launch."""
-    stats = torch.empty(z.shape[0], 4, dtype=torch.float32, device=z.device)
+    stats = torch.empty(z.shape[0], 6 if token_stats else 4, dtype=torch.float32,
+                        device=z.device)
     _stats_and_grad_kernel[(z.shape[0],)](z, z.stride(0), labels, stats,
-                                          NEED_SUM=bool(opts.label_smoothing),
+                                          **_stats_consts(opts, token_stats),
                                           **_grad_consts(opts), **_common(z, opts))
     return stats
 

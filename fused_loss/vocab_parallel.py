@@ -1,7 +1,8 @@
 """Vocabulary parallelism: each rank of a group holds a contiguous slice of the vocabulary.
 
-Per chunk the ranks exchange ONE small tensor, the [C, 4] row statistics (never anything of
-size V), and every rank then knows the full log-sum-exp, target logit and logit sum.
+Per chunk the ranks exchange ONE small tensor, the [C, 4] row statistics ([C, 6] with the
+per-token entropy and argmax; never anything of size V), and every rank then knows the full
+log-sum-exp, target logit and logit sum.
 """
 
 from __future__ import annotations
@@ -20,16 +21,34 @@ def resolve_group(group_name: str):
 
 
 def combine_stats(stats: torch.Tensor, group) -> torch.Tensor:
-    """All-gather the [C, 4] (max, sum-exp, target, logit-sum) rows and merge them."""
+    """All-gather the [C, 4] (max, sum-exp, target, logit-sum) rows and merge them.
+
+    [C, 6] rows (token_stats: the entropy's numerator and the argmax as int32 bits, see
+    rows_torch.row_stats) travel in the same all-gather and are merged here too."""
     world = dist.get_world_size(group)
     gathered = torch.empty((world * stats.shape[0], stats.shape[1]), dtype=stats.dtype,
                            device=stats.device)
     _all_gather_single(gathered, stats.contiguous(), group=group)
     gathered = gathered.view(world, *stats.shape)
     row_max = gathered[:, :, 0].amax(dim=0)
-    sum_exp = (gathered[:, :, 1] * torch.exp(gathered[:, :, 0] - row_max)).sum(dim=0)
-    rest = gathered[:, :, 2:].sum(dim=0)
-    return torch.cat([row_max[:, None], sum_exp[:, None], rest], dim=1)
+    if stats.shape[1] == 4:
+        sum_exp = (gathered[:, :, 1] * torch.exp(gathered[:, :, 0] - row_max)).sum(dim=0)
+        rest = gathered[:, :, 2:].sum(dim=0)
+        return torch.cat([row_max[:, None], sum_exp[:, None], rest], dim=1)
+    shift = gathered[:, :, 0] - row_max  # <= 0: each rank's max against the row's
+    scale = torch.exp(shift)
+    sum_exp = (gathered[:, :, 1] * scale).sum(dim=0)
+    # sum e^(y-M) (y-M) = sum_r e^(m_r-M) (T_r + (m_r-M) S_r); a rank with S_r = 0 adds 0
+    moved = torch.where(scale > 0, shift * gathered[:, :, 1], 0.0)
+    spread = (scale * (gathered[:, :, 4] + moved)).sum(dim=0)
+    rest = gathered[:, :, 2:4].sum(dim=0)
+    # the argmax: the smallest global index among the ranks that hold the row's max (torch's
+    # first-of-ties over the whole vocabulary, whatever the ranks' order of slices)
+    index = gathered[:, :, 5].view(torch.int32)
+    at_max = gathered[:, :, 0] == row_max
+    argmax = torch.where(at_max, index, torch.iinfo(torch.int32).max).amin(dim=0)
+    return torch.cat([row_max[:, None], sum_exp[:, None], rest, spread[:, None],
+                      argmax.view(torch.float32)[:, None]], dim=1)
 
 
 _checked_layouts: dict[tuple[str, int], tuple] = {}

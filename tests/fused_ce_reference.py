@@ -30,6 +30,32 @@ def reference_loss(hidden, weight, labels, *, ignore_index=-100, reduction="sum"
     return loss.detach(), h.grad, w.grad
 
 
+def reference_token_stats(hidden, weight, labels, *, ignore_index=-100, logit_softcap=None):
+    """(entropy, logits) in float64: the softmax entropy per token (0 where ignored) and the
+    (capped) logits, from which a test judges the predicted token."""
+    h = hidden.detach().double()
+    z = h.reshape(-1, h.shape[-1]) @ weight.detach().double().t()
+    if logit_softcap:
+        z = logit_softcap * torch.tanh(z / logit_softcap)
+    p = torch.softmax(z, dim=1)
+    entropy = -(p * torch.log_softmax(z, dim=1)).sum(dim=1)
+    valid = labels.reshape(-1) != ignore_index
+    return torch.where(valid, entropy, 0.0).reshape(labels.shape), z
+
+
+def assert_predicted(predicted, logits, labels, correct, ignore_index=-100, slack=1e-5):
+    """predicted is an argmax of the fp64 logits up to `slack` (an fp32 kernel may pick
+    another of two logits closer than its rounding), and correct is predicted == label on
+    the valid tokens."""
+    predicted, labels, correct = (t.reshape(-1) for t in (predicted, labels, correct))
+    assert predicted.dtype == torch.int64 and correct.dtype == torch.bool
+    top = logits.max(dim=1).values
+    picked = logits.gather(1, predicted[:, None].clamp(0, logits.shape[1] - 1)).squeeze(1)
+    assert bool(((predicted >= 0) & (predicted < logits.shape[1])).all()), predicted
+    assert bool((top - picked <= slack * top.abs().clamp(min=1)).all()), (top - picked).max()
+    assert torch.equal(correct, (predicted == labels) & (labels != ignore_index))
+
+
 def rel_err(got, want):
     got, want = got.detach().double().cpu(), want.detach().double().cpu()
     denom = want.norm()

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from fused_loss import FusedLinearCrossEntropy, fused_linear_cross_entropy
 from fused_loss.options import LossOptions, chunk_rows
 
-from fused_ce_reference import (reference_loss, rel_err, softcap_logits, triton_softcap,
-                                ulps)
+from fused_ce_reference import (assert_predicted, reference_loss, reference_token_stats,
+                                rel_err, softcap_logits, triton_softcap, ulps)
 
 BACKENDS = ["torch", "triton"]
 TOL = 2e-6  # fp32 kernel vs fp64 reference, relative L2
@@ -307,7 +307,7 @@ def test_gradient_through_the_ops_side_outputs_is_refused():
     # the sum op's lse / dh / dW outputs carry no gradient: an error, never a silent zero
     hidden, weight, labels = _inputs(8, 4, 16)
     w = weight.clone().requires_grad_()
-    loss, lse, _, _ = torch.ops.fused_loss.lce_sum(
+    loss, lse, *_ = torch.ops.fused_loss.lce_sum(
         hidden, w, labels, **LossOptions(vocab_size=16).to_op_args(), group_name="",
         backend="torch", chunk=8, want_grad=True, weight_grad_fp32=True, check_labels=False)
     with pytest.raises(RuntimeError, match="through its loss output only"):
@@ -442,3 +442,136 @@ def test_dh_is_rounded_once_under_mean(backend):
     assert ours[1] <= 1.05 * errors["sum", backend][1], errors
     if backend == "torch":
         assert ours[0] <= 1.02 * eager[0] and ours[1] <= 1.02 * eager[1], errors
+
+
+# ---- per-token outputs (token_stats): entropy, predicted token, correct ----
+
+def _with_aux(hidden, weight, labels, upstream=None, **kw):
+    """(loss, dh, dW, aux) of one run with return_aux."""
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    loss, aux = fused_linear_cross_entropy(h, w, labels, return_aux=True, **kw)
+    (loss * upstream if upstream is not None else loss).sum().backward()
+    return loss.detach(), h.grad, w.grad, aux
+
+
+def _check_token_stats(aux, hidden, weight, labels, options):
+    ignore_index = options.get("ignore_index", -100)
+    want_entropy, logits = reference_token_stats(hidden, weight, labels,
+                                                 ignore_index=ignore_index,
+                                                 logit_softcap=options.get("logit_softcap"))
+    assert aux.entropy.dtype == torch.float32 and aux.entropy.shape == labels.shape
+    assert aux.predicted.shape == labels.shape and aux.correct.shape == labels.shape
+    # entropy <= log V ~ 8: an fp32 absolute floor as for the loss
+    torch.testing.assert_close(aux.entropy.double(), want_entropy, rtol=2e-6, atol=2e-6)
+    assert bool((aux.entropy[labels == ignore_index] == 0).all())
+    assert_predicted(aux.predicted, logits, labels, aux.correct, ignore_index)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+@pytest.mark.parametrize("options", OPTION_SETS, ids=lambda o: ",".join(o) or "plain")
+def test_token_stats_match_fp64_and_change_nothing_else(backend, reduction, options):
+    # two blocks of 4096 on the torch backend; Triton's interpreter: 517 (no block multiple)
+    n, v = 23, 4099 if backend == "torch" else 517
+    hidden, weight, labels = _inputs(n, 7, v, ignore_index=options.get("ignore_index", -100))
+    # some labels are the (capped) argmax: `correct` must see them
+    labels[:4] = reference_token_stats(hidden, weight, labels,
+                                       logit_softcap=options.get("logit_softcap"))[1][:4].argmax(1)
+    upstream = torch.rand(n) if reduction == "none" else None
+    kw = dict(reduction=reduction, backend=backend, chunk_size=5, **options)
+    *got, aux = _with_aux(hidden, weight, labels, upstream, token_stats=True, **kw)
+    _check_token_stats(aux, hidden, weight, labels, options)
+    assert bool(aux.correct[:4].all())
+    # the loss, its gradients and the other statistics are those of the run without them,
+    # bit for bit; without token_stats the fields are None
+    *plain, plain_aux = _with_aux(hidden, weight, labels, upstream, **kw)
+    for a, b in zip(got + list(aux[:3]), plain + list(plain_aux[:3])):
+        assert torch.equal(a, b)
+    assert plain_aux.entropy is None and plain_aux.predicted is None and plain_aux.correct is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_token_stats_one_token_and_all_ignored(backend, reduction):
+    hidden, weight, labels = _inputs(1, 5, 300, ignore_frac=0.0)
+    _, _, _, aux = _with_aux(hidden, weight, labels, reduction=reduction, backend=backend,
+                             token_stats=True, upstream=torch.ones(1) if reduction == "none"
+                             else None)
+    _check_token_stats(aux, hidden, weight, labels, {})
+    labels.fill_(-100)
+    hidden, weight, labels = _inputs(6, 5, 300, ignore_frac=1.0)
+    loss, dh, dw, aux = _with_aux(hidden, weight, labels, reduction=reduction, backend=backend,
+                                  token_stats=True, upstream=torch.ones(6) if reduction == "none"
+                                  else None)
+    _check_token_stats(aux, hidden, weight, labels, {})
+    assert bool((aux.entropy == 0).all()) and not bool(aux.correct.any())
+    assert torch.all(loss == 0) and torch.all(dh == 0) and torch.all(dw == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_stats_argmax_of_capped_logits_first_of_ties(backend):
+    # cap 1 and |z| >= 20: every positive logit caps to exactly 1.0 in fp32, a tie. The raw
+    # argmax is the largest weight (row 5000), the capped one the first positive
+    # (torch.argmax: first of ties); the entropy is that of the capped logits (log #ties)
+    v, first = 5003, 99  # the ties span two of Triton's 4096-wide blocks
+    weight = -torch.ones(v, 1)
+    weight[first::7] = 1.0
+    weight[v - 3] = 2.0  # the raw argmax
+    hidden = torch.full((3, 1), 20.0)
+    labels = torch.tensor([first, v - 3, -100])
+    _, _, _, aux = _with_aux(hidden, weight, labels, backend=backend, logit_softcap=1.0,
+                             token_stats=True)
+    assert aux.predicted.tolist() == [first] * 3
+    assert aux.correct.tolist() == [True, False, False]
+    want_entropy, _ = reference_token_stats(hidden, weight, labels, logit_softcap=1.0)
+    torch.testing.assert_close(aux.entropy.double(), want_entropy, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("options", [{}, {"logit_softcap": 3.0}], ids=["plain", "softcap"])
+def test_token_stats_across_blocks(backend, options):
+    # V = 9001: three of Triton's 4096-wide blocks, the max moving between them (the sum of
+    # e^(y-m) (y-m) is rescaled when it does); rows whose max is in the first, second, last
+    v = 9001
+    hidden, weight, labels = _inputs(6, 4, v, ignore_frac=0.0)
+    weight *= 0.3
+    for row, col in enumerate((5, 4100, 9000, 4095, 8191, 8192)):
+        weight[col] = 5 * hidden[row] / hidden[row].norm()  # its row's largest logit, by far
+    for reduction in ("sum", "none"):  # Triton: statistics with / without the gradient pass
+        _, _, _, aux = _with_aux(hidden, weight, labels, reduction=reduction, backend=backend,
+                                 token_stats=True, upstream=torch.ones(6)
+                                 if reduction == "none" else None, **options)
+        _check_token_stats(aux, hidden, weight, labels, options)
+        assert aux.predicted.tolist() == [5, 4100, 9000, 4095, 8191, 8192]
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(token_stats=True), "token_stats=True needs return_aux=True"),
+    (dict(token_stats=1, return_aux=True), "token_stats must be True or False"),
+])
+def test_token_stats_bad_values_name_the_option(bad, match):
+    hidden, weight, labels = _inputs(4, 3, 20)
+    with pytest.raises(ValueError, match=match):
+        fused_linear_cross_entropy(hidden, weight, labels, **bad)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_token_stats_through_torch_compile(reduction):
+    hidden, weight, labels = _inputs(16, 8, 64)
+
+    def step(h, w, y):
+        loss, aux = fused_linear_cross_entropy(h, w, y, reduction=reduction, return_aux=True,
+                                               token_stats=True, logit_softcap=5.0)
+        return loss.sum(), aux.entropy, aux.predicted, aux.correct
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    w = weight.clone().requires_grad_()
+    loss, entropy, predicted, correct = compiled(hidden, w, labels)
+    loss.backward()
+    eager = _with_aux(hidden, weight, labels, reduction=reduction, token_stats=True,
+                      logit_softcap=5.0)
+    want = eager[3]
+    assert torch.equal(entropy, want.entropy) and torch.equal(predicted, want.predicted)
+    assert torch.equal(correct, want.correct)
+    torch.testing.assert_close(w.grad, eager[2])

@@ -302,3 +302,183 @@ def test_vocab_parallel_over_nccl():
         assert _rel(dh, single[1].cpu()) < 1e-2
         want_dw = single[2][:split] if rank == 0 else single[2][split:]
         assert _rel(dw, want_dw.cpu()) < 1e-2
+
+
+# ---- per-token outputs (token_stats): entropy, predicted token, correct (issue 17.6) ----
+
+def _aux_run(hidden, weight, labels, **kw):
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, aux = fused_linear_cross_entropy(h, w, labels, return_aux=True, **kw)
+    loss.backward()
+    return loss.detach(), h.grad, w.grad, aux
+
+
+def _check_tokens_fp64(hidden, weight, labels, aux, *, softcap=None, logits_dtype=None,
+                       entropy_tol, slack, rows=1024):
+    """entropy against fp64 (of the logits rounded to `logits_dtype` as the kernel's GEMM
+    writes them, when given), predicted an argmax up to `slack` (relative), correct exact."""
+    w64 = weight.double()
+    for i in range(0, hidden.shape[0], rows):
+        h, y = hidden[i:i + rows], labels[i:i + rows]
+        z = (h @ weight.t()).double() if logits_dtype is not None else h.double() @ w64.t()
+        if softcap:
+            z = softcap * torch.tanh(z / softcap)
+        valid = y != -100
+        entropy = -(torch.softmax(z, 1) * torch.log_softmax(z, 1)).sum(1) * valid
+        torch.testing.assert_close(aux.entropy[i:i + rows].double(), entropy, rtol=0,
+                                   atol=entropy_tol)
+        pred = aux.predicted[i:i + rows]
+        top = z.max(1).values
+        picked = z.gather(1, pred[:, None]).squeeze(1)
+        assert bool((top - picked <= slack * top.abs().clamp(min=1)).all()), (top - picked).max()
+        assert torch.equal(aux.correct[i:i + rows], (pred == y) & valid)
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_token_stats_fp32_against_fp64(softcap):
+    hidden, weight, labels = _inputs(2048, 512, 128257, torch.float32, seed=11)
+    hidden = hidden * 4  # peaked rows too (entropy near 0) besides flat ones
+    labels[:64] = (hidden[:64] @ weight.t()).argmax(1)
+    *_, aux = _aux_run(hidden, weight, labels, logit_softcap=softcap, token_stats=True)
+    _check_tokens_fp64(hidden, weight, labels, aux, softcap=softcap, entropy_tol=1e-4,
+                       slack=1e-5)
+    assert aux.correct[:64].float().mean() > 0.9
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_token_stats_bf16_8b_head(reduction):
+    # statistics pass with the gradient in one launch ("sum") and alone ("none")
+    hidden, weight, labels = _inputs(4096, 4096, 128256, torch.bfloat16, seed=12)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, aux = fused_linear_cross_entropy(h, w, labels, return_aux=True, token_stats=True,
+                                           reduction=reduction)
+    loss.sum().backward()
+    # bf16 logits tie often: the pick is within one bf16 ulp of the max
+    _check_tokens_fp64(hidden, weight, labels, aux, logits_dtype=torch.bfloat16,
+                       entropy_tol=1e-4, slack=2 ** -7)
+
+
+def test_token_stats_change_nothing_else():
+    # with token_stats the loss, lse, dh and dW are those without, bit for bit
+    hidden, weight, labels = _inputs(4096, 2048, 32000, torch.bfloat16, seed=13)
+    for kw in ({}, {"logit_softcap": 30.0, "label_smoothing": 0.1}):
+        *on, aux_on = _aux_run(hidden, weight, labels, token_stats=True, chunk_size=1536, **kw)
+        *off, aux_off = _aux_run(hidden, weight, labels, chunk_size=1536, **kw)
+        for a, b in zip(on + [aux_on.lse], off + [aux_off.lse]):
+            assert torch.equal(a, b)
+        assert aux_off.entropy is None
+
+
+def test_token_stats_first_of_capped_ties_across_blocks():
+    # cap 1, |z| = 20: libdevice's tanh is exactly 1.0 there, every positive logit ties;
+    # the first is in the first 4096-wide block, the raw argmax (2.0) in the second
+    v = 5003
+    weight = -torch.ones(v, 1, device="cuda")
+    weight[99::7] = 1.0
+    weight[5000] = 2.0
+    hidden = torch.full((3, 1), 20.0, device="cuda")
+    labels = torch.tensor([99, 5000, -100], device="cuda")
+    for reduction in ("sum", "none"):
+        loss, aux = fused_linear_cross_entropy(hidden, weight, labels, logit_softcap=1.0,
+                                               return_aux=True, token_stats=True,
+                                               reduction=reduction)
+        assert aux.predicted.tolist() == [99, 99, 99]
+        assert aux.correct.tolist() == [True, False, False]
+
+
+def test_token_stats_no_host_sync():
+    hidden, weight, labels = _inputs(2048, 512, 32000, torch.bfloat16, seed=14)
+    w = weight.clone().requires_grad_()
+    kw = dict(check_labels=False, return_aux=True, token_stats=True)
+    fused_linear_cross_entropy(hidden, w, labels, **kw)  # warm up
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, aux = fused_linear_cross_entropy(hidden, w, labels, **kw)
+        loss.backward()
+        aux.correct.sum() + aux.entropy.sum()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_token_stats_compiled_with_inductor():
+    hidden, weight, labels = _inputs(1024, 512, 32000, torch.bfloat16, seed=15)
+
+    def step(h, w, y):
+        loss, aux = fused_linear_cross_entropy(h, w, y, return_aux=True, token_stats=True)
+        return loss, aux.entropy.sum(), aux.correct.sum(), aux.predicted
+
+    compiled = torch.compile(step, fullgraph=True)
+    eager, comp = step(hidden, weight, labels), compiled(hidden, weight, labels)
+    torch.testing.assert_close(comp[0], eager[0])
+    torch.testing.assert_close(comp[1], eager[1])
+    assert torch.equal(comp[2], eager[2]) and torch.equal(comp[3], eager[3])
+
+
+def test_token_stats_cost_at_the_8b_head(record_property):
+    # what token_stats costs on (forward + backward), and that off is the op as before
+    import time
+    hidden, weight, labels = _inputs(8192, 4096, 128256, torch.bfloat16, seed=16)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+
+    def once(token_stats):
+        loss, _ = fused_linear_cross_entropy(h, w, labels, return_aux=True,
+                                             token_stats=token_stats)
+        loss.backward()
+        h.grad = w.grad = None
+
+    times = {}
+    for _ in range(2):  # warm, then measured, alternating
+        for on in (False, True):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(10):
+                once(on)
+            torch.cuda.synchronize()
+            times[on] = (time.perf_counter() - t0) / 10
+    ratio = times[True] / times[False]
+    print(f"\ntoken_stats off {times[False] * 1e3:.2f} ms, on {times[True] * 1e3:.2f} ms "
+          f"({ratio:.3f}x)")
+    record_property("token_stats_ratio", ratio)
+    assert ratio < 1.1
+
+
+def _vp_token_worker(rank, init_file, case_file, out_file):
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        hidden, weight, labels = (t.cuda() for t in torch.load(case_file))
+        v = weight.shape[0]
+        split = (v + 1) // 2
+        # rank 0 holds the upper half: the first of tied maxima is then rank 1's
+        start = split if rank == 0 else 0
+        local = weight[split:] if rank == 0 else weight[:split]
+        loss, aux = fused_linear_cross_entropy(hidden, local, labels, vocab_start=start,
+                                               vocab_size=v, process_group=dist.group.WORLD,
+                                               backend="triton", logit_softcap=1.0,
+                                               return_aux=True, token_stats=True,
+                                               reduction="none")
+        torch.save((loss.cpu(), aux.entropy.cpu(), aux.predicted.cpu(), aux.correct.cpu()),
+                   f"{out_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.multigpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_vocab_parallel_token_stats_over_nccl():
+    hidden, weight, labels = _inputs(4096, 1024, 128257, torch.float32, seed=17)
+    hidden = hidden * 4  # with cap 1 many logits are exactly 1.0: ties across the ranks
+    loss, single = fused_linear_cross_entropy(hidden, weight, labels, logit_softcap=1.0,
+                                              return_aux=True, token_stats=True,
+                                              reduction="none")
+    with tempfile.TemporaryDirectory() as tmp:
+        case = os.path.join(tmp, "case.pt")
+        torch.save((hidden.cpu(), weight.cpu(), labels.cpu()), case)
+        mp.spawn(_vp_token_worker, args=(os.path.join(tmp, "init"), case,
+                                         os.path.join(tmp, "out")), nprocs=2)
+        ranks = [torch.load(os.path.join(tmp, f"out.{r}")) for r in range(2)]
+    for r_loss, entropy, predicted, correct in ranks:
+        assert _rel(r_loss, loss.cpu()) < 1e-5
+        torch.testing.assert_close(entropy, single.entropy.cpu(), rtol=1e-5, atol=1e-5)
+        assert torch.equal(predicted, single.predicted.cpu())
+        assert torch.equal(correct, single.correct.cpu())

@@ -14,6 +14,8 @@ import torch.multiprocessing as mp
 
 from fused_loss import fused_linear_cross_entropy
 
+from fused_ce_reference import assert_predicted, reference_token_stats
+
 WORLD = 2
 
 # a layout is checked once per (group, vocab_size), so each layout has its own vocab_size
@@ -23,7 +25,14 @@ EQUAL_CASES = [  # (splits, reduction, options)
     ((50, 50), "mean", {"label_smoothing": 0.1, "z_loss": 1e-3, "logit_softcap": 5.0}),
     ((37, 64), "mean", {"label_smoothing": 0.1, "z_loss": 1e-3, "logit_softcap": 5.0}),
     ((37, 64), "none", {"z_loss": 1e-3}),
+    # token_stats: entropy and argmax merged in the same all-gather; (64, 38) from (38, 0):
+    # rank 0 holds the upper slice, so the first of tied maxima is on rank 1
+    ((37, 64), "sum", {"token_stats": True}),
+    ((64, 38), "none", {"token_stats": True, "logit_softcap": 1.0, "label_smoothing": 0.1}),
+    ((50, 53), "mean", {"token_stats": True, "z_loss": 1e-3}),
+    ((64, 40), "sum", {"token_stats": True, "logit_softcap": 1.0, "backend": "triton"}),
 ]
+STARTS = {(64, 38): (38, 0), (64, 40): (40, 0)}  # else rank r starts at sum(splits[:r])
 TILING_CASES = [  # (splits, starts, expected error), weight of 97 rows
     ((40, 50), (0, 40), r"cover \[0, 90\) but vocab_size is 97"),
     ((40, 57), (0, 50), "do not tile the vocabulary .* gap or overlap at 40"),
@@ -37,15 +46,22 @@ def _one_rank(rank, hidden, weight, labels, upstream, splits, starts, options):
     start = starts[rank]
     h = hidden.clone().requires_grad_()
     w_local = weight[start:start + splits[rank]].clone().requires_grad_()
+    aux = None
     try:
         loss = fused_linear_cross_entropy(h, w_local, labels, vocab_start=start,
                                           vocab_size=weight.shape[0],
-                                          process_group=dist.group.WORLD, **options)
+                                          process_group=dist.group.WORLD,
+                                          return_aux=bool(options.get("token_stats")),
+                                          **options)
     except ValueError as e:
         return e
+    if isinstance(loss, tuple):
+        loss, aux = loss
     (loss * upstream if upstream is not None else loss).sum().backward()
     dh = h.grad.clone()
     dist.all_reduce(dh)  # the op returns this rank's partial input gradient
+    if aux is not None:
+        return loss.detach(), dh, w_local.grad, aux.entropy, aux.predicted, aux.correct
     return loss.detach(), dh, w_local.grad
 
 
@@ -81,7 +97,9 @@ def _equal_case(splits, reduction, options):
     labels[::4] = -100
     upstream = torch.rand(n) if reduction == "none" else None
     options = dict(options, reduction=reduction, chunk_size=6)
-    starts = [sum(splits[:r]) for r in range(WORLD)]
+    if options.get("logit_softcap") == 1.0:  # |z| >> cap: capped logits tie at 1.0 exactly
+        hidden = hidden * 20
+    starts = STARTS.get(splits) or [sum(splits[:r]) for r in range(WORLD)]
     return hidden, weight, labels, upstream, splits, starts, options
 
 
@@ -99,17 +117,31 @@ def parallel_results():
 
 @pytest.mark.parametrize("index", range(len(EQUAL_CASES)),
                          ids=[f"{c[1]}-{'even' if c[0][0] == c[0][1] else 'uneven'}"
+                              f"{'-token_stats' if c[2].get('token_stats') else ''}"
+                              f"{'-triton' if c[2].get('backend') == 'triton' else ''}"
                               for c in EQUAL_CASES])
 def test_two_ranks_equal_one(parallel_results, index):
     cases, results, _ = parallel_results
     hidden, weight, labels, upstream, splits, starts, options = cases[index]
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    loss = fused_linear_cross_entropy(h, w, labels, **options)
+    loss = fused_linear_cross_entropy(h, w, labels, **options,
+                                      return_aux=bool(options.get("token_stats")))
+    if isinstance(loss, tuple):
+        loss, aux = loss
     (loss * upstream if upstream is not None else loss).sum().backward()
-    for rank, (r_loss, r_dh, r_dw) in enumerate(results[index]):
+    for rank, (r_loss, r_dh, r_dw, *tokens) in enumerate(results[index]):
         _assert_close_to_scale(r_loss, loss.detach())
         _assert_close_to_scale(r_dh, h.grad)
         _assert_close_to_scale(r_dw, w.grad[starts[rank]:starts[rank] + splits[rank]])
+        assert len(tokens) == (3 if options.get("token_stats") else 0)
+        if tokens:  # against fp64, and the one-process argmax exactly (ties: the first)
+            entropy, predicted, correct = tokens
+            want_entropy, logits = reference_token_stats(
+                hidden, weight, labels, logit_softcap=options.get("logit_softcap"))
+            torch.testing.assert_close(entropy.double(), want_entropy, rtol=2e-6, atol=2e-6)
+            assert_predicted(predicted, logits, labels, correct)
+            assert torch.equal(predicted, aux.predicted)
+            torch.testing.assert_close(entropy, aux.entropy, rtol=1e-6, atol=1e-6)
 
 
 def _assert_close_to_scale(actual, expected):
