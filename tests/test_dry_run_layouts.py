@@ -21,7 +21,9 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -36,31 +38,51 @@ MODES = ("off", "on")
 FAST = ("--training.seq_len", "128", "--training.local_batch_size", "2", "--metrics.log_freq", "1",
         "--validation.no-enable")
 
-# (layout, mode) -> (substring of the error, where, reason) for the steps that cannot run here
-CPU_LIMITS = {
-    **{(lay, mode): (
-        "aten._scaled_dot_product_flash_attention_for_cpu.default does not have a sharding strategy",
-        "torchtitan/models/attention.py",
-        "context parallel on CPU: SDPA's CPU flash kernel has no DTensor sharding strategy "
-        "(torchtitan/models/attention.py, ScaledDotProductAttentionWrapper.forward); CP runs on GPU only")
-       for lay in ("fsdp2_cp2", "tp2_cp2") for mode in MODES},
-}
+class Limit(NamedTuple):
+    """Where a run stops for a known reason that is not the fused head's: skipped (a limit of this
+    machine or of torchtitan) or xfailed (a known bug), but only when it fails exactly there."""
+
+    error: str  # substring of the error
+    frame: str  # substring of one of its last frames
+    reason: str
+    known_bug: bool = False
+
+    def matches(self, r: dict) -> bool:
+        return self.error in r.get("error", "") and any(self.frame in f for f in r.get("where", []))
+
+    def apply(self) -> None:
+        (pytest.xfail if self.known_bug else pytest.skip)(self.reason)
 
 
-def job_args(layout: str, mode: str, dump: Path) -> list[str]:
-    """The argv run_train.sh hands to `python -m parallel.train` with COMM_MODE=fake_backend."""
-    ngpu, case_args, _ = e2e.CASES[layout]
-    assert ngpu == 4, layout
+SDPA_CP_LIMIT = Limit(
+    "aten._scaled_dot_product_flash_attention_for_cpu.default does not have a sharding strategy",
+    "torchtitan/models/attention.py",
+    "context parallel on CPU: SDPA's CPU flash kernel has no DTensor sharding strategy "
+    "(torchtitan/models/attention.py, ScaledDotProductAttentionWrapper.forward); CP runs on GPU only",
+)
+# (layout, mode) -> the limit its step stops at
+CPU_LIMITS = {(lay, mode): SDPA_CP_LIMIT for lay in ("fsdp2_cp2", "tp2_cp2") for mode in MODES}
+
+
+def dry_run_args(config: str, case_args, mode: str, dump: Path) -> list[str]:
+    """The argv run_train.sh hands to `python -m parallel.train` with COMM_MODE=fake_backend:
+    train_configs/<config>.toml with the layout's flags, fused head off or on, 1 step."""
     return [
-        "--job.config_file", str(ROOT / "train_configs" / "debug_model.toml"),
+        "--job.config_file", str(ROOT / "train_configs" / f"{config}.toml"),
         "--job.custom_config_module=parallel.config",
-        "--job.dump_folder", str(dump / f"{layout}_{mode}"), *FAST, *case_args,
+        "--job.dump_folder", str(dump), *FAST, *case_args,
         *(("--fused_ce.enable",) if mode == "on" else ()),
         "--comm.mode=fake_backend", "--training.steps=1",
     ]
 
 
-def _describe(trainer) -> dict:
+def job_args(layout: str, mode: str, dump: Path) -> list[str]:
+    ngpu, case_args, _ = e2e.CASES[layout]
+    assert ngpu == 4, layout
+    return dry_run_args("debug_model", case_args, mode, dump / f"{layout}_{mode}")
+
+
+def describe(trainer) -> dict:
     """What the parallelization did to the model and, with the fused head, to the head."""
     from torch.distributed.tensor import DTensor
 
@@ -79,6 +101,7 @@ def _describe(trainer) -> dict:
         "weight_local_shape": list(w.to_local().shape if isinstance(w, DTensor) else w.shape),
         "weight_shape": list(w.shape),
         "fsdp_wrapped_head_unit": type(model.norm).__name__.startswith("FSDP"),
+        "tied": w is getattr(getattr(model, "tok_embeddings", None), "weight", None),
     }
     if isinstance(trainer.loss_fn, FusedCELoss):
         out["loss_bound_to_head"] = trainer.fused_head is model.output
@@ -87,53 +110,81 @@ def _describe(trainer) -> dict:
     return out
 
 
-def worker(dump: Path, combos: list[tuple[str, str]]) -> None:
-    """Run in a subprocess: one Trainer per (layout, mode) on one fake process group."""
+def worker(dump: Path, combos: list[tuple[str, ...]], args_for) -> None:
+    """Run in a subprocess: one Trainer per combo (`args_for(*combo, dump)` its argv) on one fake
+    process group; prints one DRY_RUN_RESULT line per combo."""
     import traceback
 
-    os.environ.setdefault("NGPU", "4")
-    os.environ.setdefault("LOCAL_RANK", "0")
     sys.path.insert(0, str(ROOT))
     from parallel.train import FusedCETrainer  # applies parallel.cpu_shims first
     from torchtitan.config import ConfigManager
     from torchtitan.tools.logging import init_logger
 
     init_logger()
-    for layout, mode in combos:
-        r: dict = {"layout": layout, "mode": mode, "init": False, "step": False}
+    for combo in combos:
+        r: dict = {"combo": list(combo), "init": False, "step": False}
         trainer = None
+        start = time.monotonic()
         try:
-            trainer = FusedCETrainer(ConfigManager().parse_args(job_args(layout, mode, dump)))
+            trainer = FusedCETrainer(ConfigManager().parse_args(args_for(*combo, dump)))
             r["init"] = True
-            r["model"] = _describe(trainer)
+            r["model"] = describe(trainer)
             trainer.train()
             r["step"] = trainer.step == 1
         except Exception as e:  # recorded; the test decides
             r["error"] = f"{type(e).__name__}: {e}"[:500]
             r["where"] = [f"{f.filename}:{f.lineno} {f.name}" for f in traceback.extract_tb(e.__traceback__)[-6:]]
+            r["traceback"] = traceback.format_exc()[-4000:]
         finally:
             if trainer is not None:
                 trainer.close()
+        r["seconds"] = round(time.monotonic() - start, 1)
         print("DRY_RUN_RESULT " + json.dumps(r), flush=True)
 
 
-@pytest.fixture(scope="module")
-def dry_runs(tmp_path_factory):
-    dump = tmp_path_factory.mktemp("dry_run_layouts")
-    combos = [f"{lay}/{mode}" for lay in LAYOUTS for mode in MODES]
-    env = {**os.environ, "NGPU": "4", "LOCAL_RANK": "0", "LOG_RANK": "0",
+def worker_main(args_for) -> None:
+    """A dry-run test file's `__main__`: argv is the dump folder, then each combo as a/b/..."""
+    worker(Path(sys.argv[1]), [tuple(c.split("/")) for c in sys.argv[2:]], args_for)
+
+
+def run_dry_runs(script: str, dump: Path, combos: list[tuple[str, ...]], ngpu: int,
+                 timeout: int = 600) -> dict[tuple[str, ...], dict]:
+    """Run `script`'s worker_main over all `combos` in ONE subprocess on an `ngpu`-rank fake
+    backend; {combo: result}. Every combo must report back."""
+    env = {**os.environ, "NGPU": str(ngpu), "LOCAL_RANK": "0", "LOG_RANK": "0",
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env.setdefault("HF_DATASETS_CACHE", str(ROOT / "outputs" / ".hf_datasets_cache"))
-    proc = subprocess.run([sys.executable, __file__, str(dump), *combos], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, script, str(dump), *("/".join(c) for c in combos)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
     results = {}
     for line in proc.stdout.splitlines():
         if line.startswith("DRY_RUN_RESULT "):
             r = json.loads(line.split(" ", 1)[1])
-            results[r["layout"], r["mode"]] = r
+            results[tuple(r["combo"])] = r
     assert proc.returncode == 0 and len(results) == len(combos), (
         f"worker rc={proc.returncode}, {len(results)}/{len(combos)} results\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return results
+
+
+def check_step(r: dict, limit: Limit | None, init_limit: Limit | None = None) -> None:
+    """The step ran, or the run stopped exactly at `limit` (or, with no Trainer, at `init_limit`):
+    skipped or xfailed with its reason. Anything else fails."""
+    label = "/".join(r["combo"])
+    if r["step"]:
+        return
+    if not r["init"]:
+        if init_limit and init_limit.matches(r):
+            init_limit.apply()
+        pytest.fail(f"{label}: no Trainer (see test_trainer_init)")
+    if limit and limit.matches(r):
+        limit.apply()
+    pytest.fail(f"{label}: the step failed: {r.get('error')}\n{r.get('traceback')}")
+
+
+@pytest.fixture(scope="module")
+def dry_runs(tmp_path_factory):
+    combos = [(lay, mode) for lay in LAYOUTS for mode in MODES]
+    return run_dry_runs(__file__, tmp_path_factory.mktemp("dry_run_layouts"), combos, ngpu=4)
 
 
 # layout -> (mesh dims the head's weight lives on, enabled parallelisms)
@@ -170,17 +221,8 @@ def test_trainer_init(layout, mode, dry_runs):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_training_step(layout, mode, dry_runs):
-    r = dry_runs[layout, mode]
-    if not r["init"]:
-        pytest.fail(f"{layout}/{mode}: no Trainer (see test_trainer_init)")
-    if r["step"]:
-        return
-    limit = CPU_LIMITS.get((layout, mode))
-    where = "\n".join(r.get("where", []))
-    if limit and limit[0] in r.get("error", "") and limit[1] in where:
-        pytest.skip(limit[2])
-    pytest.fail(f"{layout}/{mode}: the step failed: {r.get('error')}\n{where}")
+    check_step(dry_runs[layout, mode], CPU_LIMITS.get((layout, mode)))
 
 
 if __name__ == "__main__":
-    worker(Path(sys.argv[1]), [tuple(c.split("/")) for c in sys.argv[2:]])
+    worker_main(job_args)
