@@ -35,9 +35,9 @@ class FusedLMHead(nn.Linear):
 
     `forward(hidden)` scores the labels given to `expect_labels` (once: a forward
     without fresh labels is an error, never a silent reuse of stale ones).
-    `stats` sums the op's side outputs (logsumexp, z-loss, valid tokens) of the
-    training micro-batches on the device, with no host sync; the trainer
-    flushes them to the metric logger on log steps.
+    `stats` sums the op's side outputs (logsumexp, z-loss, valid tokens, correct
+    predictions, entropy) of the training micro-batches on the device, with no
+    host sync; the trainer flushes them to the metric logger on log steps.
     """
 
     def __init__(self, linear: nn.Linear, cfg: FusedCE):
@@ -86,11 +86,14 @@ class FusedLMHead(nn.Linear):
             weight = weight.to_local()
 
         # Under autocast the op computes in autocast's dtype, as the baseline's F.linear would.
+        # token_stats: entropy and predicted token from the same pass (training stats only)
         loss, aux = fused_linear_cross_entropy(
-            hidden, weight, labels, **self.options, **parallel, return_aux=True
+            hidden, weight, labels, **self.options, **parallel, return_aux=True,
+            token_stats=self.training,
         )
         if self.training:  # validation runs in eval mode and stays out of the training stats
-            self.stats.update(aux.lse.sum(), aux.z_loss, aux.valid_tokens)
+            self.stats.update(aux.lse.sum(), aux.z_loss, aux.valid_tokens,
+                              correct_sum=aux.correct.sum(), entropy_sum=aux.entropy.sum())
 
         if mesh is not None:
             # Every TP rank computed the same full loss. torchtitan's ColwiseParallel output

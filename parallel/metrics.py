@@ -5,12 +5,14 @@ The trainer (``parallel/train.py``, through ``FusedLMHead.stats``) uses this mod
     from parallel.metrics import FusedCEStats
 
     stats = FusedCEStats()                       # one per trainer
-    # every micro-batch, with FusedCEAux from fused_linear_cross_entropy(..., return_aux=True):
-    stats.update(aux.lse.sum(), z_loss_sum, aux.valid_tokens)   # device tensors; no host sync
+    # every micro-batch, with FusedCEAux from fused_linear_cross_entropy(..., return_aux=True,
+    # token_stats=True):
+    stats.update(aux.lse.sum(), z_loss_sum, aux.valid_tokens,   # device tensors; no host sync
+                 correct_sum=aux.correct.sum(), entropy_sum=aux.entropy.sum())
     # on log steps only (torchtitan: metrics_processor.should_log(step)):
-    stats.flush(metrics_processor.logger, step)  # logs fused_ce/lse_mean and fused_ce/z_loss, then resets
+    stats.flush(metrics_processor.logger, step)  # logs the fused_ce/* means, then resets
 
-``FusedCEStats.update(lse_sum, z_loss_sum, valid_tokens)``
+``FusedCEStats.update(lse_sum, z_loss_sum, valid_tokens, correct_sum=None, entropy_sum=None)``
     * ``lse_sum``: the sum of log-sum-exp over the valid (non-ignored) tokens of the
       micro-batch. ``FusedCEAux.lse`` is already 0 at ignored positions, so pass
       ``aux.lse.sum()``. A tensor with more than one element is summed on its device.
@@ -18,6 +20,11 @@ The trainer (``parallel/train.py``, through ``FusedLMHead.stats``) uses this mod
       (coefficient included). With ``reduction="sum"`` this is ``aux.z_loss``. With
       ``reduction="mean"`` pass ``aux.z_loss * aux.valid_tokens``.
     * ``valid_tokens``: the number of non-ignored tokens (``aux.valid_tokens``).
+    * ``correct_sum`` and ``entropy_sum`` (optional, both or neither): the number of valid
+      tokens whose predicted token (argmax) is the label, ``aux.correct.sum()``, and the
+      sum of the softmax entropy over the valid tokens, ``aux.entropy.sum()`` (0 at
+      ignored positions already). Their ``valid_tokens`` are counted apart, so micro-batches
+      without them do not dilute the means.
     Python numbers work too. The values are added in place into one float64 device
     buffer (float32 on MPS). The buffer is on ``FusedCEStats(device=...)``, or else on
     the device of the first tensor passed. ``update`` never reads a value back to the host, so it
@@ -25,12 +32,15 @@ The trainer (``parallel/train.py``, through ``FusedLMHead.stats``) uses this mod
 
 ``FusedCEStats.flush(logger, step) -> dict``
     Reads the buffer to the host with one ``.tolist()``. Logs
-    ``{"fused_ce/lse_mean": sum_lse / tokens, "fused_ce/z_loss": sum_z / tokens}``
+    ``{"fused_ce/lse_mean": sum_lse / tokens, "fused_ce/z_loss": sum_z / tokens}``, plus
+    ``"fused_ce/token_accuracy": correct / tokens`` and ``"fused_ce/entropy": sum_entropy /
+    tokens`` when any update since the last flush passed them,
     through ``logger.log(dict, step)``, zeroes the buffer, and returns the dict.
     It logs nothing and returns ``{}`` if no tokens were counted since the last flush.
     Call it only on log steps, because it syncs.
     ``lse_mean`` is the mean log-sum-exp per valid token. It is the logit-drift signal
-    that z-loss is meant to control.
+    that z-loss is meant to control. ``token_accuracy`` is the fraction of valid tokens
+    whose argmax is the label; ``entropy`` the mean softmax entropy (nats) per valid token.
     ``FusedCEStats(reduce_group=g)`` sums the buffer over the process group ``g``
     before reading it, with one all-reduce. Use the data-parallel group, never the
     TP/vocab group, because TP ranks hold identical values. Every rank in ``g`` must
@@ -54,11 +64,13 @@ __all__ = [
     "CPU_MEMORY_RENAMES",
     "CPU_RSS_CURRENT_TAG",
     "CPU_RSS_PEAK_TAG",
+    "ENTROPY_TAG",
     "LOSS_TAG",
     "LSE_MEAN_TAG",
     "MAX_ACTIVE_TAG",
     "MAX_RESERVED_TAG",
     "MEMORY_PREFIX",
+    "TOKEN_ACCURACY_TAG",
     "TPS_TAG",
     "Z_LOSS_TAG",
     "FusedCEStats",
@@ -67,6 +79,8 @@ __all__ = [
 # The fused head's statistics (FusedCEStats.flush).
 LSE_MEAN_TAG = "fused_ce/lse_mean"
 Z_LOSS_TAG = "fused_ce/z_loss"
+TOKEN_ACCURACY_TAG = "fused_ce/token_accuracy"
+ENTROPY_TAG = "fused_ce/entropy"
 # torchtitan's per-step tags.
 LOSS_TAG = "loss_metrics/global_avg_loss"
 TPS_TAG = "throughput(tps)"
@@ -86,13 +100,13 @@ class _Logger(Protocol):
 class FusedCEStats:
     """Accumulates fused cross-entropy statistics on the device. See the module docstring."""
 
-    # Buffer slots.
-    _LSE, _Z, _N = 0, 1, 2
+    # Buffer slots: the sums, then the token statistics' sums and their own token count.
+    _LSE, _Z, _N, _CORRECT, _ENTROPY, _N_TOKEN_STATS = range(6)
 
     def __init__(self, reduce_group: Any = None, device: Any = None) -> None:
         self.reduce_group = reduce_group
         self.device = torch.device(device) if device is not None else None
-        self._buf: torch.Tensor | None = None  # [3]: sum_lse, sum_z, valid_tokens
+        self._buf: torch.Tensor | None = None  # [6]: see the slots above
 
     def _buffer_for(self, *values: Any) -> torch.Tensor:
         if self._buf is None:
@@ -101,7 +115,7 @@ class FusedCEStats:
                 torch.device("cpu"),
             )
             dtype = torch.float32 if device.type == "mps" else torch.float64
-            self._buf = torch.zeros(3, dtype=dtype, device=device)
+            self._buf = torch.zeros(6, dtype=dtype, device=device)
         return self._buf
 
     @staticmethod
@@ -113,10 +127,17 @@ class FusedCEStats:
             return v.reshape(())
         return float(v)  # a Python number; nothing to sync
 
-    def update(self, lse_sum: Any, z_loss_sum: Any, valid_tokens: Any) -> None:
+    def update(self, lse_sum: Any, z_loss_sum: Any, valid_tokens: Any, correct_sum: Any = None,
+               entropy_sum: Any = None) -> None:
         """Add one micro-batch's sums to the device buffer. Does not sync."""
+        if (correct_sum is None) != (entropy_sum is None):
+            raise ValueError("correct_sum and entropy_sum go together (both or neither)")
         buf = self._buffer_for(lse_sum, z_loss_sum, valid_tokens)
-        for slot, v in ((self._LSE, lse_sum), (self._Z, z_loss_sum), (self._N, valid_tokens)):
+        slots = [(self._LSE, lse_sum), (self._Z, z_loss_sum), (self._N, valid_tokens)]
+        if correct_sum is not None:
+            slots += [(self._CORRECT, correct_sum), (self._ENTROPY, entropy_sum),
+                      (self._N_TOKEN_STATS, valid_tokens)]
+        for slot, v in slots:
             v = self._as_addend(v)
             if isinstance(v, torch.Tensor) and v.device != buf.device and v.device.type != "cpu":
                 v = v.to(buf.device, non_blocking=True)
@@ -138,10 +159,13 @@ class FusedCEStats:
             if dist.is_available() and dist.is_initialized():
                 buf = buf.clone()
                 dist.all_reduce(buf, group=self.reduce_group)
-        sum_lse, sum_z, n = buf.tolist()  # the single host transfer
+        sum_lse, sum_z, n, correct, sum_entropy, n_token = buf.tolist()  # the one host transfer
         self.reset()
         if n <= 0:
             return {}
         metrics = {LSE_MEAN_TAG: sum_lse / n, Z_LOSS_TAG: sum_z / n}
+        if n_token > 0:
+            metrics[TOKEN_ACCURACY_TAG] = correct / n_token
+            metrics[ENTROPY_TAG] = sum_entropy / n_token
         logger.log(metrics, step)
         return metrics

@@ -95,11 +95,58 @@ def test_update_does_not_sync(monkeypatch):
         forbid(name)
 
     for lse, valid in micro_batches():
-        stats.update(lse.sum(), (1e-4 * lse**2).sum(), valid.sum())
+        stats.update(lse.sum(), (1e-4 * lse**2).sum(), valid.sum(), correct_sum=valid[0].sum(),
+                     entropy_sum=lse / 3)
     assert host_reads == [], f"update() read values to the host: {host_reads}"
 
     stats.flush(RecordingLogger(), 5)
     assert host_reads == ["tolist"]  # one host transfer per flush
+
+
+def test_token_accuracy_and_entropy_from_the_ops_aux():
+    """fused_ce/token_accuracy and fused_ce/entropy: per valid token over the micro-batches
+    since the last flush, from FusedCEAux's correct and entropy, summed on the device."""
+    from fused_loss import fused_linear_cross_entropy
+
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    stats, logger = FusedCEStats(), RecordingLogger()
+    correct = entropy = tokens = 0.0
+    for n in (7, 1, 12):
+        hidden, weight = torch.randn(n, 5, generator=g) * 3, torch.randn(41, 5, generator=g)
+        logits = (hidden.double() @ weight.double().t())
+        labels = torch.randint(0, 41, (n,), generator=g)
+        labels[: n // 2] = logits[: n // 2].argmax(1)  # some right
+        labels[torch.rand(n, generator=g) < 0.3] = -100
+        _, aux = fused_linear_cross_entropy(hidden, weight, labels, return_aux=True,
+                                            token_stats=True)
+        stats.update(aux.lse.sum(), aux.z_loss, aux.valid_tokens,
+                     correct_sum=aux.correct.sum(), entropy_sum=aux.entropy.sum())
+        valid = labels != -100
+        correct += float(((logits.argmax(1) == labels) & valid).sum())
+        p = torch.softmax(logits, 1)
+        entropy += float((-(p * torch.log_softmax(logits, 1)).sum(1) * valid).sum())
+        tokens += float(valid.sum())
+    out = stats.flush(logger, 4)
+    assert logger.calls == [(out, 4)]
+    assert out["fused_ce/token_accuracy"] == pytest.approx(correct / tokens, rel=1e-9)
+    assert out["fused_ce/entropy"] == pytest.approx(entropy / tokens, rel=1e-5)
+    assert (metrics.TOKEN_ACCURACY_TAG, metrics.ENTROPY_TAG) == (
+        "fused_ce/token_accuracy", "fused_ce/entropy")
+
+
+def test_token_statistics_only_where_given():
+    """Updates without correct/entropy neither log those tags nor dilute their means."""
+    stats, logger = FusedCEStats(), RecordingLogger()
+    stats.update(torch.tensor(20.0), torch.tensor(0.4), torch.tensor(4))
+    assert set(stats.flush(logger, 1)) == {"fused_ce/lse_mean", "fused_ce/z_loss"}
+    stats.update(torch.tensor(20.0), torch.tensor(0.4), torch.tensor(4))
+    stats.update(torch.tensor(5.0), 0.0, torch.tensor(2), correct_sum=torch.tensor(1),
+                 entropy_sum=torch.tensor(3.0, dtype=torch.float32))
+    out = stats.flush(logger, 2)
+    assert out["fused_ce/lse_mean"] == pytest.approx(25.0 / 6)
+    assert out["fused_ce/token_accuracy"] == 0.5 and out["fused_ce/entropy"] == 1.5
+    with pytest.raises(ValueError, match="correct_sum and entropy_sum go together"):
+        stats.update(1.0, 0.0, 1, correct_sum=1)
 
 
 def test_update_on_meta_tensors():
@@ -110,6 +157,8 @@ def test_update_on_meta_tensors():
             torch.empty(4, 8, device="meta"),
             torch.empty((), device="meta"),
             torch.empty((), dtype=torch.int64, device="meta"),
+            correct_sum=torch.empty((), dtype=torch.int64, device="meta"),
+            entropy_sum=torch.empty(4, 8, device="meta"),
         )
     assert stats._buf is not None and stats._buf.device.type == "meta"
 
@@ -121,7 +170,7 @@ def test_buffer_is_in_place():
     ptr = buf.data_ptr()
     stats.update(torch.tensor(1.0), torch.tensor(0.0), torch.tensor(1))
     stats.flush(RecordingLogger(), 1)
-    assert stats._buf is buf and buf.data_ptr() == ptr and buf.tolist() == [0.0, 0.0, 0.0]
+    assert stats._buf is buf and buf.data_ptr() == ptr and buf.tolist() == [0.0] * 6
 
 
 def test_cpu_memory_tags_are_what_the_cpu_shims_log():
@@ -148,9 +197,41 @@ def test_reduce_group_single_process(tmp_path):
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
         stats = FusedCEStats(reduce_group=dist.group.WORLD)
-        stats.update(torch.tensor(22.0), torch.tensor(0.2), torch.tensor(2))
+        stats.update(torch.tensor(22.0), torch.tensor(0.2), torch.tensor(2),
+                     correct_sum=torch.tensor(1), entropy_sum=torch.tensor(3.0))
         out = stats.flush(RecordingLogger(), 1)
-        assert out == {"fused_ce/lse_mean": 11.0, "fused_ce/z_loss": pytest.approx(0.1)}
-        assert stats._buf.tolist() == [0.0, 0.0, 0.0]
+        assert out == {"fused_ce/lse_mean": 11.0, "fused_ce/z_loss": pytest.approx(0.1),
+                       "fused_ce/token_accuracy": 0.5, "fused_ce/entropy": 1.5}
+        assert stats._buf.tolist() == [0.0] * 6
     finally:
         dist.destroy_process_group()
+
+
+def test_fused_head_logs_token_accuracy_and_entropy_in_training_only():
+    """FusedLMHead asks the op for the token statistics while training and sums them into
+    its FusedCEStats; in eval mode (validation) it asks for none and adds nothing."""
+    from parallel.config import FusedCE
+    from parallel.fused_head import FusedLMHead
+
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    linear = torch.nn.Linear(6, 37, bias=False)
+    head = FusedLMHead(linear, FusedCE(enable=True, backend="torch"))
+    hidden = torch.randn(2, 5, 6, generator=g) * 3
+    logits = hidden.double() @ linear.weight.detach().double().t()
+    labels = torch.randint(0, 37, (2, 5), generator=g)
+    labels[0, :3] = logits[0, :3].argmax(-1)
+    labels[1, 0] = -100
+    head.train()
+    head(hidden, labels=labels).backward()
+    head.eval()
+    with torch.no_grad():
+        head(hidden * 0.5, labels=torch.zeros_like(labels))  # validation: not in the stats
+    out = head.stats.flush(RecordingLogger(), 1)
+    valid = labels != -100
+    p = torch.softmax(logits, -1)
+    entropy = -(p * torch.log_softmax(logits, -1)).sum(-1)
+    assert out[metrics.TOKEN_ACCURACY_TAG] == pytest.approx(
+        float(((logits.argmax(-1) == labels) & valid).sum()) / float(valid.sum()), rel=1e-9)
+    assert out[metrics.ENTROPY_TAG] == pytest.approx(float(entropy[valid].mean()), rel=1e-5)
+    assert out[metrics.LSE_MEAN_TAG] == pytest.approx(
+        float(torch.logsumexp(logits, -1)[valid].mean()), rel=1e-6)
