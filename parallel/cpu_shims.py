@@ -278,6 +278,7 @@ def apply() -> None:
     from torchtitan.distributed import utils as dist_utils
     from torch.nn.attention import flex_attention as flex_attention_module
     from torchtitan.models.llama3.infra import parallelize as llama3_parallelize
+    from torchtitan.models.llama4.infra import parallelize as llama4_parallelize
     from torchtitan.models.moe import moe
     from torchtitan.models.qwen3.model import args as qwen3_args
     from torchtitan.tools import utils as titan_utils
@@ -296,10 +297,12 @@ def apply() -> None:
     dist_utils.init_distributed = _without_nccl_environment(dist_utils.init_distributed)
     # gloo's barrier takes no device_ids.
     dist_utils.set_pg_timeouts = _set_pg_timeouts_without_device_barrier
-    # FSDP on gloo (see _sum_only_fsdp_gradient_division).
-    llama3_parallelize.disable_fsdp_gradient_division = _sum_only_fsdp_gradient_division(
-        llama3_parallelize.disable_fsdp_gradient_division
-    )
+    # FSDP on gloo (see _sum_only_fsdp_gradient_division): llama3's apply_fsdp, and llama4's,
+    # which deepseek_v3, qwen3 and gpt_oss use, each call their own binding of the function.
+    for module in (llama3_parallelize, llama4_parallelize):
+        module.disable_fsdp_gradient_division = _sum_only_fsdp_gradient_division(
+            module.disable_fsdp_gradient_division
+        )
     # MoE token counting (deepseek_v3, llama4, qwen3 MoE, gpt_oss) calls histc on int64 (see _histc_accepting_integers).
     torch.histc = _histc_accepting_integers(torch.histc)
     # mixed_precision_param = "float32" autocasts to fp32 as on CUDA (see _cpu_autocast_accepting_fp32).

@@ -1,6 +1,6 @@
 """End to end on CPU (gloo, fp32): every torchtitan decoder family's debug config, as torchtitan
 names it, trains with `--fused_ce.enable` added and nothing else, and gives the baseline's
-per-step losses; tied (qwen3) and MoE (deepseek_v3) under TP=2 and FSDP=2; checkpoints cross
+per-step losses; MoE (deepseek_v3) under TP=2 and FSDP=2; checkpoints of the tied qwen3 cross
 between the two modes. (llama3, the default config, is covered by test_job.py; qwen3's MoE
 flavor, in one process, by test_specs.py.)
 
@@ -26,8 +26,12 @@ LAYOUTS = {
     "tp2": ("2", ("--parallelism.tensor_parallel_degree", "2")),
     "fsdp2": ("2", ("--parallelism.data_parallel_shard_degree", "2")),
 }
+# qwen3's tied flavors cannot run TP=2 or FSDP=2 on CPU even with the fused head off (TP: its
+# attention gets DTensors, and SDPA's CPU kernel has no sharding rule; FSDP2 in torch >= 2.13
+# refuses the tied weight in two FSDP groups, as torchtitan 0.2.2 groups it): the tied head under
+# TP and FSDP2 is proved by test_tied_head.py instead.
 CASES = [(c, "one") for c in ("qwen3_debug", "llama4_debug", "deepseek_v3_debug", "gpt_oss_debug")] + [
-    (c, layout) for c in ("qwen3_debug", "deepseek_v3_debug") for layout in ("tp2", "fsdp2")
+    ("deepseek_v3_debug", layout) for layout in ("tp2", "fsdp2")
 ]
 
 
