@@ -67,17 +67,36 @@ def _autocast_enabled(device_type: str) -> bool:
         return False
 
 
-def _follow_autocast(hidden, weight):
-    """(hidden, weight, context): the two in autocast's dtype where autocast is on for their
-    device, as F.linear would take them, and a context that turns autocast off around the op
-    (its GEMMs write into buffers of that dtype); else as they are, and a null context."""
+def _follow_autocast(hidden, weight, bias=None):
+    """(hidden, weight, bias, context): the three in autocast's dtype where autocast is on for
+    their device, as F.linear would take them, and a context that turns autocast off around
+    the op (its GEMMs write into buffers of that dtype); else as they are, and a null
+    context."""
     if not (isinstance(hidden, Tensor) and isinstance(weight, Tensor)
             and _autocast_enabled(hidden.device.type)):
-        return hidden, weight, contextlib.nullcontext()  # _check_tensors names bad arguments
+        # _check_tensors names bad arguments
+        return hidden, weight, bias, contextlib.nullcontext()
     device_type = hidden.device.type
     dtype = torch.get_autocast_dtype(device_type)
-    hidden, weight = (t.to(dtype) if t.dtype in _FLOAT_DTYPES else t for t in (hidden, weight))
-    return hidden, weight, torch.autocast(device_type, enabled=False)
+    hidden, weight, bias = (t.to(dtype) if isinstance(t, Tensor) and t.dtype in _FLOAT_DTYPES
+                            else t for t in (hidden, weight, bias))
+    return hidden, weight, bias, torch.autocast(device_type, enabled=False)
+
+
+def _check_bias(bias, weight: Tensor) -> None:
+    if not isinstance(bias, Tensor):
+        raise ValueError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if type(bias) is not Tensor and not isinstance(bias, nn.Parameter):
+        raise ValueError(f"bias must be a plain tensor, got {type(bias).__name__} (for a "
+                         "DTensor pass .to_local(): this rank's slice, like the weight)")
+    if bias.dtype != weight.dtype:
+        raise ValueError(f"bias dtype {bias.dtype} differs from weight dtype {weight.dtype}")
+    if bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias must be [V_local] = [{weight.shape[0]}] (this rank's slice, "
+                         f"like the weight), got shape {tuple(bias.shape)}")
+    if bias.device != weight.device:
+        raise ValueError(f"bias ({bias.device}) and weight ({weight.device}) must be on one "
+                         "device")
 
 
 def fused_linear_cross_entropy(
@@ -100,6 +119,7 @@ def fused_linear_cross_entropy(
     weight_grad_fp32: bool = True,
     return_aux: bool = False,
     token_stats: bool = False,
+    bias: Tensor | None = None,
 ):
     """cross_entropy(hidden @ weight.T, labels) without ever holding the logits.
 
@@ -123,12 +143,18 @@ def fused_linear_cross_entropy(
     (V_local*D*2 bytes more than dW itself, until the backward rounds it; off: 16-bit carry,
     faster but rounded once per chunk).
 
+    bias [V_local] (this rank's slice under vocab parallelism, like the weight): logits
+    hidden @ weight.T + bias, as F.linear's; its gradient is summed over the tokens in fp32
+    and rounded once to bias's dtype.
+
     token_stats (needs return_aux) fills FusedCEAux's entropy, predicted and correct from the
     same statistics pass (two more fp32 numbers per row, in the same all-gather under vocab
     parallelism); off, the op computes exactly what it computes without the option.
     """
-    hidden, weight, autocast_off = _follow_autocast(hidden, weight)
+    hidden, weight, bias, autocast_off = _follow_autocast(hidden, weight, bias)
     _check_tensors(hidden, weight, labels)
+    if bias is not None:
+        _check_bias(bias, weight)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not isinstance(token_stats, bool):
@@ -166,15 +192,16 @@ def fused_linear_cross_entropy(
 
     if reduction == "none":
         with autocast_off:
-            loss, lse, entropy, predicted = torch.ops.fused_loss.lce_rows(h, weight, y,
+            loss, lse, entropy, predicted = torch.ops.fused_loss.lce_rows(h, weight, y, bias,
                                                                           **op_args)
         z_term = z_loss * lse * lse
         loss, lse, z_term = (t.reshape(lead_shape) for t in (loss, lse, z_term))
     else:
-        want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+        want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
+                                                 or (bias is not None and bias.requires_grad))
         with autocast_off:
-            loss, lse, _, _, entropy, predicted = torch.ops.fused_loss.lce_sum(
-                h, weight, y, **op_args, want_grad=want_grad)
+            loss, lse, _, _, _, entropy, predicted = torch.ops.fused_loss.lce_sum(
+                h, weight, y, bias, **op_args, want_grad=want_grad)
         z_term = z_loss * (lse * lse).sum()
         if reduction == "mean":
             # all tokens ignored -> 0, not torch's 0/0 = nan

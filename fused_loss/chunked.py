@@ -1,14 +1,16 @@
 """The chunked algorithm, shared by both backends (they differ only in the row passes).
 
 For each chunk of C tokens (C from the memory budget):
-  1. z = h_c @ W^T                  vendor GEMM into ONE reused [C, V_local] buffer
+  1. z = h_c @ W^T (+ b)            vendor GEMM into ONE reused [C, V_local] buffer (addmm
+                                    with a bias: rounded once, as F.linear)
   2. row statistics of z            (max, sum-exp, target logit, logit sum), fp32; with
                                     token_stats also the entropy's numerator and the argmax
   3. vocab parallel: one all-gather of the [C, 4] statistics -> full log-sum-exp
                                     ([C, 6] with token_stats: the same one all-gather)
   4. z := dloss/dz in place         no second [C, V] buffer
   5. dh_c = z @ W,  dW += z^T @ h_c  (dh in fp32, dW carried across chunks in fp32: see
-                                    _input_grad and _add_weight_grad)
+                                    _input_grad and _add_weight_grad); db += sum of z's rows
+                                    in fp32 with a bias
 The buffer has the inputs' dtype, so with 16-bit inputs the statistics (step 2) are taken
 from the logits rounded to 16 bits, by design, as eager `F.cross_entropy(h @ W.T)` takes
 them: each row's log-sum-exp is that of the rounded logits, computed in fp32 (an fp32
@@ -116,9 +118,15 @@ def _add_weight_grad(dw, acc, z, h_c, first: bool) -> None:
 def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: LossOptions, *,
         backend: str, chunk: int, group_name: str, want_grad: bool,
         weight_grad_fp32: bool = True, token_stats: bool = False,
+        bias: torch.Tensor | None = None,
         lse_in: torch.Tensor | None = None, grad_rows: torch.Tensor | None = None):
-    """hidden [N, D], weight [V_local, D], labels [N] -> (loss [N], lse [N], dh, dW, entropy,
-    predicted).
+    """hidden [N, D], weight [V_local, D], labels [N] -> (loss [N], lse [N], dh, dW, db,
+    entropy, predicted).
+
+    bias [V_local] (this rank's slice): the logits are h @ W^T + b, added in the chunk GEMM
+    (addmm: rounded once, as F.linear's); db [V_local] is the gradient rows summed over the
+    tokens in fp32 (empty without bias or gradient). Both backends: the row passes see the
+    biased logits.
 
     entropy [N] fp32 and predicted [N] int64 (see token_outputs) with token_stats, else empty:
     off, the statistics and the collective are exactly those without them.
@@ -126,7 +134,7 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
     dh is fp32 and dW is fp32 when carries_weight_grad_in_fp32, else in the weight's dtype:
     the backward scales them and rounds them to the inputs' dtypes.
     With lse_in and grad_rows (the backward of reduction="none"): recompute z, skip the
-    statistics and the collective, and return only (dh, dW) scaled per row by grad_rows.
+    statistics and the collective, and return only (dh, dW, db) scaled per row by grad_rows.
     """
     rows = rows_backend(backend)
     group = resolve_group(group_name) if group_name else None
@@ -155,6 +163,8 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
             dw = torch.empty_like(weight, memory_format=dense)
     else:
         dh, dw = hidden.new_empty(0), weight.new_empty(0)
+    db = torch.zeros(weight.shape[0] if (want_grad and bias is not None) else 0,
+                     dtype=torch.float32, device=weight.device)
     buf = torch.empty(min(chunk, n_tokens), weight.shape[0], dtype=hidden.dtype,
                       device=hidden.device)
     unit_scale = torch.ones(1, dtype=torch.float32, device=hidden.device)
@@ -162,7 +172,10 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
         last = min(first + chunk, n_tokens)
         h_c, y_c = hidden[first:last], labels[first:last]
         z = buf[: last - first]
-        torch.mm(h_c, weight.t(), out=z)
+        if bias is None:
+            torch.mm(h_c, weight.t(), out=z)
+        else:
+            torch.addmm(bias, h_c, weight.t(), out=z)
         if recompute:
             rows.row_grad_(z, lse_in[first:last], y_c, grad_rows[first:last], opts)
         elif want_grad and group is None and hasattr(rows, "row_stats_and_grad_"):
@@ -184,6 +197,8 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
             else:
                 _input_grad(z, weight, dh[first:last])
             _add_weight_grad(dw, acc, z, h_c, first == 0)
+            if bias is not None:
+                db.add_(z.sum(dim=0, dtype=torch.float32))
     if recompute:
-        return dh, dw
-    return loss, lse, dh, dw, entropy, predicted
+        return dh, dw, db
+    return loss, lse, dh, dw, db, entropy, predicted

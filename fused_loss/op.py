@@ -1,9 +1,12 @@
 """The custom ops: what torch.compile sees as opaque, and their autograd.
 
-  fused_loss::lce_sum            -> (loss sum, lse [N], dh, dW, entropy, predicted)
+  fused_loss::lce_sum            -> (loss sum, lse [N], dh, dW, db, entropy, predicted)
                                                                   gradient in forward
   fused_loss::lce_rows           -> (loss [N], lse [N], entropy, predicted)  reduction="none"
-  fused_loss::lce_rows_backward  -> (dh, dW)                      recompute with per-row grads
+  fused_loss::lce_rows_backward  -> (dh, dW, db)                  recompute with per-row grads
+
+bias (optional, [V_local]) is a positional tensor input like the others; db is empty without
+it (or without a gradient).
 
 The sum op computes the gradients in its forward (6NDV instead of 8NDV); its backward only
 multiplies them by the scalar upstream gradient (and rounds a dW carried in fp32 to the
@@ -36,18 +39,21 @@ def _input_grads(op, **grads) -> tuple:
 
 
 @torch.library.custom_op("fused_loss::lce_sum", mutates_args=())
-def lce_sum(hidden: Tensor, weight: Tensor, labels: Tensor, *, ignore_index: int,
+def lce_sum(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None, *,
+            ignore_index: int,
             label_smoothing: float, z_loss: float, logit_softcap: float | None,
             vocab_start: int, vocab_size: int, group_name: str, backend: str, chunk: int,
             want_grad: bool, weight_grad_fp32: bool, check_labels: bool,
-            token_stats: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+            token_stats: bool = False
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     opts = LossOptions.from_op_args(locals())  # first statement: locals() are the arguments
     if check_labels:
         chunked.check_label_range(labels, opts.vocab_size, opts.ignore_index)
-    loss, lse, dh, dw, entropy, predicted = chunked.run(
+    loss, lse, dh, dw, db, entropy, predicted = chunked.run(
         hidden, weight, labels, opts, backend=backend, chunk=chunk, group_name=group_name,
-        want_grad=want_grad, weight_grad_fp32=weight_grad_fp32, token_stats=token_stats)
-    return loss.sum(), lse, dh, dw, entropy, predicted
+        want_grad=want_grad, weight_grad_fp32=weight_grad_fp32, token_stats=token_stats,
+        bias=bias)
+    return loss.sum(), lse, dh, dw, db, entropy, predicted
 
 
 def _fake_token_outputs(hidden, token_stats):
@@ -56,42 +62,51 @@ def _fake_token_outputs(hidden, token_stats):
 
 
 @lce_sum.register_fake
-def _(hidden, weight, labels, *, chunk, want_grad, weight_grad_fp32, token_stats=False, **_):
+def _(hidden, weight, labels, bias=None, *, chunk, want_grad, weight_grad_fp32,
+      token_stats=False, **_):
     n = hidden.shape[0]
     loss = hidden.new_empty((), dtype=torch.float32)
     lse = hidden.new_empty(n, dtype=torch.float32)
     tokens = _fake_token_outputs(hidden, token_stats)
+    db = hidden.new_empty(weight.shape[0] if (want_grad and bias is not None) else 0,
+                          dtype=torch.float32)
     if want_grad:
         fp32 = chunked.carries_weight_grad_in_fp32(n, chunk, weight.dtype, weight_grad_fp32)
         dw = torch.empty_like(weight, dtype=torch.float32 if fp32 else weight.dtype)
-        return loss, lse, torch.empty_like(hidden, dtype=torch.float32), dw, *tokens
-    return loss, lse, hidden.new_empty(0), hidden.new_empty(0), *tokens
+        return loss, lse, torch.empty_like(hidden, dtype=torch.float32), dw, db, *tokens
+    return loss, lse, hidden.new_empty(0), hidden.new_empty(0), db, *tokens
 
 
 def _sum_setup_context(ctx, inputs, keyword_only_inputs, output):
-    _, _, dh, dw, _, _ = output
-    ctx.save_for_backward(dh, dw)
+    _, _, dh, dw, db, _, _ = output
+    ctx.save_for_backward(dh, dw, db)
     ctx.hidden_dtype, ctx.weight_dtype = inputs[0].dtype, inputs[1].dtype
+    bias = inputs[3] if len(inputs) > 3 else None
+    ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.backend = keyword_only_inputs["backend"]
     # The dh / dW outputs are never used downstream: left materialized, their zero
     # "gradients" would be a second dW-sized buffer (2 GiB fp32 at the 8B head) in backward.
     ctx.set_materialize_grads(False)
 
 
-def _sum_backward(ctx, grad_loss, grad_lse, grad_dh, grad_dw, grad_entropy=None,
+def _sum_backward(ctx, grad_loss, grad_lse, grad_dh, grad_dw, grad_db=None, grad_entropy=None,
                   _grad_predicted=None):
-    if grad_loss is None or any(g is not None for g in (grad_lse, grad_dh, grad_dw,
+    if grad_loss is None or any(g is not None for g in (grad_lse, grad_dh, grad_dw, grad_db,
                                                         grad_entropy)):
         raise RuntimeError("fused_loss::lce_sum is differentiable through its loss output "
                            "only (the API returns lse detached)")
-    dh, dw = ctx.saved_tensors
+    dh, dw, db = ctx.saved_tensors
     op = torch.ops.fused_loss.lce_sum.default
+    has_db = ctx.bias_dtype is not None and db.numel() > 0
     if torch.compiler.is_compiling() or is_fake(dh):  # traced (AOT autograd): graph ops
         return _input_grads(op, hidden=(dh * grad_loss).to(ctx.hidden_dtype),
-                            weight=(dw * grad_loss).to(ctx.weight_dtype))
+                            weight=(dw * grad_loss).to(ctx.weight_dtype),
+                            bias=(db * grad_loss).to(ctx.bias_dtype) if has_db else None)
     rows = chunked.rows_backend(ctx.backend)
     return _input_grads(op, hidden=_scale_and_round(rows, dh, grad_loss, ctx.hidden_dtype),
-                        weight=_scale_and_round(rows, dw, grad_loss, ctx.weight_dtype))
+                        weight=_scale_and_round(rows, dw, grad_loss, ctx.weight_dtype),
+                        bias=_scale_and_round(rows, db, grad_loss, ctx.bias_dtype)
+                        if has_db else None)
 
 
 def _scale_and_round(rows, saved: Tensor, grad_loss: Tensor, dtype: torch.dtype) -> Tensor:
@@ -116,7 +131,8 @@ lce_sum.register_autograd(_sum_backward, setup_context=_sum_setup_context)
 
 
 @torch.library.custom_op("fused_loss::lce_rows", mutates_args=())
-def lce_rows(hidden: Tensor, weight: Tensor, labels: Tensor, *, ignore_index: int,
+def lce_rows(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None, *,
+             ignore_index: int,
              label_smoothing: float, z_loss: float, logit_softcap: float | None,
              vocab_start: int, vocab_size: int, group_name: str, backend: str, chunk: int,
              weight_grad_fp32: bool, check_labels: bool,
@@ -124,14 +140,14 @@ def lce_rows(hidden: Tensor, weight: Tensor, labels: Tensor, *, ignore_index: in
     opts = LossOptions.from_op_args(locals())  # first statement: locals() are the arguments
     if check_labels:
         chunked.check_label_range(labels, opts.vocab_size, opts.ignore_index)
-    loss, lse, _, _, entropy, predicted = chunked.run(
+    loss, lse, _, _, _, entropy, predicted = chunked.run(
         hidden, weight, labels, opts, backend=backend, chunk=chunk, group_name=group_name,
-        want_grad=False, token_stats=token_stats)
+        want_grad=False, token_stats=token_stats, bias=bias)
     return loss, lse, entropy, predicted
 
 
 @lce_rows.register_fake
-def _(hidden, weight, labels, *, token_stats=False, **_):
+def _(hidden, weight, labels, bias=None, *, token_stats=False, **_):
     n = hidden.shape[0]
     return (hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32),
             *_fake_token_outputs(hidden, token_stats))
@@ -139,20 +155,22 @@ def _(hidden, weight, labels, *, token_stats=False, **_):
 
 @torch.library.custom_op("fused_loss::lce_rows_backward", mutates_args=())
 def lce_rows_backward(hidden: Tensor, weight: Tensor, labels: Tensor, lse: Tensor,
-                      grad_rows: Tensor, *, ignore_index: int, label_smoothing: float,
-                      z_loss: float, logit_softcap: float | None, vocab_start: int,
-                      vocab_size: int, backend: str, chunk: int,
-                      weight_grad_fp32: bool) -> tuple[Tensor, Tensor]:
+                      grad_rows: Tensor, bias: Tensor | None = None, *, ignore_index: int,
+                      label_smoothing: float, z_loss: float, logit_softcap: float | None,
+                      vocab_start: int, vocab_size: int, backend: str, chunk: int,
+                      weight_grad_fp32: bool) -> tuple[Tensor, Tensor, Tensor]:
     opts = LossOptions.from_op_args(locals())  # first statement: locals() are the arguments
-    dh, dw = chunked.run(hidden, weight, labels, opts, backend=backend, chunk=chunk,
-                         group_name="", want_grad=True, weight_grad_fp32=weight_grad_fp32,
-                         lse_in=lse, grad_rows=grad_rows.float().contiguous())
-    return dh, dw.to(weight.dtype)
+    dh, dw, db = chunked.run(hidden, weight, labels, opts, backend=backend, chunk=chunk,
+                             group_name="", want_grad=True, weight_grad_fp32=weight_grad_fp32,
+                             bias=bias, lse_in=lse, grad_rows=grad_rows.float().contiguous())
+    return dh, dw.to(weight.dtype), db if bias is None else db.to(bias.dtype)
 
 
 @lce_rows_backward.register_fake
-def _(hidden, weight, *args, **kwargs):
-    return torch.empty_like(hidden), torch.empty_like(weight)
+def _(hidden, weight, labels, lse, grad_rows, bias=None, **kwargs):
+    db = (hidden.new_empty(0, dtype=torch.float32) if bias is None
+          else torch.empty_like(bias))
+    return torch.empty_like(hidden), torch.empty_like(weight), db
 
 
 # lce_rows' arguments the recompute does not take: it runs no collective (the saved lse is
@@ -162,15 +180,16 @@ _NOT_RECOMPUTED = ("group_name", "check_labels", "token_stats")
 
 
 def _rows_setup_context(ctx, inputs, keyword_only_inputs, output):
-    hidden, weight, labels = inputs
-    ctx.save_for_backward(hidden, weight, labels, output[1])
+    hidden, weight, labels, *bias = inputs
+    ctx.save_for_backward(hidden, weight, labels, output[1], *(bias or [None]))
     ctx.options = {k: v for k, v in keyword_only_inputs.items() if k not in _NOT_RECOMPUTED}
 
 
 def _rows_backward(ctx, grad_loss, _grad_lse, _grad_entropy=None, _grad_predicted=None):
-    hidden, weight, labels, lse = ctx.saved_tensors
-    dh, dw = lce_rows_backward(hidden, weight, labels, lse, grad_loss, **ctx.options)
-    return _input_grads(torch.ops.fused_loss.lce_rows.default, hidden=dh, weight=dw)
+    hidden, weight, labels, lse, bias = ctx.saved_tensors
+    dh, dw, db = lce_rows_backward(hidden, weight, labels, lse, grad_loss, bias, **ctx.options)
+    return _input_grads(torch.ops.fused_loss.lce_rows.default, hidden=dh, weight=dw,
+                        bias=None if bias is None else db)
 
 
 lce_rows.register_autograd(_rows_backward, setup_context=_rows_setup_context)

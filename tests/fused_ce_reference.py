@@ -7,11 +7,16 @@ import torch.nn.functional as F
 
 
 def reference_loss(hidden, weight, labels, *, ignore_index=-100, reduction="sum",
-                   label_smoothing=0.0, z_loss=0.0, logit_softcap=None, upstream=None):
-    """Loss and (dh, dW) in float64. `upstream` weights per-token losses for reduction='none'."""
+                   label_smoothing=0.0, z_loss=0.0, logit_softcap=None, upstream=None,
+                   bias=None):
+    """Loss and (dh, dW) in float64, and db with a bias. `upstream` weights per-token losses
+    for reduction='none'."""
     h = hidden.detach().double().requires_grad_()
     w = weight.detach().double().requires_grad_()
     z = h.reshape(-1, h.shape[-1]) @ w.t()
+    if bias is not None:
+        b = bias.detach().double().requires_grad_()
+        z = z + b
     if logit_softcap:
         z = logit_softcap * torch.tanh(z / logit_softcap)
     y = labels.reshape(-1)
@@ -27,6 +32,8 @@ def reference_loss(hidden, weight, labels, *, ignore_index=-100, reduction="sum"
         loss = per_token.reshape(labels.shape)
     out = (loss * upstream.double()).sum() if upstream is not None else loss.sum()
     out.backward()
+    if bias is not None:
+        return loss.detach(), h.grad, w.grad, b.grad
     return loss.detach(), h.grad, w.grad
 
 

@@ -388,7 +388,10 @@ def test_op_boundary_has_names_not_positions(name):
     # tensors alone and the options travel by name, so adding an argument cannot shift one
     args = getattr(torch.ops.fused_loss, name).default._schema.arguments
     for a in args:
-        assert a.kwarg_only != isinstance(a.type, torch._C.TensorType), a
+        tensor = isinstance(a.type, torch._C.TensorType) or (
+            isinstance(a.type, torch._C.OptionalType)
+            and isinstance(a.type.getElementType(), torch._C.TensorType))  # bias
+        assert a.kwarg_only != tensor, a
     assert set(LossOptions().to_op_args()) <= {a.name for a in args if a.kwarg_only}
 
 
@@ -404,7 +407,7 @@ def test_loss_options_round_trip_by_name_with_one_off():
 def test_backward_returns_gradients_by_input_name():
     from fused_loss.op import _input_grads
     op = torch.ops.fused_loss.lce_rows_backward.default
-    assert _input_grads(op, weight="dW", hidden="dh") == ("dh", "dW", None, None, None)
+    assert _input_grads(op, weight="dW", hidden="dh") == ("dh", "dW", None, None, None, None)
     with pytest.raises(TypeError, match="no tensor inputs named .*ignore_index"):
         _input_grads(op, ignore_index=0)
 
@@ -575,3 +578,126 @@ def test_token_stats_through_torch_compile(reduction):
     assert torch.equal(entropy, want.entropy) and torch.equal(predicted, want.predicted)
     assert torch.equal(correct, want.correct)
     torch.testing.assert_close(w.grad, eager[2])
+
+
+# ---- bias ([V_local], vocab-sliced like the weight) ----
+
+def _run_bias(hidden, weight, bias, labels, upstream=None, **kw):
+    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    loss = fused_linear_cross_entropy(h, w, labels, bias=b, **kw)
+    (loss * upstream if upstream is not None else loss).sum().backward()
+    return loss.detach(), h.grad, w.grad, b.grad
+
+
+def _assert_close_bias(got, want, tol=TOL):
+    _assert_close(got[:3], want[:3], tol)
+    err = float((got[3].double() - want[3]).norm())
+    limit = tol * float(want[3].norm()) + 1e-5 * want[3].numel() ** 0.5
+    assert err <= limit, f"d_bias: error {err:.2e} > {limit:.2e}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+@pytest.mark.parametrize("options", OPTION_SETS, ids=lambda o: ",".join(o) or "plain")
+def test_bias_matches_fp64_reference(backend, reduction, options):
+    v = 4099 if backend == "torch" else 517
+    hidden, weight, labels = _inputs(23, 7, v, ignore_index=options.get("ignore_index", -100))
+    bias = torch.randn(v) * 2
+    upstream = torch.rand(23) if reduction == "none" else None
+    got = _run_bias(hidden, weight, bias, labels, upstream, reduction=reduction,
+                    backend=backend, chunk_size=5, **options)
+    want = reference_loss(hidden, weight, labels, reduction=reduction, upstream=upstream,
+                          bias=bias, **options)
+    _assert_close_bias(got, want)
+    assert got[3].dtype == bias.dtype and got[3].shape == bias.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 5, 3), (3, 1, 1), (64, 16, 300)])
+def test_bias_odd_sizes_and_all_ignored(backend, shape):
+    hidden, weight, labels = _inputs(*shape, ignore_frac=0.0)
+    bias = torch.randn(shape[2])
+    for chunk in (None, 1, 7):
+        got = _run_bias(hidden, weight, bias, labels, backend=backend, chunk_size=chunk)
+        _assert_close_bias(got, reference_loss(hidden, weight, labels, bias=bias))
+    labels.fill_(-100)
+    for reduction in ("sum", "mean", "none"):
+        got = _run_bias(hidden, weight, bias, labels, backend=backend, reduction=reduction,
+                        upstream=torch.ones(shape[0]) if reduction == "none" else None)
+        assert all(bool((t == 0).all()) for t in got)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bias_with_token_stats(backend):
+    # the argmax and entropy are of the biased logits: a bias can move the prediction
+    hidden, weight, labels = _inputs(9, 5, 300, ignore_frac=0.0)
+    bias = torch.zeros(300)
+    bias[17] = 100.0
+    loss, aux = fused_linear_cross_entropy(hidden, weight, labels, bias=bias, backend=backend,
+                                           return_aux=True, token_stats=True)
+    assert aux.predicted.tolist() == [17] * 9
+    z = hidden.double() @ weight.double().t() + bias.double()
+    entropy = -(torch.softmax(z, 1) * torch.log_softmax(z, 1)).sum(1)
+    torch.testing.assert_close(aux.entropy.double(), entropy, rtol=2e-6, atol=2e-6)
+
+
+def test_bias_gradient_only_where_asked_and_bf16_rounded_once():
+    hidden, weight, labels = _inputs(64, 16, 100, ignore_frac=0.0)
+    bias = torch.randn(100)
+    b = bias.clone().requires_grad_()  # only the bias wants a gradient
+    fused_linear_cross_entropy(hidden, weight, labels, bias=b, reduction="mean").backward()
+    want = reference_loss(hidden, weight, labels, bias=bias, reduction="mean")[3]
+    assert rel_err(b.grad, want) < TOL
+    # bf16 over 4 chunks: db is carried in fp32 and rounded once, like dh and dW
+    hb, wb, bb = hidden.bfloat16(), weight.bfloat16(), bias.bfloat16()
+    got = _run_bias(hb, wb, bb, labels, chunk_size=16, reduction="mean")[3]
+    assert got.dtype == torch.bfloat16
+    exact = reference_loss(hb, wb, labels, bias=bb, reduction="mean")[3]
+    one_chunk = _run_bias(hb, wb, bb, labels, reduction="mean")[3]
+    assert rel_err(got, exact) <= 1.1 * rel_err(one_chunk, exact) + 1e-3
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_bias_through_torch_compile(reduction):
+    hidden, weight, labels = _inputs(16, 8, 64)
+    bias = torch.randn(64)
+    upstream = torch.rand(16) if reduction == "none" else None
+
+    def step(h, w, b, y):
+        return fused_linear_cross_entropy(h, w, y, bias=b, reduction=reduction) * 2.0
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    loss = compiled(h, w, b, labels)
+    (loss * upstream if upstream is not None else loss).sum().backward()
+    want = reference_loss(hidden, weight, labels, bias=bias, reduction=reduction,
+                          upstream=upstream)
+    _assert_close_bias((loss.detach() / 2, h.grad / 2, w.grad / 2, b.grad / 2), want)
+
+
+def test_bias_under_autocast_follows_f_linear():
+    hidden, weight, labels = _inputs(40, 16, 300, seed=3)
+    bias = torch.randn(300)
+    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused_linear_cross_entropy(h, w, labels, bias=b, chunk_size=16)
+    loss.backward()
+    want = _run_bias(hidden.bfloat16(), weight.bfloat16(), bias.bfloat16(), labels,
+                     chunk_size=16)
+    assert b.grad.dtype == torch.float32
+    for got, exact in zip((loss.detach(), h.grad, w.grad, b.grad), want):
+        torch.testing.assert_close(got, exact.to(got.dtype), rtol=0, atol=0)
+
+
+def test_bias_bad_values_name_the_bias():
+    hidden, weight, labels = _inputs(4, 3, 20)
+    cases = [
+        (torch.zeros(19), r"bias must be \[V_local\] = \[20\]"),
+        (torch.zeros(20, 1), r"bias must be \[V_local\]"),
+        (torch.zeros(20, dtype=torch.float16), "bias dtype torch.float16 differs from weight"),
+        (torch.zeros(20).tolist(), "bias must be a torch.Tensor or None"),
+        (torch.zeros(20, device="meta"), "bias .* and weight .* must be on one device"),
+    ]
+    for bias, match in cases:
+        with pytest.raises(ValueError, match=match):
+            fused_linear_cross_entropy(hidden, weight, labels, bias=bias)

@@ -482,3 +482,130 @@ def test_vocab_parallel_token_stats_over_nccl():
         torch.testing.assert_close(entropy, single.entropy.cpu(), rtol=1e-5, atol=1e-5)
         assert torch.equal(predicted, single.predicted.cpu())
         assert torch.equal(correct, single.correct.cpu())
+
+
+# ---- bias (issue 17.3): added in the chunk GEMM (addmm), db summed in fp32 ----
+
+def _bias_reference(hidden, weight, bias, labels, reduction="sum"):
+    """fp64 loss, dh, dW, db (materialized logits: sizes here are small enough)."""
+    h, w, b = (t.detach().double().requires_grad_() for t in (hidden, weight, bias))
+    loss = F.cross_entropy(F.linear(h, w, b), labels, reduction=reduction)
+    loss.backward()
+    return loss.detach(), h.grad, w.grad, b.grad
+
+
+def _bias_run(hidden, weight, bias, labels, fn=None, **kw):
+    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    if fn is None:
+        loss = fused_linear_cross_entropy(h, w, labels, bias=b, **kw)
+    else:
+        loss = fn(h, w, b, labels)
+    loss.backward()
+    return loss.detach(), h.grad, w.grad, b.grad
+
+
+def _eager_bias(h, w, b, y, reduction="sum"):
+    return F.cross_entropy(F.linear(h, w, b).float(), y, reduction=reduction)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_bias_fp32_against_fp64(reduction):
+    hidden, weight, labels = _inputs(2048, 512, 50257, torch.float32, seed=21)
+    bias = torch.randn(50257, device="cuda")
+    got = _bias_run(hidden, weight, bias, labels, reduction=reduction, chunk_size=700)
+    want = _bias_reference(hidden, weight, bias, labels, reduction)
+    for name, a, b in zip(("loss", "dh", "dW", "db"), got, want):
+        assert _rel(a, b) < 1e-5, name
+
+
+def test_bias_bf16_as_accurate_as_eager():
+    hidden, weight, labels = _inputs(4096, 2048, 32000, torch.bfloat16, seed=22)
+    bias = (torch.randn(32000, device="cuda") * 0.5).bfloat16()
+    want = _bias_reference(hidden, weight, bias, labels, "mean")
+    ours = _bias_run(hidden, weight, bias, labels, reduction="mean", chunk_size=1024)
+    eager = _bias_run(hidden, weight, bias, labels,
+                      fn=lambda h, w, b, y: _eager_bias(h, w, b, y, "mean"))
+    assert ours[3].dtype == torch.bfloat16
+    assert _rel(ours[0], want[0]) < 1e-3
+    for name, a, e, b in zip(("dh", "dW", "db"), ours[1:], eager[1:], want[1:]):
+        assert _rel(a, b) <= 1.05 * _rel(e, b) + 1e-4, (name, _rel(a, b), _rel(e, b))
+
+
+def test_bias_none_reduction_and_token_stats():
+    hidden, weight, labels = _inputs(1024, 512, 32000, torch.float32, seed=23)
+    bias = torch.randn(32000, device="cuda")
+    bias[123] = 1e3  # every row's argmax
+    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    upstream = torch.rand(1024, device="cuda")
+    loss, aux = fused_linear_cross_entropy(h, w, labels, bias=b, reduction="none",
+                                           return_aux=True, token_stats=True)
+    (loss * upstream).sum().backward()
+    assert bool((aux.predicted == 123).all())
+    h64, w64, b64 = (t.detach().double().requires_grad_() for t in (hidden, weight, bias))
+    ref = F.cross_entropy(F.linear(h64, w64, b64), labels, reduction="none")
+    (ref * upstream.double()).sum().backward()
+    for name, a, r in zip(("loss", "dh", "dW", "db"), (loss, h.grad, w.grad, b.grad),
+                          (ref, h64.grad, w64.grad, b64.grad)):
+        assert _rel(a, r) < 1e-5, name
+
+
+def test_bias_no_host_sync_and_compiled():
+    hidden, weight, labels = _inputs(2048, 512, 32000, torch.bfloat16, seed=24)
+    bias = torch.randn(32000, device="cuda").bfloat16()
+    b = bias.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    fused_linear_cross_entropy(hidden, w, labels, bias=b, check_labels=False)  # warm up
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fused_linear_cross_entropy(hidden, w, labels, bias=b, check_labels=False).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+    def step(h, w, b, y):
+        return fused_linear_cross_entropy(h, w, y, bias=b, reduction="mean") * 3.0
+
+    compiled = torch.compile(step, fullgraph=True)
+    for a, e in zip(_bias_run(hidden, weight, bias, labels, fn=compiled),
+                    _bias_run(hidden, weight, bias, labels, fn=step)):
+        torch.testing.assert_close(a, e)
+
+
+def _vp_bias_worker(rank, init_file, case_file, out_file):
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        hidden, weight, bias, labels = (t.cuda() for t in torch.load(case_file))
+        v = weight.shape[0]
+        split = (v + 1) // 2
+        sl = slice(0, split) if rank == 0 else slice(split, v)
+        h = hidden.clone().requires_grad_()
+        w, b = weight[sl].clone().requires_grad_(), bias[sl].clone().requires_grad_()
+        loss = fused_linear_cross_entropy(h, w, labels, bias=b, vocab_start=sl.start,
+                                          vocab_size=v, process_group=dist.group.WORLD)
+        loss.backward()
+        dh = h.grad.float()
+        dist.all_reduce(dh)
+        torch.save((loss.cpu(), dh.cpu(), w.grad.cpu(), b.grad.cpu()), f"{out_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.multigpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_vocab_parallel_bias_over_nccl():
+    hidden, weight, labels = _inputs(2048, 1024, 64001, torch.float32, seed=25)
+    bias = torch.randn(64001, device="cuda")
+    single = _bias_run(hidden, weight, bias, labels)
+    with tempfile.TemporaryDirectory() as tmp:
+        case = os.path.join(tmp, "case.pt")
+        torch.save((hidden.cpu(), weight.cpu(), bias.cpu(), labels.cpu()), case)
+        mp.spawn(_vp_bias_worker, args=(os.path.join(tmp, "init"), case,
+                                        os.path.join(tmp, "out")), nprocs=2)
+        ranks = [torch.load(os.path.join(tmp, f"out.{r}")) for r in range(2)]
+    split = (64001 + 1) // 2
+    for rank, (loss, dh, dw, db) in enumerate(ranks):
+        sl = slice(0, split) if rank == 0 else slice(split, 64001)
+        assert _rel(loss, single[0].cpu()) < 1e-6
+        assert _rel(dh, single[1].cpu()) < 1e-5
+        assert _rel(dw, single[2][sl].cpu()) < 1e-5
+        assert _rel(db, single[3][sl].cpu()) < 1e-5

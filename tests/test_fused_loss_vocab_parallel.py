@@ -14,7 +14,8 @@ import torch.multiprocessing as mp
 
 from fused_loss import fused_linear_cross_entropy
 
-from fused_ce_reference import assert_predicted, reference_token_stats
+from fused_ce_reference import (assert_predicted, reference_loss, reference_token_stats,
+                                rel_err)
 
 WORLD = 2
 
@@ -31,6 +32,10 @@ EQUAL_CASES = [  # (splits, reduction, options)
     ((64, 38), "none", {"token_stats": True, "logit_softcap": 1.0, "label_smoothing": 0.1}),
     ((50, 53), "mean", {"token_stats": True, "z_loss": 1e-3}),
     ((64, 40), "sum", {"token_stats": True, "logit_softcap": 1.0, "backend": "triton"}),
+    # bias: each rank its slice, like the weight; its gradient is this rank's slice of db
+    ((50, 55), "sum", {"bias": True, "logit_softcap": 5.0}),
+    ((30, 76), "none", {"bias": True, "z_loss": 1e-3}),
+    ((60, 47), "mean", {"bias": True, "token_stats": True, "backend": "triton"}),
 ]
 STARTS = {(64, 38): (38, 0), (64, 40): (40, 0)}  # else rank r starts at sum(splits[:r])
 TILING_CASES = [  # (splits, starts, expected error), weight of 97 rows
@@ -46,6 +51,11 @@ def _one_rank(rank, hidden, weight, labels, upstream, splits, starts, options):
     start = starts[rank]
     h = hidden.clone().requires_grad_()
     w_local = weight[start:start + splits[rank]].clone().requires_grad_()
+    options = dict(options)
+    b_local = options.pop("bias", None)
+    if b_local is not None:
+        b_local = b_local[start:start + splits[rank]].clone().requires_grad_()
+        options["bias"] = b_local
     aux = None
     try:
         loss = fused_linear_cross_entropy(h, w_local, labels, vocab_start=start,
@@ -60,9 +70,10 @@ def _one_rank(rank, hidden, weight, labels, upstream, splits, starts, options):
     (loss * upstream if upstream is not None else loss).sum().backward()
     dh = h.grad.clone()
     dist.all_reduce(dh)  # the op returns this rank's partial input gradient
+    db = [] if b_local is None else [b_local.grad]
     if aux is not None:
-        return loss.detach(), dh, w_local.grad, aux.entropy, aux.predicted, aux.correct
-    return loss.detach(), dh, w_local.grad
+        return loss.detach(), dh, w_local.grad, *db, aux.entropy, aux.predicted, aux.correct
+    return loss.detach(), dh, w_local.grad, *db
 
 
 def _worker(rank, init_file, cases_file, result_file):
@@ -99,6 +110,8 @@ def _equal_case(splits, reduction, options):
     options = dict(options, reduction=reduction, chunk_size=6)
     if options.get("logit_softcap") == 1.0:  # |z| >> cap: capped logits tie at 1.0 exactly
         hidden = hidden * 20
+    if options.get("bias"):
+        options["bias"] = torch.randn(v) * 2
     starts = STARTS.get(splits) or [sum(splits[:r]) for r in range(WORLD)]
     return hidden, weight, labels, upstream, splits, starts, options
 
@@ -119,29 +132,53 @@ def parallel_results():
                          ids=[f"{c[1]}-{'even' if c[0][0] == c[0][1] else 'uneven'}"
                               f"{'-token_stats' if c[2].get('token_stats') else ''}"
                               f"{'-triton' if c[2].get('backend') == 'triton' else ''}"
+                              f"{'-bias' if c[2].get('bias') else ''}"
                               for c in EQUAL_CASES])
 def test_two_ranks_equal_one(parallel_results, index):
     cases, results, _ = parallel_results
     hidden, weight, labels, upstream, splits, starts, options = cases[index]
+    reduction = options["reduction"]
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    options = dict(options)
+    bias = options.get("bias")
+    if bias is not None:
+        options["bias"] = b = bias.clone().requires_grad_()
     loss = fused_linear_cross_entropy(h, w, labels, **options,
                                       return_aux=bool(options.get("token_stats")))
     if isinstance(loss, tuple):
         loss, aux = loss
     (loss * upstream if upstream is not None else loss).sum().backward()
+    if bias is not None:  # the one-process run itself against fp64
+        want = reference_loss(hidden, weight, labels, reduction=reduction, upstream=upstream,
+                              bias=bias, **{k: v for k, v in options.items()
+                                            if k in ("logit_softcap", "z_loss")})
+        for got, exact in zip((loss, h.grad, w.grad, b.grad), want):
+            assert rel_err(got, exact) < 1e-5
     for rank, (r_loss, r_dh, r_dw, *tokens) in enumerate(results[index]):
         _assert_close_to_scale(r_loss, loss.detach())
         _assert_close_to_scale(r_dh, h.grad)
         _assert_close_to_scale(r_dw, w.grad[starts[rank]:starts[rank] + splits[rank]])
+        if bias is not None:
+            r_db, *tokens = tokens
+            assert r_db.shape == (splits[rank],)
+            _assert_close_to_scale(r_db, b.grad[starts[rank]:starts[rank] + splits[rank]])
         assert len(tokens) == (3 if options.get("token_stats") else 0)
         if tokens:  # against fp64, and the one-process argmax exactly (ties: the first)
             entropy, predicted, correct = tokens
             want_entropy, logits = reference_token_stats(
                 hidden, weight, labels, logit_softcap=options.get("logit_softcap"))
+            if bias is not None:
+                want_entropy, logits = _biased_token_stats(hidden, weight, bias, labels)
             torch.testing.assert_close(entropy.double(), want_entropy, rtol=2e-6, atol=2e-6)
             assert_predicted(predicted, logits, labels, correct)
             assert torch.equal(predicted, aux.predicted)
             torch.testing.assert_close(entropy, aux.entropy, rtol=1e-6, atol=1e-6)
+
+
+def _biased_token_stats(hidden, weight, bias, labels):
+    z = hidden.double() @ weight.double().t() + bias.double()
+    entropy = -(torch.softmax(z, 1) * torch.log_softmax(z, 1)).sum(1)
+    return torch.where(labels != -100, entropy, 0.0), z
 
 
 def _assert_close_to_scale(actual, expected):
