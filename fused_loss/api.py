@@ -120,6 +120,7 @@ def fused_linear_cross_entropy(
     return_aux: bool = False,
     token_stats: bool = False,
     bias: Tensor | None = None,
+    class_weight: Tensor | None = None,
 ):
     """cross_entropy(hidden @ weight.T, labels) without ever holding the logits.
 
@@ -146,6 +147,11 @@ def fused_linear_cross_entropy(
     bias [V_local] (this rank's slice under vocab parallelism, like the weight): logits
     hidden @ weight.T + bias, as F.linear's; its gradient is summed over the tokens in fp32
     and rounded once to bias's dtype.
+
+    class_weight [vocab_size] (the whole vocabulary on every rank; F.cross_entropy's
+    `weight`): each token's loss (z-loss included) and gradient are scaled by the weight of
+    its label, and "mean" divides by the summed weights of the valid tokens (0 if that sum
+    is 0). Not with label_smoothing (torch weights the smoothing term per class).
 
     token_stats (needs return_aux) fills FusedCEAux's entropy, predicted and correct from the
     same statistics pass (two more fp32 numbers per row, in the same all-gather under vocab
@@ -179,11 +185,30 @@ def fused_linear_cross_entropy(
     if process_group is not None and dist.get_world_size(process_group) > 1:
         group_name = process_group.group_name
 
+    row_weight = None
+    if class_weight is not None:
+        if not isinstance(class_weight, Tensor) or class_weight.dtype not in _FLOAT_DTYPES + (
+                torch.float64,):
+            raise ValueError("class_weight must be a floating point torch.Tensor or None, got "
+                             f"{getattr(class_weight, 'dtype', type(class_weight).__name__)}")
+        if class_weight.shape != (vocab_size,):
+            raise ValueError(f"class_weight must be [vocab_size] = [{vocab_size}] (the whole "
+                             f"vocabulary, on every rank), got shape {tuple(class_weight.shape)}")
+        if class_weight.device != hidden.device:
+            raise ValueError(f"class_weight ({class_weight.device}) must be on the inputs' "
+                             f"device ({hidden.device})")
+        if label_smoothing:
+            raise ValueError("class_weight with label_smoothing is not supported (torch weights "
+                             "the smoothing term per class)")
+
     lead_shape = labels.shape
     h = hidden.reshape(-1, hidden.shape[-1])
     if h.stride(-1) != 1:  # a layout matter, not an error
         h = h.contiguous()
     y = labels.reshape(-1).to(torch.int64).contiguous()
+    if class_weight is not None:  # the label's weight per token, 0 where ignored
+        row_weight = torch.where(y != ignore_index,
+                                 class_weight.detach().float()[y.clamp(0, vocab_size - 1)], 0.0)
     chunk = chunk_rows(h.shape[0], v_local, h.element_size(), chunk_size, chunk_budget_bytes)
     op_args = dict(opts.to_op_args(), group_name=group_name, backend=backend, chunk=chunk,
                    weight_grad_fp32=weight_grad_fp32, check_labels=check_labels,
@@ -192,18 +217,27 @@ def fused_linear_cross_entropy(
 
     if reduction == "none":
         with autocast_off:
-            loss, lse, entropy, predicted = torch.ops.fused_loss.lce_rows(h, weight, y, bias,
-                                                                          **op_args)
+            loss, lse, entropy, predicted = torch.ops.fused_loss.lce_rows(
+                h, weight, y, bias, row_weight, **op_args)
         z_term = z_loss * lse * lse
+        if row_weight is not None:
+            z_term = z_term * row_weight
         loss, lse, z_term = (t.reshape(lead_shape) for t in (loss, lse, z_term))
     else:
         want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
                                                  or (bias is not None and bias.requires_grad))
         with autocast_off:
             loss, lse, _, _, _, entropy, predicted = torch.ops.fused_loss.lce_sum(
-                h, weight, y, bias, **op_args, want_grad=want_grad)
-        z_term = z_loss * (lse * lse).sum()
-        if reduction == "mean":
+                h, weight, y, bias, row_weight, **op_args, want_grad=want_grad)
+        if row_weight is None:
+            z_term = z_loss * (lse * lse).sum()
+        else:
+            z_term = z_loss * (row_weight * lse * lse).sum()
+        if reduction == "mean" and row_weight is not None:
+            total = row_weight.sum()  # torch: the summed weights of the valid tokens
+            denom = torch.where(total == 0, 1.0, total)
+            loss, z_term = loss / denom, z_term / denom
+        elif reduction == "mean":
             # all tokens ignored -> 0, not torch's 0/0 = nan
             denom = valid.clamp(min=1).to(loss.dtype)
             loss, z_term = loss / denom, z_term / denom

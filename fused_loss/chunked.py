@@ -118,7 +118,7 @@ def _add_weight_grad(dw, acc, z, h_c, first: bool) -> None:
 def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: LossOptions, *,
         backend: str, chunk: int, group_name: str, want_grad: bool,
         weight_grad_fp32: bool = True, token_stats: bool = False,
-        bias: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None, row_weight: torch.Tensor | None = None,
         lse_in: torch.Tensor | None = None, grad_rows: torch.Tensor | None = None):
     """hidden [N, D], weight [V_local, D], labels [N] -> (loss [N], lse [N], dh, dW, db,
     entropy, predicted).
@@ -127,6 +127,9 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
     (addmm: rounded once, as F.linear's); db [V_local] is the gradient rows summed over the
     tokens in fp32 (empty without bias or gradient). Both backends: the row passes see the
     biased logits.
+    row_weight [N] fp32 (per-class weights looked up at the labels): each token's loss and
+    gradient row scaled by it; such runs take the statistics pass and the gradient pass
+    apart (the row scale goes to the gradient pass), on both backends.
 
     entropy [N] fp32 and predicted [N] int64 (see token_outputs) with token_stats, else empty:
     off, the statistics and the collective are exactly those without them.
@@ -178,7 +181,8 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
             torch.addmm(bias, h_c, weight.t(), out=z)
         if recompute:
             rows.row_grad_(z, lse_in[first:last], y_c, grad_rows[first:last], opts)
-        elif want_grad and group is None and hasattr(rows, "row_stats_and_grad_"):
+        elif (want_grad and group is None and row_weight is None
+              and hasattr(rows, "row_stats_and_grad_")):
             stats = rows.row_stats_and_grad_(z, y_c, opts, token_stats=token_stats)
             loss[first:last], lse[first:last] = loss_from_stats(stats, y_c, opts)
         else:
@@ -186,9 +190,13 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
             if group is not None:
                 stats = combine_stats(stats, group)
             loss[first:last], lse[first:last] = loss_from_stats(stats, y_c, opts)
+            if row_weight is not None:
+                loss[first:last] *= row_weight[first:last]
             if want_grad:
                 full_lse = stats[:, 0] + torch.log(stats[:, 1])
-                rows.row_grad_(z, full_lse, y_c, unit_scale.expand(last - first), opts)
+                scale = (unit_scale.expand(last - first) if row_weight is None
+                         else row_weight[first:last])
+                rows.row_grad_(z, full_lse, y_c, scale, opts)
         if token_stats and not recompute:
             entropy[first:last], predicted[first:last] = token_outputs(stats, y_c, opts)
         if want_grad:

@@ -6,7 +6,8 @@
   fused_loss::lce_rows_backward  -> (dh, dW, db)                  recompute with per-row grads
 
 bias (optional, [V_local]) is a positional tensor input like the others; db is empty without
-it (or without a gradient).
+it (or without a gradient). row_weight (optional, [N] fp32): per-token weights (the class
+weights at the labels) scaling each token's loss and gradient.
 
 The sum op computes the gradients in its forward (6NDV instead of 8NDV); its backward only
 multiplies them by the scalar upstream gradient (and rounds a dW carried in fp32 to the
@@ -39,7 +40,8 @@ def _input_grads(op, **grads) -> tuple:
 
 
 @torch.library.custom_op("fused_loss::lce_sum", mutates_args=())
-def lce_sum(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None, *,
+def lce_sum(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None,
+            row_weight: Tensor | None = None, *,
             ignore_index: int,
             label_smoothing: float, z_loss: float, logit_softcap: float | None,
             vocab_start: int, vocab_size: int, group_name: str, backend: str, chunk: int,
@@ -52,7 +54,7 @@ def lce_sum(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None 
     loss, lse, dh, dw, db, entropy, predicted = chunked.run(
         hidden, weight, labels, opts, backend=backend, chunk=chunk, group_name=group_name,
         want_grad=want_grad, weight_grad_fp32=weight_grad_fp32, token_stats=token_stats,
-        bias=bias)
+        bias=bias, row_weight=row_weight)
     return loss.sum(), lse, dh, dw, db, entropy, predicted
 
 
@@ -62,8 +64,8 @@ def _fake_token_outputs(hidden, token_stats):
 
 
 @lce_sum.register_fake
-def _(hidden, weight, labels, bias=None, *, chunk, want_grad, weight_grad_fp32,
-      token_stats=False, **_):
+def _(hidden, weight, labels, bias=None, row_weight=None, *, chunk, want_grad,
+      weight_grad_fp32, token_stats=False, **_):
     n = hidden.shape[0]
     loss = hidden.new_empty((), dtype=torch.float32)
     lse = hidden.new_empty(n, dtype=torch.float32)
@@ -131,7 +133,8 @@ lce_sum.register_autograd(_sum_backward, setup_context=_sum_setup_context)
 
 
 @torch.library.custom_op("fused_loss::lce_rows", mutates_args=())
-def lce_rows(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None, *,
+def lce_rows(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None,
+             row_weight: Tensor | None = None, *,
              ignore_index: int,
              label_smoothing: float, z_loss: float, logit_softcap: float | None,
              vocab_start: int, vocab_size: int, group_name: str, backend: str, chunk: int,
@@ -142,12 +145,12 @@ def lce_rows(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None
         chunked.check_label_range(labels, opts.vocab_size, opts.ignore_index)
     loss, lse, _, _, _, entropy, predicted = chunked.run(
         hidden, weight, labels, opts, backend=backend, chunk=chunk, group_name=group_name,
-        want_grad=False, token_stats=token_stats, bias=bias)
+        want_grad=False, token_stats=token_stats, bias=bias, row_weight=row_weight)
     return loss, lse, entropy, predicted
 
 
 @lce_rows.register_fake
-def _(hidden, weight, labels, bias=None, *, token_stats=False, **_):
+def _(hidden, weight, labels, bias=None, row_weight=None, *, token_stats=False, **_):
     n = hidden.shape[0]
     return (hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32),
             *_fake_token_outputs(hidden, token_stats))
@@ -180,13 +183,16 @@ _NOT_RECOMPUTED = ("group_name", "check_labels", "token_stats")
 
 
 def _rows_setup_context(ctx, inputs, keyword_only_inputs, output):
-    hidden, weight, labels, *bias = inputs
-    ctx.save_for_backward(hidden, weight, labels, output[1], *(bias or [None]))
+    hidden, weight, labels, *optional = inputs
+    bias, row_weight = (list(optional) + [None, None])[:2]
+    ctx.save_for_backward(hidden, weight, labels, output[1], bias, row_weight)
     ctx.options = {k: v for k, v in keyword_only_inputs.items() if k not in _NOT_RECOMPUTED}
 
 
 def _rows_backward(ctx, grad_loss, _grad_lse, _grad_entropy=None, _grad_predicted=None):
-    hidden, weight, labels, lse, bias = ctx.saved_tensors
+    hidden, weight, labels, lse, bias, row_weight = ctx.saved_tensors
+    if row_weight is not None:  # the per-token weights scale the upstream gradient
+        grad_loss = grad_loss * row_weight
     dh, dw, db = lce_rows_backward(hidden, weight, labels, lse, grad_loss, bias, **ctx.options)
     return _input_grads(torch.ops.fused_loss.lce_rows.default, hidden=dh, weight=dw,
                         bias=None if bias is None else db)

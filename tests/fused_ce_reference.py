@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 def reference_loss(hidden, weight, labels, *, ignore_index=-100, reduction="sum",
                    label_smoothing=0.0, z_loss=0.0, logit_softcap=None, upstream=None,
-                   bias=None):
+                   bias=None, class_weight=None):
     """Loss and (dh, dW) in float64, and db with a bias. `upstream` weights per-token losses
     for reduction='none'."""
     h = hidden.detach().double().requires_grad_()
@@ -20,12 +20,19 @@ def reference_loss(hidden, weight, labels, *, ignore_index=-100, reduction="sum"
     if logit_softcap:
         z = logit_softcap * torch.tanh(z / logit_softcap)
     y = labels.reshape(-1)
+    cw = None if class_weight is None else class_weight.double()
     per_token = F.cross_entropy(z, y, reduction="none", ignore_index=ignore_index,
-                                label_smoothing=label_smoothing)
+                                label_smoothing=label_smoothing, weight=cw)
     valid = y != ignore_index
-    per_token = per_token + z_loss * torch.logsumexp(z, dim=1) ** 2 * valid
+    token_weight = valid.double()
+    if cw is not None:  # the z-loss is weighted like the token's cross-entropy
+        token_weight = torch.where(valid, cw[y.clamp(min=0)], 0.0)
+    per_token = per_token + z_loss * torch.logsumexp(z, dim=1) ** 2 * token_weight
     if reduction == "sum":
         loss = per_token.sum()
+    elif reduction == "mean" and cw is not None:  # torch: divided by the summed weights
+        total = token_weight.sum()
+        loss = per_token.sum() / (total if total != 0 else 1.0)
     elif reduction == "mean":
         loss = per_token.sum() / valid.sum().clamp(min=1)
     else:

@@ -609,3 +609,44 @@ def test_vocab_parallel_bias_over_nccl():
         assert _rel(dh, single[1].cpu()) < 1e-5
         assert _rel(dw, single[2][sl].cpu()) < 1e-5
         assert _rel(db, single[3][sl].cpu()) < 1e-5
+
+
+# ---- per-class weights (issue 17.4): the Triton statistics and gradient passes apart,
+# the gradient rows scaled by the label's weight ----
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_class_weight_fp32_against_fp64(reduction):
+    hidden, weight, labels = _inputs(2048, 512, 50257, torch.float32, seed=31)
+    class_weight = torch.rand(50257, device="cuda") * 2
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    upstream = torch.rand(2048, device="cuda")
+    loss = fused_linear_cross_entropy(h, w, labels, class_weight=class_weight,
+                                      reduction=reduction, chunk_size=700, z_loss=1e-4)
+    (loss * upstream if reduction == "none" else loss).sum().backward()
+    h64, w64 = (t.detach().double().requires_grad_() for t in (hidden, weight))
+    z = h64 @ w64.t()
+    valid = labels != -100
+    row_w = torch.where(valid, class_weight.double()[labels.clamp(min=0)], 0.0)
+    per = (F.cross_entropy(z, labels, weight=class_weight.double(), reduction="none")
+           + 1e-4 * torch.logsumexp(z, 1) ** 2 * row_w)
+    ref = {"sum": per.sum(), "mean": per.sum() / row_w.sum(), "none": per}[reduction]
+    (ref * upstream.double() if reduction == "none" else ref).sum().backward()
+    for name, a, r in zip(("loss", "dh", "dW"), (loss, h.grad, w.grad), (ref, h64.grad,
+                                                                      w64.grad)):
+        assert _rel(a, r) < 1e-5, name
+
+
+def test_class_weight_bf16_no_host_sync():
+    hidden, weight, labels = _inputs(2048, 512, 32000, torch.bfloat16, seed=32)
+    class_weight = torch.rand(32000, device="cuda")
+    w = weight.clone().requires_grad_()
+    kw = dict(check_labels=False, class_weight=class_weight, reduction="mean")
+    fused_linear_cross_entropy(hidden, w, labels, **kw)  # warm up
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fused_linear_cross_entropy(hidden, w, labels, **kw).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    eager = F.cross_entropy((hidden @ weight.t()).float(), labels, weight=class_weight)
+    assert abs(float(fused_linear_cross_entropy(hidden, weight, labels, **kw)) -
+               float(eager)) < 1e-2

@@ -36,6 +36,10 @@ EQUAL_CASES = [  # (splits, reduction, options)
     ((50, 55), "sum", {"bias": True, "logit_softcap": 5.0}),
     ((30, 76), "none", {"bias": True, "z_loss": 1e-3}),
     ((60, 47), "mean", {"bias": True, "token_stats": True, "backend": "triton"}),
+    # class_weight: the whole vocabulary's weights on every rank
+    ((50, 58), "mean", {"class_weight": True, "z_loss": 1e-3}),
+    ((31, 78), "none", {"class_weight": True, "bias": True}),
+    ((60, 50), "sum", {"class_weight": True, "backend": "triton", "logit_softcap": 5.0}),
 ]
 STARTS = {(64, 38): (38, 0), (64, 40): (40, 0)}  # else rank r starts at sum(splits[:r])
 TILING_CASES = [  # (splits, starts, expected error), weight of 97 rows
@@ -112,6 +116,8 @@ def _equal_case(splits, reduction, options):
         hidden = hidden * 20
     if options.get("bias"):
         options["bias"] = torch.randn(v) * 2
+    if options.get("class_weight"):
+        options["class_weight"] = torch.rand(v) * 3
     starts = STARTS.get(splits) or [sum(splits[:r]) for r in range(WORLD)]
     return hidden, weight, labels, upstream, splits, starts, options
 
@@ -133,6 +139,7 @@ def parallel_results():
                               f"{'-token_stats' if c[2].get('token_stats') else ''}"
                               f"{'-triton' if c[2].get('backend') == 'triton' else ''}"
                               f"{'-bias' if c[2].get('bias') else ''}"
+                              f"{'-class_weight' if c[2].get('class_weight') else ''}"
                               for c in EQUAL_CASES])
 def test_two_ranks_equal_one(parallel_results, index):
     cases, results, _ = parallel_results
@@ -148,11 +155,12 @@ def test_two_ranks_equal_one(parallel_results, index):
     if isinstance(loss, tuple):
         loss, aux = loss
     (loss * upstream if upstream is not None else loss).sum().backward()
-    if bias is not None:  # the one-process run itself against fp64
+    if bias is not None or "class_weight" in options:  # the one process against fp64
         want = reference_loss(hidden, weight, labels, reduction=reduction, upstream=upstream,
                               bias=bias, **{k: v for k, v in options.items()
-                                            if k in ("logit_softcap", "z_loss")})
-        for got, exact in zip((loss, h.grad, w.grad, b.grad), want):
+                                            if k in ("logit_softcap", "z_loss", "class_weight")})
+        got = (loss, h.grad, w.grad) + ((b.grad,) if bias is not None else ())
+        for got, exact in zip(got, want):
             assert rel_err(got, exact) < 1e-5
     for rank, (r_loss, r_dh, r_dw, *tokens) in enumerate(results[index]):
         _assert_close_to_scale(r_loss, loss.detach())
