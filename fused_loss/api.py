@@ -121,6 +121,7 @@ def fused_linear_cross_entropy(
     token_stats: bool = False,
     bias: Tensor | None = None,
     class_weight: Tensor | None = None,
+    shift: bool = False,
 ):
     """cross_entropy(hidden @ weight.T, labels) without ever holding the logits.
 
@@ -152,6 +153,11 @@ def fused_linear_cross_entropy(
     `weight`): each token's loss (z-loss included) and gradient are scaled by the weight of
     its label, and "mean" divides by the summed weights of the valid tokens (0 if that sum
     is 0). Not with label_smoothing (torch weights the smoothing term per class).
+
+    shift (causal, as CCE's): hidden [..., T, D] and labels [..., T] of the same positions;
+    the label of position t+1 is scored at t (the last position scores nothing), without
+    copying the hidden states (only the labels are shifted). Per-token outputs ("none",
+    FusedCEAux) are then [..., T-1].
 
     token_stats (needs return_aux) fills FusedCEAux's entropy, predicted and correct from the
     same statistics pass (two more fp32 numbers per row, in the same all-gather under vocab
@@ -201,6 +207,18 @@ def fused_linear_cross_entropy(
             raise ValueError("class_weight with label_smoothing is not supported (torch weights "
                              "the smoothing term per class)")
 
+    if not isinstance(shift, bool):
+        raise ValueError(f"shift must be True or False, got {shift!r}")
+    if shift and labels.dim() < 1:
+        raise ValueError("shift needs a sequence dimension: hidden [..., T, D], labels [..., T]")
+    if shift:  # labels[..., t + 1] scored at t; the last position ignored (a copy of labels)
+        shifted = torch.full_like(labels, ignore_index)
+        shifted[..., :-1] = labels[..., 1:]
+        labels = shifted
+
+    def unshift(t):
+        return t[..., :-1] if shift else t
+
     lead_shape = labels.shape
     h = hidden.reshape(-1, hidden.shape[-1])
     if h.stride(-1) != 1:  # a layout matter, not an error
@@ -222,7 +240,7 @@ def fused_linear_cross_entropy(
         z_term = z_loss * lse * lse
         if row_weight is not None:
             z_term = z_term * row_weight
-        loss, lse, z_term = (t.reshape(lead_shape) for t in (loss, lse, z_term))
+        loss, lse, z_term = (unshift(t.reshape(lead_shape)) for t in (loss, lse, z_term))
     else:
         want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
                                                  or (bias is not None and bias.requires_grad))
@@ -241,13 +259,14 @@ def fused_linear_cross_entropy(
             # all tokens ignored -> 0, not torch's 0/0 = nan
             denom = valid.clamp(min=1).to(loss.dtype)
             loss, z_term = loss / denom, z_term / denom
-        lse = lse.reshape(lead_shape)
+        lse = unshift(lse.reshape(lead_shape))
     if not return_aux:
         return loss
     if not token_stats:
         return loss, FusedCEAux(lse.detach(), z_term.detach(), valid)
     correct = (predicted == y) & (y != ignore_index)
-    entropy, predicted, correct = (t.reshape(lead_shape) for t in (entropy, predicted, correct))
+    entropy, predicted, correct = (unshift(t.reshape(lead_shape))
+                                   for t in (entropy, predicted, correct))
     return loss, FusedCEAux(lse.detach(), z_term.detach(), valid, entropy.detach(), predicted,
                             correct)
 

@@ -650,3 +650,35 @@ def test_class_weight_bf16_no_host_sync():
     eager = F.cross_entropy((hidden @ weight.t()).float(), labels, weight=class_weight)
     assert abs(float(fused_linear_cross_entropy(hidden, weight, labels, **kw)) -
                float(eager)) < 1e-2
+
+
+# ---- causal shift (issue 17.5): labels shifted, hidden states not copied ----
+
+def test_shift_fp32_against_fp64_no_sync_no_hidden_copy():
+    b, t, d, v = 4, 1025, 512, 32000
+    hidden, weight, labels = _inputs(b * t, d, v, torch.float32, seed=41)
+    hidden, labels = hidden.reshape(b, t, d), labels.reshape(b, t)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    fused_linear_cross_entropy(h, w, labels, shift=True, check_labels=False)  # warm up
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = fused_linear_cross_entropy(h, w, labels, shift=True, check_labels=False,
+                                          reduction="mean")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    # the forward holds the logits chunk, dh, dW and O(N) rows: no second copy of hidden
+    # (8.4 MB here, above the 4 MiB slack)
+    peak = torch.cuda.max_memory_allocated() - base
+    logits = min(b * t, (1 << 30) // (v * 4)) * v * 4
+    assert peak <= logits + hidden.numel() * 4 + weight.numel() * 4 + (4 << 20), peak
+    h.grad = w.grad = None
+    loss.backward()
+    h64, w64 = (x.detach().double().requires_grad_() for x in (hidden, weight))
+    ref = F.cross_entropy((h64[:, :-1] @ w64.t()).flatten(0, 1), labels[:, 1:].flatten())
+    ref.backward()
+    assert _rel(loss, ref) < 1e-6
+    assert _rel(h.grad, h64.grad) < 1e-5 and _rel(w.grad, w64.grad) < 1e-5
+    assert bool((h.grad[:, -1] == 0).all())

@@ -40,6 +40,9 @@ EQUAL_CASES = [  # (splits, reduction, options)
     ((50, 58), "mean", {"class_weight": True, "z_loss": 1e-3}),
     ((31, 78), "none", {"class_weight": True, "bias": True}),
     ((60, 50), "sum", {"class_weight": True, "backend": "triton", "logit_softcap": 5.0}),
+    # shift: the 29 positions are one sequence; labels shifted, hidden states not copied
+    ((45, 66), "sum", {"shift": True, "token_stats": True}),
+    ((70, 42), "none", {"shift": True, "bias": True, "backend": "triton"}),
 ]
 STARTS = {(64, 38): (38, 0), (64, 40): (40, 0)}  # else rank r starts at sum(splits[:r])
 TILING_CASES = [  # (splits, starts, expected error), weight of 97 rows
@@ -110,7 +113,7 @@ def _equal_case(splits, reduction, options):
     hidden, weight = torch.randn(n, d), torch.randn(v, d)
     labels = torch.randint(0, v, (n,))
     labels[::4] = -100
-    upstream = torch.rand(n) if reduction == "none" else None
+    upstream = torch.rand(n - bool(options.get("shift"))) if reduction == "none" else None
     options = dict(options, reduction=reduction, chunk_size=6)
     if options.get("logit_softcap") == 1.0:  # |z| >> cap: capped logits tie at 1.0 exactly
         hidden = hidden * 20
@@ -140,6 +143,7 @@ def parallel_results():
                               f"{'-triton' if c[2].get('backend') == 'triton' else ''}"
                               f"{'-bias' if c[2].get('bias') else ''}"
                               f"{'-class_weight' if c[2].get('class_weight') else ''}"
+                              f"{'-shift' if c[2].get('shift') else ''}"
                               for c in EQUAL_CASES])
 def test_two_ranks_equal_one(parallel_results, index):
     cases, results, _ = parallel_results
@@ -155,7 +159,8 @@ def test_two_ranks_equal_one(parallel_results, index):
     if isinstance(loss, tuple):
         loss, aux = loss
     (loss * upstream if upstream is not None else loss).sum().backward()
-    if bias is not None or "class_weight" in options:  # the one process against fp64
+    if (bias is not None or "class_weight" in options) and not options.get("shift"):
+        # the one process against fp64 (test_fused_loss checks shift against it)
         want = reference_loss(hidden, weight, labels, reduction=reduction, upstream=upstream,
                               bias=bias, **{k: v for k, v in options.items()
                                             if k in ("logit_softcap", "z_loss", "class_weight")})
@@ -171,7 +176,11 @@ def test_two_ranks_equal_one(parallel_results, index):
             assert r_db.shape == (splits[rank],)
             _assert_close_to_scale(r_db, b.grad[starts[rank]:starts[rank] + splits[rank]])
         assert len(tokens) == (3 if options.get("token_stats") else 0)
-        if tokens:  # against fp64, and the one-process argmax exactly (ties: the first)
+        if tokens and options.get("shift"):  # test_fused_loss checks shift against fp64
+            assert torch.equal(tokens[1], aux.predicted)
+            torch.testing.assert_close(tokens[0], aux.entropy, rtol=1e-6, atol=1e-6)
+            assert torch.equal(tokens[2], aux.correct)
+        elif tokens:  # against fp64, and the one-process argmax exactly (ties: the first)
             entropy, predicted, correct = tokens
             want_entropy, logits = reference_token_stats(
                 hidden, weight, labels, logit_softcap=options.get("logit_softcap"))
