@@ -151,8 +151,9 @@ def fused_linear_cross_entropy(
 
     class_weight [vocab_size] (the whole vocabulary on every rank; F.cross_entropy's
     `weight`): each token's loss (z-loss included) and gradient are scaled by the weight of
-    its label, and "mean" divides by the summed weights of the valid tokens (0 if that sum
-    is 0). Not with label_smoothing (torch weights the smoothing term per class).
+    its label, and "mean" divides by the summed weights of the valid tokens (the loss is 0
+    where that sum is 0). It gets no gradient. Not with label_smoothing (torch weights the
+    smoothing term per class).
 
     shift (causal, as CCE's): hidden [..., T, D] and labels [..., T] of the same positions;
     the label of position t+1 is scored at t (the last position scores nothing), without
