@@ -80,15 +80,32 @@ CPU_LIMITS = {
 INIT_LIMITS = {("gpt_oss", "cp2", mode): GPT_OSS_CP_REFUSED for mode in MODES}
 
 
+# Shorter than FAST's 128 tokens (the last flag wins), to keep the runs within ~3 minutes on 2 cores;
+# 64 still splits in 2 * CP chunks for the load balancer.
+SHORTER = ("--training.seq_len", "64")
+BATCH_1 = ("--training.local_batch_size", "1")
+BATCH_1_TP_HEAD = Limit(
+    "hidden must be a plain tensor, got AsyncCollectiveTensor",
+    "fused_loss/api.py",
+    "known bug of the fused head, any device: under TP with local_batch_size 1, "
+    "hidden.redistribute(mesh, [Replicate()]).to_local() in parallel/fused_head.py returns the all-gather "
+    "as an AsyncCollectiveTensor (not waited), and fused_loss's _check_tensors refuses it",
+    known_bug=True,
+)
+
+
 def job_args(family: str, layout: str, mode: str, dump: Path) -> list[str]:
-    ngpu, case_args, _ = e2e.CASES[layout]
+    batch_1 = layout.endswith("_batch1")  # the layout with local_batch_size 1
+    ngpu, case_args, _ = e2e.CASES[layout.removesuffix("_batch1")]
     assert ngpu == 2, layout
-    return dry_run_args(CONFIGS[family], case_args, mode, dump / f"{family}_{layout}_{mode}")
+    return dry_run_args(CONFIGS[family], [*SHORTER, *(BATCH_1 if batch_1 else ()), *case_args], mode,
+                        dump / f"{family}_{layout}_{mode}")
 
 
 @pytest.fixture(scope="module")
 def dry_runs(tmp_path_factory):
     combos = [(fam, lay, mode) for fam in FAMILIES for lay in LAYOUTS for mode in MODES]
+    combos += [("llama3", "tp2_batch1", mode) for mode in MODES]
     return run_dry_runs(__file__, tmp_path_factory.mktemp("dry_run_families"), combos, ngpu=2)
 
 
@@ -134,6 +151,15 @@ def test_trainer_init(family, layout, mode, dry_runs):
 def test_training_step(family, layout, mode, dry_runs):
     key = (family, layout, mode)
     check_step(dry_runs[key], CPU_LIMITS.get(key), INIT_LIMITS.get(key))
+
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_tp_step_local_batch_1(mode, dry_runs):
+    """TP=2 with one sequence per rank: the gathered hidden states reach the head as the collective's
+    result, not yet waited on (llama3 stands for all: the head is the same)."""
+    r = dry_runs["llama3", "tp2_batch1", mode]
+    check_step(r, BATCH_1_TP_HEAD if mode == "on" else None)
 
 
 if __name__ == "__main__":
