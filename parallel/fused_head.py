@@ -20,6 +20,7 @@ sequence-parallel hidden states before `forward`.
 
 import torch
 import torch.nn as nn
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.tensor import DTensor, Partial, Replicate
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torchtitan.components.loss import IGNORE_INDEX
@@ -83,6 +84,10 @@ class FusedLMHead(nn.Linear):
             vocab_start, _, vocab_size = self.vocab_slice()
             parallel = dict(vocab_start=vocab_start, vocab_size=vocab_size, process_group=mesh.get_group())
             hidden = hidden.redistribute(mesh, [Replicate()]).to_local(grad_placements=[Partial()])
+            if isinstance(hidden, AsyncCollectiveTensor):
+                # One sequence per rank: the all-gather's result comes back as is, not waited on.
+                # A copy (not a view, which would stay un-waited) waits and keeps autograd's path.
+                hidden = hidden.clone()
             weight = weight.to_local()
 
         # Under autocast the op computes in autocast's dtype, as the baseline's F.linear would.

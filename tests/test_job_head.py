@@ -1,14 +1,16 @@
 """FusedLMHead under torchtitan's TP plan for `output`, on 2 gloo ranks, with an
-uneven vocabulary split (11 rows: 6 + 5), against a single-process reference."""
+uneven vocabulary split (11 rows: 6 + 5), against a single-process reference; with one
+sequence per rank too (the all-gathered hidden states then arrive un-waited)."""
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-V, D, B, S = 11, 8, 2, 4
+V, D, S = 11, 8, 4
 
 
-def _reference():
+def _reference(B: int):
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(V, D, generator=g, dtype=torch.float64)
     hidden = torch.randn(B, S, D, generator=g, dtype=torch.float64)
@@ -17,7 +19,7 @@ def _reference():
     return weight, hidden, labels
 
 
-def _rank(rank: int, init_file: str, out: dict) -> None:
+def _rank(rank: int, init_file: str, out: dict, B: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
@@ -27,7 +29,7 @@ def _rank(rank: int, init_file: str, out: dict) -> None:
 
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     mesh = init_device_mesh("cpu", (2,))
-    weight, hidden, labels = _reference()
+    weight, hidden, labels = _reference(B)
 
     linear = torch.nn.Linear(D, V, bias=False)  # the op takes fp32/bf16/fp16; the reference is fp64
     linear.weight.data.copy_(weight)
@@ -43,14 +45,15 @@ def _rank(rank: int, init_file: str, out: dict) -> None:
     torch.distributed.destroy_process_group()
 
 
-def test_tp_head_matches_reference(tmp_path):
-    weight, hidden, labels = _reference()
+@pytest.mark.parametrize("B", [2, 1])
+def test_tp_head_matches_reference(B, tmp_path):
+    weight, hidden, labels = _reference(B)
     weight.requires_grad_(), hidden.requires_grad_()
     ref = F.cross_entropy((hidden @ weight.T).flatten(0, 1), labels.flatten(), reduction="sum")
     ref.backward()
 
     out = mp.Manager().dict()
-    mp.spawn(_rank, args=(str(tmp_path / "init"), out), nprocs=2)
+    mp.spawn(_rank, args=(str(tmp_path / "init"), out, B), nprocs=2)
     for rank in (0, 1):
         loss, grad_hidden, grad_weight = out[rank]
         close = dict(rtol=1e-5, atol=1e-5)
