@@ -19,6 +19,8 @@ import torch
 from torch.distributed.distributed_c10d import ProcessGroupGloo
 from torch.distributed.fsdp import FSDPModule
 
+from parallel.metrics import CPU_MEMORY_RENAMES
+
 _GIB = 2**30
 
 
@@ -62,8 +64,6 @@ class _RenameMemoryTags:
     """Wraps torchtitan's metric logger so that the memory tags say `cpu_rss`:
     a CPU run's curves must not be mistaken for GPU memory next to GPU runs."""
 
-    _NAMES = {"max_active": "cpu_rss_current", "max_reserved": "cpu_rss_peak"}
-
     def __init__(self, inner):
         self.inner = inner
 
@@ -75,7 +75,7 @@ class _RenameMemoryTags:
             if "memory/" in key:
                 if "num_alloc_retries" in key or "num_ooms" in key:
                     continue  # CUDA caching-allocator counters; meaningless here
-                for old, new in self._NAMES.items():
+                for old, new in CPU_MEMORY_RENAMES.items():
                     key = key.replace(old, new)
             renamed[key] = value
         self.inner.log(renamed, step)
