@@ -276,28 +276,34 @@ def test_weight_grad_carried_in_fp32_is_as_accurate_as_one_chunk():
     assert _run(hidden, weight, labels, chunk_size=32)[2].dtype == torch.bfloat16
 
 
-def test_backward_allocates_only_the_weight_grad():
-    # autograd would hand the op zero "gradients" for its unused dh / dW outputs (a second
-    # dW-sized buffer at the backward's peak) unless the op opts out of materializing them
+def _tensor_shapes(keep):
+    """A dispatch mode recording the shapes of the tensors made by the ops `keep(func)` selects."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    class Allocations(TorchDispatchMode):
+    class Shapes(TorchDispatchMode):
         def __init__(self):
             super().__init__()
             self.shapes = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            if func.overloadpacket in (torch.ops.aten.zeros, torch.ops.aten.zeros_like,
-                                       torch.ops.aten.empty_like, torch.ops.aten.empty):
+            if isinstance(out, torch.Tensor) and keep(func.overloadpacket):
                 self.shapes.append(tuple(out.shape))
             return out
 
+    return Shapes()
+
+
+def test_backward_allocates_only_the_weight_grad():
+    # autograd would hand the op zero "gradients" for its unused dh / dW outputs (a second
+    # dW-sized buffer at the backward's peak) unless the op opts out of materializing them
+    allocations = _tensor_shapes(lambda op: op in (torch.ops.aten.zeros, torch.ops.aten.zeros_like,
+                                                   torch.ops.aten.empty_like, torch.ops.aten.empty))
     hidden, weight, labels = _inputs(64, 16, 100)
     h = hidden.bfloat16().requires_grad_()
     w = weight.bfloat16().requires_grad_()
     loss = fused_linear_cross_entropy(h, w, labels, chunk_size=16)
-    with Allocations() as seen:
+    with allocations as seen:
         loss.backward()
     # the bf16 dh and dW, each rounded from its fp32 carry, nothing else
     assert seen.shapes == [(64, 16), (100, 16)]
@@ -853,22 +859,9 @@ def test_shift_one_position_scores_nothing(backend):
 
 def test_shift_does_not_copy_the_hidden_states():
     # only the labels are shifted: no allocation of hidden's size before the op's own
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Copies(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.shapes = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if isinstance(out, torch.Tensor) and func.overloadpacket not in (
-                    torch.ops.fused_loss.lce_sum,):
-                self.shapes.append(tuple(out.shape))
-            return out
-
     hidden, weight, labels = _inputs(64, 16, 100)
-    with Copies() as seen, torch.no_grad():
+    copies = _tensor_shapes(lambda op: op is not torch.ops.fused_loss.lce_sum)
+    with copies as seen, torch.no_grad():
         fused_linear_cross_entropy(hidden.reshape(4, 16, 16), weight, labels.reshape(4, 16),
                                    shift=True)
     assert (63, 16) not in seen.shapes and (4, 15, 16) not in seen.shapes
