@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_run.sh multi4   # 4 GPUs (nvidia-h200-x4): e2e.py fsdp2_tp2,fsdp2_cp2,tp2_cp2,hsdp (issue 8)
 #   bash benchmarks/gpu_run.sh families # 1 GPU : pytest -m gpu, then each family's real-vocabulary config (issue 14):
 #                                       #         e2e.py --cases single per config in FAMILY_CONFIGS
+#   bash benchmarks/gpu_run.sh search   # 1 GPU : e2e.py --search (issue 19), narrowed by SEARCH_ARGS
 #
 # Every step's output is tee'd to $OUT/<step>.log; a failing step never aborts the script; a table of
 # return codes and the benchmark tables are printed last. Knobs (environment variables):
@@ -208,8 +209,17 @@ families)
     done
     summary $(for cfg in ${FAMILY_CONFIGS:-llama3_1b qwen3_1.7b llama4_1bx8e deepseek_v3_1b gpt_oss_1b}; do echo "e2e_$cfg"; done)
     ;;
+search)
+    # issue 19: the fastest setting under each memory cap, baseline vs fused (split across calls:
+    # a full sweep is up to 120 runs; e.g. SEARCH_ARGS="--caps 80 --search-compile on --search-batches 1,2,4")
+    # shellcheck disable=SC2086
+    run_step e2e_search "$(left)" python3 benchmarks/e2e.py --search --steps "${E2E_STEPS:-15}" \
+        --timeout "${E2E_TIMEOUT:-240}" --budget "$(( $(left) - 30 ))" \
+        --out "$OUT/e2e_search" --dump-root /tmp/e2e_dumps $APPEND ${SEARCH_ARGS:-} ${E2E_ARGS:-}
+    summary e2e_search
+    ;;
 *)
-    echo "usage: $0 kernel|multi|e2e|maxseq|multi4|families" >&2
+    echo "usage: $0 kernel|multi|e2e|maxseq|multi4|families|search" >&2
     exit 2
     ;;
 esac
