@@ -143,8 +143,14 @@ def served_model_args(model_name: str, flavor: str):
     args = spec.model_args[flavor]
     if isinstance(spec.parallelize_fn, functools.partial) and spec.parallelize_fn.func is _parallelize:
         return args
-    with torch.device("meta"):
-        model = spec.model_cls(args)
+    try:
+        with torch.device("meta"):
+            model = spec.model_cls(args)
+    except Exception as e:  # a model that needs more than its args to be built
+        raise JobRefused(f"[fused_ce] enable=true cannot serve model.name={model_name!r}: building it "
+                         f"on the meta device to find its LM head failed ({type(e).__name__}: {e}); "
+                         "register its spec through parallel.specs.fused_train_spec, or turn the "
+                         "head off with --fused_ce.no-enable") from None
     head = getattr(model, "output", None)
     if not isinstance(head, nn.Linear) or head.bias is not None:
         missing = ("an LM head `output` (nn.Linear(dim, vocab, bias=False)) ending its forward; it has "

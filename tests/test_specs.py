@@ -198,7 +198,13 @@ class _GoodHead(torch.nn.Module):
         self.output = torch.nn.Linear(4, 8, bias=False)
 
 
+class _NeedsMore(torch.nn.Module):
+    def __init__(self, args):
+        raise AttributeError("'Args' object has no attribute 'moe_impl'")
+
+
 @pytest.mark.parametrize("name, cls, missing", [
+    ("custom_needs_more", _NeedsMore, "building it on the meta device to find its LM head failed"),
     ("custom_no_head", _NoHead, "has no `output`"),
     ("custom_bias_head", _BiasHead, "nn.Linear(dim, vocab, bias=False)"),
     ("custom_good_head", _GoodHead, "parallel.specs.fused_train_spec"),
