@@ -62,6 +62,9 @@ STEP_RE = re.compile(
     r"(?:\s+mfu:\s*(?P<mfu>[0-9.]+)%)?"
 )
 RANK_PREFIX_RE = re.compile(r"^\s*\[(?:default)?(?P<rank>\d+)\]:|^\s*\[rank(?P<rank2>\d+)\]:")
+# torchtitan's DeviceMemoryMonitor warns "N CUDA memory allocation retries." (a cumulative count):
+# the caching allocator hit its limit and freed its cache to retry. None: the cap never bound.
+RETRIES_RE = re.compile(r"(\d+) \w+ memory allocation retries")
 OOM_PATTERNS = ("CUDA out of memory", "OutOfMemoryError", "CUDA error: out of memory", "torch.OutOfMemoryError")
 
 # name -> (ngpu, extra args, precision of the loss/logits: "bf16" or "fp32")
@@ -149,6 +152,11 @@ def parse_log(text: str) -> dict[int, StepMetrics]:
     return out
 
 
+def alloc_retries(text: str) -> int:
+    """The allocator's retries over the run (the largest cumulative count torchtitan warned)."""
+    return max((int(m.group(1)) for m in RETRIES_RE.finditer(ANSI_RE.sub("", text))), default=0)
+
+
 def detect_oom(text: str) -> bool:
     return any(p in text for p in OOM_PATTERNS)
 
@@ -203,6 +211,7 @@ def summarize(res: RunResult, text: str):
     res.steps = parse_log(text)
     lines = [ANSI_RE.sub("", l) for l in text.splitlines() if l.strip()]
     res.tail = lines[-15:]
+    res.extra["alloc_retries"] = alloc_retries(text)
     last = max(res.steps) if res.steps else 0
     bad = [s.step for s in res.steps.values() if not math.isfinite(s.loss)]
     if res.status == "timeout":

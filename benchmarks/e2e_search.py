@@ -3,12 +3,19 @@ setting of the baseline and of the fused head.
 
     python3 benchmarks/e2e.py --search --caps 80,40 --steps 15 [--config train_configs/llama3_1b.toml]
 
-For each cap, and for each mode (baseline, then fused), every setting of torch.compile (off, on)
-x activation checkpointing (none, selective, full) x local batch (1, 2, 4, ...) is trained for
---steps steps on --search-ngpu GPUs. Within one (compile, AC) pair the batches go up until the
-first run out of memory: a larger batch at the same AC needs more, so it is not tried. The cap is
-a real limit: every run starts through benchmarks/memory_cap.py (run_train.sh's TRAIN_FILE),
-which calls torch.cuda.set_per_process_memory_fraction before the trainer allocates anything.
+For each cap (smallest first), and for each mode (baseline, then fused), every setting of
+torch.compile (off, on) x activation checkpointing (none, selective, full) x local batch
+(1, 2, 4, ...) is trained for --steps steps on --search-ngpu GPUs, except where the answer is
+already known:
+  - within one (compile, AC) pair the batches go up until the first run that fails (out of
+    memory): a larger batch at the same AC needs more memory, so it is not tried;
+  - a heavier AC is tried only at batches larger than the largest that fit at a lighter AC (same
+    compile): at the same batch it does the same work plus recomputation, so it is not faster;
+  - a run that fit under a smaller cap without ever reaching it (no allocator retries: torchtitan
+    warns of any) is the same run under a larger cap, so it is reused there, not repeated.
+The cap is a real limit: every run starts through benchmarks/memory_cap.py (run_train.sh's
+TRAIN_FILE), which calls torch.cuda.set_per_process_memory_fraction before the trainer allocates
+anything.
 
 Printed (and appended to the results log): every run, then last the best setting per cap and
 mode (highest median tps, step 1 excluded): the setting, tps, max_reserved, MFU, tps against the
@@ -19,6 +26,7 @@ every cap, else 2.
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import time
 from dataclasses import dataclass
@@ -59,38 +67,57 @@ def add_arguments(p) -> None:
 
 
 def _parse(opts):
-    caps = [float(c) for c in opts.caps.split(",") if c.strip()]
+    caps = sorted(float(c) for c in opts.caps.split(",") if c.strip())
     compiles = [{"off": False, "on": True}[c.strip()] for c in opts.search_compile.split(",") if c.strip()]
     acs = [a.strip() for a in opts.search_ac.split(",") if a.strip()]
     unknown = [a for a in acs if a not in AC_MODES]
     if unknown:
         raise SystemExit(f"--search-ac: unknown mode(s) {unknown}; known: {', '.join(AC_MODES)}")
+    acs.sort(key=AC_MODES.index)  # lightest first: the pruning of heavier ones builds on it
     batches = sorted(int(b) for b in opts.search_batches.split(",") if b.strip())
     if opts.local_batch:
         raise SystemExit("--search sets the local batch itself; leave out --local-batch")
     return caps, compiles, acs, batches
 
 
-def search_mode(mode: str, cap: float, opts, compiles, acs, batches, deadline) -> list[tuple[Setting, RunResult]]:
-    """Every run of one mode at one cap, in the order made; a (compile, AC) pair stops at its first
-    failure (out of memory, or anything else: a larger batch would not do better)."""
+def search_mode(mode: str, cap: float, opts, compiles, acs, batches, deadline,
+                fitted: dict) -> list[tuple[Setting, RunResult]]:
+    """Every run of one mode at one cap, in the order made (see the module docstring for what is
+    not run). fitted: setting -> this mode's run under a smaller cap that never reached that cap;
+    it is reused here (marked with extra["same_run_as_cap"]), and this cap's such runs are added."""
     runs = []
     for compile_on in compiles:
+        lighter_fit = 0  # the largest batch that fit at a lighter AC, with this compile setting
         for ac in acs:
-            for lb in batches:
+            largest = lighter_fit
+            for lb in (b for b in batches if b > lighter_fit):
                 setting = Setting(compile_on, ac, lb)
-                a = common_args(opts, opts.steps) + setting.args()
-                if mode == "fused":
-                    a += shlex.split(opts.fused_flag)
-                if time.time() > deadline:
-                    r = RunResult(f"cap{cap:g}", mode, [opts.launcher] + a, "", status="skipped (budget)")
+                if setting in fitted:
+                    small_cap, r = fitted[setting]
+                    r = dataclasses.replace(r, extra={**r.extra, "same_run_as_cap": small_cap})
+                elif time.time() > deadline:
+                    r = RunResult(f"cap{cap:g}", mode, [opts.launcher], "", status="skipped (budget)")
                 else:
+                    a = common_args(opts, opts.steps) + setting.args()
+                    if mode == "fused":
+                        a += shlex.split(opts.fused_flag)
                     r = run_job(f"cap{cap:g}_{setting.tag}", mode, opts.search_ngpu, a, opts, opts.steps,
                                 env_extra={"TRAIN_FILE": "benchmarks.memory_cap", "MEMORY_CAP_GIB": f"{cap:g}"})
+                    if r.ok and r.extra.get("alloc_retries") == 0:
+                        fitted[setting] = (cap, r)
                 runs.append((setting, r))
                 if not r.ok:
                     break
+                largest = lb
+            lighter_fit = largest
     return runs
+
+
+def _run_cell(r) -> str:
+    small_cap = r.extra.get("same_run_as_cap")
+    if small_cap is not None:
+        return f"cap {small_cap:g}'s (never reached it)"
+    return "here" if r.status != "skipped (budget)" else "-"
 
 
 def best(runs):
@@ -107,6 +134,8 @@ def runs_table(results) -> str:
         ("AC", lambda x: x[2].ac),
         ("local batch", lambda x: str(x[2].local_batch)),
         ("status", lambda x: x[3].status),
+        ("run", lambda x: _run_cell(x[3])),
+        ("allocator retries", lambda x: cell(x[3].extra.get("alloc_retries"), ".0f")),
         ("tps", lambda x: cell(x[3].median_tps, ",.0f")),
         ("max_reserved GiB", lambda x: cell(x[3].max_mem, ".2f")),
         ("MFU %", lambda x: cell(x[3].median_mfu, ".2f")),
@@ -151,13 +180,16 @@ def run_search(opts) -> int:
     caps, compiles, acs, batches = _parse(opts)
     deadline = time.time() + opts.budget if opts.budget else float("inf")
     results = {}
+    fitted = {mode: {} for mode in MODES}
     for cap in caps:
         for mode in MODES:
-            results[cap, mode] = search_mode(mode, cap, opts, compiles, acs, batches, deadline)
+            results[cap, mode] = search_mode(mode, cap, opts, compiles, acs, batches, deadline, fitted[mode])
     notes = [
         f"- caps {opts.caps} GiB (torch.cuda.set_per_process_memory_fraction, benchmarks/memory_cap.py); "
         f"{opts.search_ngpu} GPU(s) per run; {opts.steps} steps, seed {opts.seed}; compile {opts.search_compile}; "
-        f"AC {opts.search_ac}; local batches {opts.search_batches}, each (compile, AC) up to its first failure; "
+        f"AC {opts.search_ac}; local batches {opts.search_batches}, each (compile, AC) up to its first failure, "
+        f"a heavier AC only above the largest batch a lighter one fit; a run that never reached a smaller cap "
+        f"reused at a larger one; "
         f"fused flag `{opts.fused_flag}`; extra `{opts.extra}`",
         "- tps, MFU: medians per GPU without step 1; max_reserved: max over steps; best: highest tps",
     ]
