@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The ONE command to run on the device machine (run from the repository root, .gpu-wheels carried).
 #
-#   bash benchmarks/gpu_run.sh kernel   # 1 GPU : pytest -m gpu, bench_kernel.py (4 shapes), --sweep
+#   bash benchmarks/gpu_run.sh kernel   # 1 GPU : pytest -m gpu, bench_kernel.py (4 shapes), --options, --sweep
+#                                       #         (steps bounded to 120+170+70+180 s; expected ~90+120+50+120 s, ~400 s with setup)
 #   bash benchmarks/gpu_run.sh multi    # 2 GPUs: pytest -m multigpu, vocab-parallel bench (torchrun), e2e.py
 #   bash benchmarks/gpu_run.sh e2e      # 2 GPUs: e2e.py only, the three cases multi leaves out (multi + e2e = all six)
 #   bash benchmarks/gpu_run.sh maxseq   # 1 GPU : e2e.py --max-seq (longest seq_len, baseline vs fused)
@@ -13,9 +14,11 @@
 # Every step's output is tee'd to $OUT/<step>.log; a failing step never aborts the script; a table of
 # return codes and the benchmark tables are printed last. Knobs (environment variables):
 #   BUDGET_S        whole-script budget in seconds (default 540 = 9 min); later steps get what is left
-#   PYTEST_TIMEOUT  per pytest step (default 150)      PYTEST_MULTI_MARK (multi: -m expression, default multigpu)      SKIP_PYTEST=1 / SKIP_BENCH=1 / SKIP_SWEEP=1 / SKIP_E2E=1
-#   BENCH_ARGS      extra args for bench_kernel.py default run (e.g. "--impls fused,compile,floor --reps 5")
-#   SWEEP_ARGS      extra args for bench_kernel.py --sweep (e.g. "--sweep-impls fused")
+#   PYTEST_TIMEOUT  per pytest step (default 150; kernel mode: PYTEST_TIMEOUT_KERNEL, default 120)      PYTEST_MULTI_MARK (multi: -m expression, default multigpu)      SKIP_PYTEST=1 / SKIP_BENCH=1 / SKIP_OPTIONS=1 / SKIP_SWEEP=1 / SKIP_E2E=1
+#   BENCH_ARGS      extra args for bench_kernel.py default run (e.g. "--impls fused,compile,floor --reps 5", "--inputs random")
+#   OPTIONS_ARGS    extra args for bench_kernel.py --options (e.g. "--shapes 8192x2304x256000")
+#   SWEEP_ARGS      extra args for bench_kernel.py --sweep (e.g. "--sweep-impls fused,compile,liger")
+#   BENCH_TIMEOUT / OPTIONS_TIMEOUT / SWEEP_TIMEOUT  kernel mode's step bounds (default 170 / 70 / 180)
 #   VP_ARGS         extra args for the vocab-parallel run (e.g. "--vp-shapes 8192x4096x128256")
 #   E2E_CASES       (multi default: fsdp2,tp2,cp2; e2e default: fsdp2_reshard_always,fsdp2_accum2,fsdp2_compile;
 #                   multi4 default: fsdp2_tp2,fsdp2_cp2,tp2_cp2,hsdp = 8 runs: if 9 min is not enough for all,
@@ -136,19 +139,27 @@ setup
 
 case "$MODE" in
 kernel)
+    # each step bounded, so a slow one never eats the rest (all four: at most 540 s = BUDGET_S)
     if [ "${SKIP_PYTEST:-0}" != "1" ]; then
-        run_step pytest_gpu "$PYTEST_TIMEOUT" python3 -m pytest -m gpu tests -q --maxfail=5 \
+        run_step pytest_gpu "${PYTEST_TIMEOUT_KERNEL:-120}" python3 -m pytest -m gpu tests -q --maxfail=5 \
             --junitxml="$OUT/pytest_gpu.xml" -p no:cacheprovider
     fi
     if [ "${SKIP_BENCH:-0}" != "1" ]; then
+        # the 4 shapes x 9 impls, errors vs fp64 on random and LM-like inputs
         # shellcheck disable=SC2086
-        run_step bench_kernel 330 python3 benchmarks/bench_kernel.py $APPEND ${BENCH_ARGS:-}
+        run_step bench_kernel "${BENCH_TIMEOUT:-170}" python3 benchmarks/bench_kernel.py $APPEND ${BENCH_ARGS:-}
+    fi
+    if [ "${SKIP_OPTIONS:-0}" != "1" ]; then
+        # issue 17: each option's cost at the 8B head, off and on
+        # shellcheck disable=SC2086
+        run_step bench_options "${OPTIONS_TIMEOUT:-70}" python3 benchmarks/bench_kernel.py --options $APPEND ${OPTIONS_ARGS:-}
     fi
     if [ "${SKIP_SWEEP:-0}" != "1" ]; then
+        # issue 18: 13 points, fused vs compile, the plan's prediction, fp64 errors of fused and eager
         # shellcheck disable=SC2086
-        run_step bench_sweep 200 python3 benchmarks/bench_kernel.py --sweep $APPEND ${SWEEP_ARGS:-}
+        run_step bench_sweep "${SWEEP_TIMEOUT:-180}" python3 benchmarks/bench_kernel.py --sweep $APPEND ${SWEEP_ARGS:-}
     fi
-    summary bench_kernel bench_sweep
+    summary bench_kernel bench_options bench_sweep
     ;;
 multi)
     if [ "${SKIP_PYTEST:-0}" != "1" ]; then

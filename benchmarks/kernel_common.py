@@ -1,6 +1,7 @@
 """What the kernel benchmark's modes share (bench_kernel.py, kernel_sweep.py,
-kernel_vocab_parallel.py): inputs and the fp32 reference, the device, one timed implementation
-(``run_one`` -> ``Row``), the table columns and the block header. The definitions of the
+kernel_vocab_parallel.py): inputs (random and LM-like) and the fp64 reference, the device, one
+timed implementation (``run_one`` -> ``Row``), one accuracy-only call (``accuracy_of``), the
+table columns and the block header. The definitions of the
 measured numbers are in bench_kernel.py's docstring.
 """
 from __future__ import annotations
@@ -95,78 +96,180 @@ def is_oom(e: BaseException) -> bool:
 
 
 # --------------------------------------------------------------------------------------
-# inputs and fp32 reference
+# inputs and the fp64 reference
 # --------------------------------------------------------------------------------------
+INPUT_KINDS = ("random", "lm")
+# LM-like inputs (make_lm_inputs): per row the label's logit is log(V) + m, m ~ N(LM_MARGIN,
+# LM_MARGIN_SD^2), LM_ALTS other tokens sit 0.5..5 below it, the rest is N(0, 1) noise. Measured
+# (fp64, bf16 inputs): mean target prob 0.43-0.50, entropy 2.4-3.3 nats from (256, 256, 2000)
+# to (256, 4096, 128256); ~0.3 at D=64 where W's rows are far from orthogonal.
+LM_MARGIN, LM_MARGIN_SD, LM_ALTS, LM_ALT_GAP = 2.5, 2.0, 4, (0.5, 5.0)
+LM_TARGET_PROB = (0.3, 0.6)  # the aimed range of the mean target probability
+
+
 @dataclass
 class Inputs:
     h: torch.Tensor
     W: torch.Tensor
     y: torch.Tensor
+    kind: str = "random"
 
 
-
-
-
-def make_inputs(N, D, V, dtype, device, seed=0, ignore_frac=0.1, logit_std=None) -> Inputs:
+def _weights_labels(N, D, V, device, seed, ignore_frac, logit_std):
     g = torch.Generator(device=device)
     g.manual_seed(seed)
-    # h ~ N(0,1); W ~ N(0, 0.02^2) (logit std 0.02*sqrt(D): 1.28 at D=4096, 0.96 at D=2304), or
+    # W ~ N(0, 0.02^2) (logit std 0.02*sqrt(D) on random h: 1.28 at D=4096, 0.96 at D=2304), or
     # W ~ N(0, s^2/D) so that the logits have std s when --logit-std s is given.
     # CCE's gradient filtering makes its time depend strongly on this (H200, 8B head: 47 ms at
     # logit std 0.5, 143 ms at 1.5); the other impls do not care.
     w_scale = W_STD if logit_std is None else logit_std / math.sqrt(D)
-    h = torch.randn(N, D, generator=g, device=device, dtype=torch.float32).to(dtype)
-    W = (torch.randn(V, D, generator=g, device=device, dtype=torch.float32) * w_scale).to(dtype)
+    h = torch.randn(N, D, generator=g, device=device, dtype=torch.float32)
+    W = torch.randn(V, D, generator=g, device=device, dtype=torch.float32) * w_scale
     y = torch.randint(0, V, (N,), generator=g, device=device, dtype=torch.int64)
     mask = torch.rand(N, generator=g, device=device) < ignore_frac
-    y = y.masked_fill(mask, IGNORE)
-    h.requires_grad_(True)
-    W.requires_grad_(True)
-    return Inputs(h, W, y)
+    return g, h, W, y, mask
+
+
+def _finish(h, W, y, mask, dtype, kind) -> Inputs:
+    h = h.to(dtype).requires_grad_(True)
+    W = W.to(dtype).requires_grad_(True)
+    return Inputs(h, W, y.masked_fill(mask, IGNORE), kind)
+
+
+def make_inputs(N, D, V, dtype, device, seed=0, ignore_frac=0.1, logit_std=None, kind="random") -> Inputs:
+    """kind "random": h ~ N(0,1), W ~ N(0, 0.02^2), labels uniform (10% ignore_index): a flat
+    softmax (target prob ~1/V). kind "lm": make_lm_inputs (a peaked softmax)."""
+    if kind == "lm":
+        return make_lm_inputs(N, D, V, dtype, device, seed, ignore_frac, logit_std)
+    if kind != "random":
+        raise ValueError(f"input kind must be one of {INPUT_KINDS}, got {kind!r}")
+    _, h, W, y, mask = _weights_labels(N, D, V, device, seed, ignore_frac, logit_std)
+    return _finish(h, W, y, mask, dtype, kind)
 
 
 @torch.no_grad()
-def inputs_or_none(shape, dtype, dev, args) -> Inputs | None:
+def make_lm_inputs(N, D, V, dtype, device, seed=0, ignore_frac=0.1, logit_std=None, row_chunk=8192) -> Inputs:
+    """A softmax peaked as in a trained LM. The same W and labels as make_inputs; h is built so
+    that for each row the label's logit is T = log(V) + m (m ~ N(2.5, 2^2): some rows sure,
+    some not), LM_ALTS random plausible alternatives sit 0.5..5 below T, and the rest is noise
+    of std 1 in logit units:  h = noise + sum_k c_k * W[t_k] / |W[t_k]|^2  (t_0 the label,
+    c_0 = T). Ignored rows are built the same (around the label drawn before masking)."""
+    g, h, W, y, mask = _weights_labels(N, D, V, device, seed, ignore_frac, logit_std)
+    n2 = (W * W).sum(1)
+    h.mul_(1.0 / n2.mean().sqrt())  # noise of std ~1 in logit units
+    lo, hi = LM_ALT_GAP
+    T = math.log(V) + LM_MARGIN + LM_MARGIN_SD * torch.randn(N, generator=g, device=device)
+    alts = torch.randint(0, V, (LM_ALTS, N), generator=g, device=device, dtype=torch.int64)
+    gaps = lo + (hi - lo) * torch.rand(LM_ALTS, N, generator=g, device=device)
+    for s in range(0, N, row_chunk):  # bounded temporaries: [row_chunk, D] fp32
+        e = min(N, s + row_chunk)
+        for k in range(LM_ALTS + 1):
+            t = y[s:e] if k == 0 else alts[k - 1, s:e]
+            c = T[s:e] if k == 0 else T[s:e] - gaps[k - 1, s:e]
+            h[s:e].addcmul_((c / n2[t])[:, None], W[t])
+    return _finish(h, W, y, mask, dtype, "lm")
+
+
+@torch.no_grad()
+def inputs_or_none(shape, dtype, dev, args, kind="random") -> Inputs | None:
     """The benchmark inputs, or None when they alone do not fit in memory."""
     try:
-        return make_inputs(*shape, dtype, dev.device, seed=args.seed, logit_std=args.logit_std)
+        return make_inputs(*shape, dtype, dev.device, seed=args.seed, logit_std=args.logit_std, kind=kind)
     except Exception as e:
         if not is_oom(e):
             raise
         return None
 
 
-def fp32_reference(inp: Inputs, chunk=2048):
-    """Loss (float64 scalar), dh [N,D] fp32, dW [V,D] fp32 of sum-reduced CE, h/W upcast, no TF32."""
+@dataclass
+class Reference:
+    """CE of the inputs as stored, computed in float64 (fp64_reference)."""
+
+    loss: torch.Tensor  # fp64 scalar, reduced like the benchmark (sum or mean)
+    dh: torch.Tensor  # [N, D] fp64
+    dW: torch.Tensor  # [V, D] fp64
+    target_prob: float  # mean softmax probability of the label over the valid rows
+    entropy: float  # mean softmax entropy (nats) over the valid rows
+    seconds: float = 0.0
+
+    def describe(self) -> str:
+        return f"mean target prob {self.target_prob:.3f}, entropy {self.entropy:.2f} nats"
+
+
+@torch.no_grad()
+def fp64_reference(inp: Inputs, chunk=1024, reduction="sum") -> Reference:
+    """Loss, dh and dW of cross_entropy(h @ W.T, y) in float64 (h and W upcast exactly from the
+    stored 16-bit values; no TF32 anywhere: the fp32 matmul flags are set to "highest" too),
+    in chunks of `chunk` rows so the transient stays ~2 * chunk * V * 8 bytes beside W and dW
+    in fp64 (4 * V * D * 8 bytes in all: 16 GiB at V=262144, D=4096). reduction "mean" divides
+    by the number of valid labels, as F.cross_entropy. dh, dW stay fp64: errors are measured
+    against them."""
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reference reduction must be sum or mean, got {reduction!r}")
+    t0 = time.perf_counter()
     h, W, y = inp.h.detach(), inp.W.detach(), inp.y
     old_tf32 = torch.backends.cuda.matmul.allow_tf32
+    old_cudnn = torch.backends.cudnn.allow_tf32
     old_prec = torch.get_float32_matmul_precision()
     torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
     try:
-        Wf = W.float()
-        dW = torch.zeros_like(Wf)
-        dh = torch.empty(h.shape, dtype=torch.float32, device=h.device)
+        Wd = W.double()
+        dW = torch.zeros_like(Wd)
+        dh = torch.empty(h.shape, dtype=torch.float64, device=h.device)
         loss = torch.zeros((), dtype=torch.float64, device=h.device)
+        p_sum = torch.zeros((), dtype=torch.float64, device=h.device)
+        ent_sum = torch.zeros((), dtype=torch.float64, device=h.device)
+        n_valid = (y != IGNORE).sum()
         for s in range(0, h.shape[0], chunk):
-            hc = h[s : s + chunk].float()
+            hc = h[s : s + chunk].double()
             yc = y[s : s + chunk]
-            z = hc @ Wf.T
-            lse = torch.logsumexp(z, dim=1)
+            rows = torch.arange(hc.shape[0], device=h.device)
             valid = yc != IGNORE
             yv = yc.clamp_min(0)
-            tgt = z.gather(1, yv[:, None]).squeeze(1)
-            loss += ((lse - tgt) * valid).double().sum()
-            z.sub_(lse[:, None]).exp_()  # softmax in place
-            z[torch.arange(z.shape[0], device=z.device), yv] -= 1.0
-            z.mul_(valid[:, None].float())
-            dh[s : s + chunk] = z @ Wf
-            dW.addmm_(z.T, hc)
+            z = hc @ Wd.T
+            lse = torch.logsumexp(z, dim=1)
+            z.sub_(lse[:, None])  # log-softmax in place
+            logp_t = z[rows, yv]
+            p = z.exp()
+            ent = -(p.unsqueeze(1) @ z.unsqueeze(2)).view(-1)  # -sum p log p, no [rows, V] temporary
             del z
-        return loss, dh, dW
+            loss += torch.where(valid, -logp_t, 0.0).sum()
+            p_sum += torch.where(valid, logp_t.exp(), 0.0).sum()
+            ent_sum += torch.where(valid, ent, 0.0).sum()
+            p[rows, yv] -= 1.0  # d loss / d z
+            p.mul_(valid[:, None])
+            torch.mm(p, Wd, out=dh[s : s + chunk])
+            dW.addmm_(p.T, hc)
+            del p
+        nv = n_valid.clamp_min(1).double()
+        if reduction == "mean":
+            loss /= nv
+            dh /= nv
+            dW /= nv
+        return Reference(loss, dh, dW, float(p_sum / nv), float(ent_sum / nv), time.perf_counter() - t0)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old_tf32
+        torch.backends.cudnn.allow_tf32 = old_cudnn
         torch.set_float32_matmul_precision(old_prec)
+
+
+def reference_or_none(inp: Inputs, dev, args, what="") -> Reference | None:
+    """fp64_reference, or None (no accuracy) when N > --acc-max-n, --no-accuracy, or it fails."""
+    N = inp.h.shape[0]
+    if args.no_accuracy or N > args.acc_max_n:
+        return None
+    try:
+        ref = fp64_reference(inp, chunk=args.ref_chunk, reduction=args.reduction)
+        dev.sync()
+        log(f"  fp64 reference{what} ({inp.kind} inputs): {ref.seconds:.1f}s  loss={ref.loss.item():.6e}  "
+            f"{ref.describe()}")
+        return ref
+    except Exception as e:
+        log(f"  fp64 reference{what} failed ({'OOM' if is_oom(e) else repr(e)[:100]}); no accuracy")
+        dev.cleanup()
+        return None
 
 
 @torch.no_grad()
@@ -285,12 +388,9 @@ def run_one(name, fn, inp: Inputs, dev: Dev, args, ref=None, post=None) -> Row:
             row.extra["peak_incl_grads"] = (dev.peak() - base) / 2**30
         # accuracy on the grads of that last step
         if ref is not None and not is_floor:
-            loss_ref, dh_ref, dW_ref = ref
-            lv = float(out.detach().double().item())
-            row.loss_err = abs(lv - float(loss_ref.item())) / max(abs(float(loss_ref.item())), 1e-30)
-            row.dh_err = rel_l2(h.grad, dh_ref)
-            row.dW_err = rel_l2(W.grad, dW_ref)
-            if not math.isfinite(lv):
+            row.loss_err, row.dh_err, row.dW_err = errors(out, h, W, ref)
+            row.extra.setdefault("acc", {})[inp.kind] = (row.loss_err, row.dh_err, row.dW_err)
+            if not math.isfinite(row.loss_err):
                 row.status = "NaN loss"
         del out
     except NotAvailable as e:
@@ -308,6 +408,38 @@ def run_one(name, fn, inp: Inputs, dev: Dev, args, ref=None, post=None) -> Row:
             fn.release()
         dev.cleanup()
     return row
+
+
+def errors(out, h, W, ref: Reference):
+    """(loss, dh, dW) relative errors of one call's loss and grads against the reference."""
+    lv = float(out.detach().double().item())
+    lr = float(ref.loss.item())
+    loss_err = abs(lv - lr) / max(abs(lr), 1e-30) if math.isfinite(lv) else float("nan")
+    return loss_err, rel_l2(h.grad, ref.dh), rel_l2(W.grad, ref.dW)
+
+
+def accuracy_of(fn, inp: Inputs, dev: Dev, ref: Reference):
+    """One untimed fwd+bwd of fn on inp: ((loss, dh, dW) errors, "ok") or (None, a status)."""
+    h, W = inp.h, inp.W
+    try:
+        h.grad = None
+        W.grad = None
+        out = fn(h, W, inp.y)
+        out.backward()
+        return errors(out, h, W, ref), "ok"
+    except NotAvailable as e:
+        return None, str(e)
+    except Exception as e:
+        if is_oom(e):
+            return None, "OOM"
+        traceback.print_exc()
+        return None, f"error: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+    finally:
+        h.grad = None
+        W.grad = None
+        if hasattr(fn, "release"):
+            fn.release()
+        dev.cleanup()
 
 
 # --------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Smoke test of benchmarks/bench_kernel.py on CPU: --quick runs the whole pipeline
-(inputs, fp32 reference, timing, accuracy, table) on tiny shapes in a subprocess."""
+(random and LM-like inputs, fp64 reference, timing, accuracy, table; --sweep; --options) on tiny
+shapes in a subprocess."""
 
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ def _run(*extra, timeout=60):
     )
 
 
+def _cells(row: str) -> list[str]:
+    return [c.strip() for c in row.split("|")[1:-1]]
+
+
 def _table(out: str) -> list[str]:
     lines = out.strip().splitlines()
     # the Markdown table is the last thing printed
@@ -32,13 +37,18 @@ def _table(out: str) -> list[str]:
     return lines[i + 1 :]
 
 
+KERNEL_HEADER = ["shape (N, D, V)", "impl", "ms", "TFLOP/s", "vs best anchor", "vs GEMM floor", "peak GiB",
+                 "peak+grads GiB", "loss err random", "dh err random", "dW err random", "loss err lm",
+                 "dh err lm", "dW err lm", "err / eager (max)", "first call s", "status"]
+
+
 def test_quick_cpu_prints_table(tmp_path):
     res = tmp_path / "RESULTS.md"
     p = _run("--results", str(res), "--no-append")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     table = _table(p.stdout)
     assert table, p.stdout[-2000:]
-    assert table[0].startswith("| shape (N, D, V) | impl | ms |"), table[0]
+    assert _cells(table[0]) == KERNEL_HEADER, table[0]
     assert re.fullmatch(r"\|(---\|)+", table[1]), table[1]
     body = table[2:]
     impls = [r.split("|")[2].strip() for r in body]
@@ -46,13 +56,14 @@ def test_quick_cpu_prints_table(tmp_path):
         assert name in impls, (name, impls)
     rows = {}
     for r in body:
-        cells = [c.strip() for c in r.split("|")[1:-1]]
+        cells = _cells(r)
         rows.setdefault(cells[1], []).append(cells)
-    # eager runs on CPU: a time and small errors against the fp32 reference
+    # eager runs on CPU: a time and small errors against the fp64 reference, on both input kinds
     for cells in rows["eager"]:
         assert float(cells[2]) > 0
-        for err in cells[8:11]:
+        for err in cells[8:14]:
             assert float(err) < 2e-2, cells
+        assert float(cells[14]) == 1.0  # eager against itself
     # CUDA-only anchors are reported as n/a, not crashes
     for name in ("liger", "cce"):
         for cells in rows[name]:
@@ -61,14 +72,32 @@ def test_quick_cpu_prints_table(tmp_path):
     for cells in rows["fused"]:
         if not cells[2].startswith("n/a"):
             assert cells[-1] == "ok", cells
-            for err in cells[8:11]:
+            for err in cells[8:14]:
                 assert float(err) < 2e-2, cells
+            assert float(cells[14]) > 0
     # the floor row is the reference of the 'vs GEMM floor' column
     for cells in rows["floor"]:
         assert float(cells[5]) == 1.0
     # header of the appended block is printed too; nothing written with --no-append
     assert "- command: `benchmarks/bench_kernel.py --quick" in p.stdout
+    assert "relative L2 vs the fp64 reference" in p.stdout
+    # the measured softmax of each kind, per shape: LM-like inputs are peaked, random ones flat
+    probs = re.findall(r"inputs at \((\d+), (\d+), (\d+)\): random mean target prob ([\d.]+), entropy [\d.]+ nats; "
+                       r"lm mean target prob ([\d.]+), entropy ([\d.]+) nats", p.stdout)
+    assert len(probs) == 2, p.stdout[-3000:]
+    for *_, p_rand, p_lm, ent_lm in probs:
+        assert float(p_rand) < 0.01 and float(p_lm) > 0.05 and 1.0 < float(ent_lm) < 5.0, probs
     assert not res.exists()
+
+
+def test_quick_cpu_one_input_kind(tmp_path):
+    p = _run("--inputs", "lm", "--impls", "eager", "--shapes", "64x16x100", "--no-append")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    table = _table(p.stdout)
+    assert _cells(table[0])[8:12] == ["loss err lm", "dh err lm", "dW err lm", "err / eager (max)"], table[0]
+    assert "times on lm inputs only" in p.stdout
+    bad = _run("--inputs", "random,zipf", "--impls", "eager", "--shapes", "64x16x100", "--no-append")
+    assert bad.returncode != 0 and "--inputs" in bad.stderr
 
 
 def test_quick_cpu_appends(tmp_path):
@@ -82,18 +111,86 @@ def test_quick_cpu_appends(tmp_path):
     assert f"- commit: {commit.strip()}" in text  # every results block names its commit
 
 
-def test_quick_cpu_sweep_prints_growth_table(tmp_path):
-    p = _run("--sweep", "--sweep-impls", "eager", "--results", str(tmp_path / "R.md"), "--no-append")
+SWEEP_HEADER = ["axis", "N", "D", "V", "fused ms", "compile ms", "fused/compile ms", "fused peak GiB",
+                "compile peak GiB", "fused/compile peak", "plan chunks", "plan rows", "plan fp32 carry", "plan ms",
+                "fused ms / plan", "plan workspace GiB", "fused peak / plan", "fused dh err", "eager dh err",
+                "fused dW err", "eager dW err", "fused loss err", "eager loss err", "status"]
+
+
+def test_quick_cpu_sweep_prints_ratio_table(tmp_path):
+    p = _run("--sweep", "--results", str(tmp_path / "R.md"), "--no-append")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     table = _table(p.stdout)
-    assert table[0].startswith("| axis | N | D | V | impl | ms | TFLOP/s | time x (vs first) |"), table
-    body = [[c.strip() for c in r.split("|")[1:-1]] for r in table[2:]]
-    assert [(r[0], r[1], r[3]) for r in body] == [
-        ("N", "128", "1000"), ("N", "256", "1000"), ("N", "512", "1000"),
-        ("V", "256", "500"), ("V", "256", "2000")]
-    assert all(len(r) == 13 and r[-1] == "ok" for r in body), body
-    assert body[0][7] == "1.00" and body[3][7] == "1.00"  # growth is against each axis's first point
-    assert [r[8] for r in body] == ["1.00", "2.00", "4.00", "1.00", "4.00"]  # FLOP ratios
+    assert _cells(table[0]) == SWEEP_HEADER, table[0]
+    body = [_cells(r) for r in table[2:]]
+    assert [(r[0], r[1], r[2], r[3]) for r in body] == [
+        ("N", "128", "64", "1000"), ("N", "256", "64", "1000"), ("N", "512", "64", "1000"),
+        ("V", "256", "64", "500"), ("V", "256", "64", "2000"),
+        ("D", "256", "32", "1000"), ("D", "256", "64", "1000"), ("short", "64", "64", "4000")]
+    assert body[1][4:] == body[6][4:]  # one point on two axes is measured once
+    for r in body:
+        assert float(r[4]) > 0, r  # fused timed on CPU
+        assert r[5].startswith("n/a"), r  # torch.compile is not run on CPU
+        for err in r[17:23]:  # fused and eager against fp64
+            assert float(err) < 2e-2, r
+        # the plan's prediction beside the measurement (or why there is none)
+        assert r[10].isdigit() or r[10].startswith("n/a"), r
+    assert re.search(r"- wall time of the sweep: \d+ s", p.stdout)
+    assert "reps 3" in p.stdout
+
+
+def test_sweep_shows_the_plan(monkeypatch):
+    """The plan columns come from fused_loss.plan.plan_chunks, called with the op's arguments."""
+    import types
+    from dataclasses import dataclass
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import kernel_sweep
+    from kernel_common import Row
+
+    calls = []
+
+    @dataclass
+    class FakePlan:
+        rows: int
+        n_chunks: int
+        carry_fp32: bool
+        predicted_ms: float
+        workspace_bytes: int
+
+    def plan_chunks(n_rows, d, v_local, element_size, **kw):
+        calls.append((n_rows, d, v_local, element_size, kw))
+        return FakePlan(2048, 4, True, 40.0, 3 << 29)
+
+    monkeypatch.setitem(sys.modules, "fused_loss.plan", types.SimpleNamespace(plan_chunks=plan_chunks))
+    args = types.SimpleNamespace(dtype="bfloat16", chunk_size=None)
+    plan = kernel_sweep.plan_prediction((8192, 4096, 128256), args)
+    assert calls == [(8192, 4096, 128256, 2, dict(want_grad=True, weight_grad_fp32=True, weight_is_fp32=False,
+                                                  chunk_size=None, chunk_budget_bytes=None))]
+    shape = (8192, 4096, 128256)
+    point = {"plan": plan, "eager_acc": (1e-6, 2e-3, 3e-3), "eager_status": "ok", "rows": {
+        "fused": Row(shape, "fused", ms=42.0, peak_gib=1.5, loss_err=1e-6, dh_err=1e-3, dW_err=2e-3),
+        "compile": Row(shape, "compile", ms=40.0, peak_gib=2.0)}}
+    table = kernel_sweep.sweep_table([("N", shape, point)], ["fused", "compile"]).splitlines()
+    assert _cells(table[0]) == SWEEP_HEADER
+    assert _cells(table[2]) == ["N", "8192", "4096", "128256", "42.00", "40.00", "1.050", "1.50", "2.00", "0.75",
+                                "4", "2048", "yes", "40.00", "1.05", "1.50", "1.00", "1.0e-03", "2.0e-03",
+                                "2.0e-03", "3.0e-03", "1.0e-06", "1.0e-06", "ok"]
+
+
+def test_quick_cpu_options_table(tmp_path):
+    p = _run("--options", "--results", str(tmp_path / "R.md"), "--no-append")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    table = _table(p.stdout)
+    assert _cells(table[0]) == ["option", "arguments", "ms", "vs all-off", "peak GiB", "peak - all-off GiB",
+                                "first call s", "status"], table[0]
+    body = [_cells(r) for r in table[2:]]
+    assert [r[0] for r in body] == ["plain", "all-off", "bias", "class_weight", "shift", "token_stats",
+                                    "logit_softcap", "label_smoothing", "z_loss", "lean", "all-off (again, last)"]
+    for r in body:
+        assert r[-1] == "ok" and float(r[2]) > 0, r
+    assert body[1][3] == "1.000"  # the ratios are against the explicit all-off row
+    assert "(256, 64, 1000)" in p.stdout  # --quick: a tiny shape
 
 
 def test_benchmark_modules_write_no_globals():
