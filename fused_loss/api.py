@@ -10,7 +10,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import op  # noqa: F401  (registers the custom ops)
-from .options import REDUCTIONS, LossOptions, chunk_rows, pick_backend
+from .options import REDUCTIONS, LossOptions, pick_backend
+from .plan import group_v_local, plan_chunks
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -145,6 +146,10 @@ def fused_linear_cross_entropy(
     (V_local*D*2 bytes more than dW itself, until the backward rounds it; off: 16-bit carry,
     faster but rounded once per chunk).
 
+    The chunks are planned per call (`plan_chunks`): the fewest whose [rows, V_local] logits
+    buffer fits chunk_budget_bytes (the cap, default 1 GiB), or one chunk (no carry) where
+    that costs no more memory in all and no more time; chunk_size forces the rows.
+
     bias [V_local] (this rank's slice under vocab parallelism, like the weight): logits
     hidden @ weight.T + bias, as F.linear's; its gradient is summed over the tokens in fp32
     and rounded once to bias's dtype.
@@ -228,9 +233,18 @@ def fused_linear_cross_entropy(
     if class_weight is not None:  # the label's weight per token, 0 where ignored
         row_weight = torch.where(y != ignore_index,
                                  class_weight.detach().float()[y.clamp(0, vocab_size - 1)], 0.0)
-    chunk = chunk_rows(h.shape[0], v_local, h.element_size(), chunk_size, chunk_budget_bytes)
-    op_args = dict(opts.to_op_args(), group_name=group_name, backend=backend, chunk=chunk,
-                   weight_grad_fp32=weight_grad_fp32, check_labels=check_labels,
+    want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
+                                             or (bias is not None and bias.requires_grad))
+    # One plan per call (plan.py). Under vocab parallelism every rank must run the same
+    # chunks (one collective each): planned on the largest slice, the same on every rank.
+    world = dist.get_world_size(process_group) if group_name else 1
+    plan = plan_chunks(h.shape[0], h.shape[1], group_v_local(v_local, vocab_size, world),
+                       h.element_size(), want_grad=want_grad,
+                       weight_grad_fp32=weight_grad_fp32,
+                       weight_is_fp32=weight.dtype == torch.float32, chunk_size=chunk_size,
+                       chunk_budget_bytes=chunk_budget_bytes)
+    op_args = dict(opts.to_op_args(), group_name=group_name, backend=backend, chunk=plan.rows,
+                   carry_fp32=plan.carry_fp32, check_labels=check_labels,
                    token_stats=token_stats)
     valid = (y != ignore_index).sum() if (reduction == "mean" or return_aux) else None
 
@@ -243,8 +257,6 @@ def fused_linear_cross_entropy(
             z_term = z_term * row_weight
         loss, lse, z_term = (unshift(t.reshape(lead_shape)) for t in (loss, lse, z_term))
     else:
-        want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
-                                                 or (bias is not None and bias.requires_grad))
         with autocast_off:
             loss, lse, _, _, _, entropy, predicted = torch.ops.fused_loss.lce_sum(
                 h, weight, y, bias, row_weight, **op_args, want_grad=want_grad)

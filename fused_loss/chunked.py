@@ -1,6 +1,6 @@
 """The chunked algorithm, shared by both backends (they differ only in the row passes).
 
-For each chunk of C tokens (C from the memory budget):
+For each chunk of C tokens (C and the dW carry from the chunk plan, plan.py):
   1. z = h_c @ W^T (+ b)            vendor GEMM into ONE reused [C, V_local] buffer (addmm
                                     with a bias: rounded once, as F.linear)
   2. row statistics of z            (max, sum-exp, target logit, logit sum), fp32; with
@@ -8,9 +8,9 @@ For each chunk of C tokens (C from the memory budget):
   3. vocab parallel: one all-gather of the [C, 4] statistics -> full log-sum-exp
                                     ([C, 6] with token_stats: the same one all-gather)
   4. z := dloss/dz in place         no second [C, V] buffer
-  5. dh_c = z @ W,  dW += z^T @ h_c  (dh in fp32, dW carried across chunks in fp32: see
-                                    _input_grad and _add_weight_grad); db += sum of z's rows
-                                    in fp32 with a bias
+  5. dh_c = z @ W,  dW += z^T @ h_c  (dh in fp32, dW carried across chunks in fp32 where
+                                    the plan says so: see _input_grad and _add_weight_grad);
+                                    db += sum of z's rows in fp32 with a bias
 The buffer has the inputs' dtype, so with 16-bit inputs the statistics (step 2) are taken
 from the logits rounded to 16 bits, by design, as eager `F.cross_entropy(h @ W.T)` takes
 them: each row's log-sum-exp is that of the rounded logits, computed in fp32 (an fp32
@@ -77,10 +77,10 @@ def check_label_range(labels: torch.Tensor, vocab_size: int, ignore_index: int =
             f"ignore_index={ignore_index}, e.g. {example}")
 
 
-def carries_weight_grad_in_fp32(n_tokens: int, chunk: int, weight_dtype: torch.dtype,
-                                weight_grad_fp32: bool) -> bool:
-    """Whether run() returns dW as its fp32 carry (more than one chunk of a 16-bit weight)."""
-    return weight_grad_fp32 and weight_dtype != torch.float32 and n_tokens > chunk
+def weight_grad_dtype(weight_dtype: torch.dtype, carry_fp32: bool) -> torch.dtype:
+    """The dtype of the dW run() returns (and the op's fake says): fp32 with the plan's fp32
+    carry, else the weight's."""
+    return torch.float32 if carry_fp32 else weight_dtype
 
 
 def _input_grad(z, weight, out) -> None:
@@ -117,7 +117,7 @@ def _add_weight_grad(dw, acc, z, h_c, first: bool) -> None:
 
 def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: LossOptions, *,
         backend: str, chunk: int, group_name: str, want_grad: bool,
-        weight_grad_fp32: bool = True, token_stats: bool = False,
+        carry_fp32: bool = False, token_stats: bool = False,
         bias: torch.Tensor | None = None, row_weight: torch.Tensor | None = None,
         lse_in: torch.Tensor | None = None, grad_rows: torch.Tensor | None = None):
     """hidden [N, D], weight [V_local, D], labels [N] -> (loss [N], lse [N], dh, dW, db,
@@ -134,8 +134,9 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
     entropy [N] fp32 and predicted [N] int64 (see token_outputs) with token_stats, else empty:
     off, the statistics and the collective are exactly those without them.
 
-    dh is fp32 and dW is fp32 when carries_weight_grad_in_fp32, else in the weight's dtype:
-    the backward scales them and rounds them to the inputs' dtypes.
+    chunk (rows per chunk) and carry_fp32 come from the chunk plan (plan.plan_chunks, the same
+    on every rank of a group). dh is fp32, and dW is fp32 with carry_fp32 (of a 16-bit weight),
+    else in the weight's dtype: the backward scales them and rounds them to the inputs' dtypes.
     With lse_in and grad_rows (the backward of reduction="none"): recompute z, skip the
     statistics and the collective, and return only (dh, dW, db) scaled per row by grad_rows.
     """
@@ -158,7 +159,7 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
         # the recompute's dh is final (the per-row upstream gradients are in z already)
         dh = torch.empty_like(hidden, memory_format=dense, dtype=hidden.dtype if recompute
                               else torch.float32)
-        if carries_weight_grad_in_fp32(n_tokens, chunk, weight.dtype, weight_grad_fp32):
+        if weight_grad_dtype(weight.dtype, carry_fp32) != weight.dtype:  # the fp32 carry
             acc = dw = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
         elif n_tokens == 0:
             dw = torch.zeros_like(weight, memory_format=dense)

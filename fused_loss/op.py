@@ -9,6 +9,9 @@ bias (optional, [V_local]) is a positional tensor input like the others; db is e
 it (or without a gradient). row_weight (optional, [N] fp32): per-token weights (the class
 weights at the labels) scaling each token's loss and gradient.
 
+chunk (rows per chunk) and carry_fp32 (dW carried across the chunks in fp32) are the chunk
+plan's (plan.plan_chunks, chosen once per call by the API), so the op and its fake agree.
+
 The sum op computes the gradients in its forward (6NDV instead of 8NDV); its backward only
 multiplies them by the scalar upstream gradient (and rounds a dW carried in fp32 to the
 weight's dtype in the same pass). entropy [N] fp32 and predicted [N] int64 are there with
@@ -45,7 +48,7 @@ def lce_sum(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None 
             ignore_index: int,
             label_smoothing: float, z_loss: float, logit_softcap: float | None,
             vocab_start: int, vocab_size: int, group_name: str, backend: str, chunk: int,
-            want_grad: bool, weight_grad_fp32: bool, check_labels: bool,
+            want_grad: bool, carry_fp32: bool, check_labels: bool,
             token_stats: bool = False
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     opts = LossOptions.from_op_args(locals())  # first statement: locals() are the arguments
@@ -53,7 +56,7 @@ def lce_sum(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None 
         chunked.check_label_range(labels, opts.vocab_size, opts.ignore_index)
     loss, lse, dh, dw, db, entropy, predicted = chunked.run(
         hidden, weight, labels, opts, backend=backend, chunk=chunk, group_name=group_name,
-        want_grad=want_grad, weight_grad_fp32=weight_grad_fp32, token_stats=token_stats,
+        want_grad=want_grad, carry_fp32=carry_fp32, token_stats=token_stats,
         bias=bias, row_weight=row_weight)
     return loss.sum(), lse, dh, dw, db, entropy, predicted
 
@@ -64,8 +67,8 @@ def _fake_token_outputs(hidden, token_stats):
 
 
 @lce_sum.register_fake
-def _(hidden, weight, labels, bias=None, row_weight=None, *, chunk, want_grad,
-      weight_grad_fp32, token_stats=False, **_):
+def _(hidden, weight, labels, bias=None, row_weight=None, *, want_grad, carry_fp32,
+      token_stats=False, **_):
     n = hidden.shape[0]
     loss = hidden.new_empty((), dtype=torch.float32)
     lse = hidden.new_empty(n, dtype=torch.float32)
@@ -73,8 +76,7 @@ def _(hidden, weight, labels, bias=None, row_weight=None, *, chunk, want_grad,
     db = hidden.new_empty(weight.shape[0] if (want_grad and bias is not None) else 0,
                           dtype=torch.float32)
     if want_grad:
-        fp32 = chunked.carries_weight_grad_in_fp32(n, chunk, weight.dtype, weight_grad_fp32)
-        dw = torch.empty_like(weight, dtype=torch.float32 if fp32 else weight.dtype)
+        dw = torch.empty_like(weight, dtype=chunked.weight_grad_dtype(weight.dtype, carry_fp32))
         return loss, lse, torch.empty_like(hidden, dtype=torch.float32), dw, db, *tokens
     return loss, lse, hidden.new_empty(0), hidden.new_empty(0), db, *tokens
 
@@ -138,7 +140,7 @@ def lce_rows(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None
              ignore_index: int,
              label_smoothing: float, z_loss: float, logit_softcap: float | None,
              vocab_start: int, vocab_size: int, group_name: str, backend: str, chunk: int,
-             weight_grad_fp32: bool, check_labels: bool,
+             carry_fp32: bool, check_labels: bool,
              token_stats: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     opts = LossOptions.from_op_args(locals())  # first statement: locals() are the arguments
     if check_labels:
@@ -161,10 +163,10 @@ def lce_rows_backward(hidden: Tensor, weight: Tensor, labels: Tensor, lse: Tenso
                       grad_rows: Tensor, bias: Tensor | None = None, *, ignore_index: int,
                       label_smoothing: float, z_loss: float, logit_softcap: float | None,
                       vocab_start: int, vocab_size: int, backend: str, chunk: int,
-                      weight_grad_fp32: bool) -> tuple[Tensor, Tensor, Tensor]:
+                      carry_fp32: bool) -> tuple[Tensor, Tensor, Tensor]:
     opts = LossOptions.from_op_args(locals())  # first statement: locals() are the arguments
     dh, dw, db = chunked.run(hidden, weight, labels, opts, backend=backend, chunk=chunk,
-                             group_name="", want_grad=True, weight_grad_fp32=weight_grad_fp32,
+                             group_name="", want_grad=True, carry_fp32=carry_fp32,
                              bias=bias, lse_in=lse, grad_rows=grad_rows.float().contiguous())
     return dh, dw.to(weight.dtype), db if bias is None else db.to(bias.dtype)
 

@@ -1,5 +1,5 @@
 """The kernel library's rules, each in one place: the loss options (validated once, passed
-by name at the op boundary), the backend choice, and the chunk plan and its budget.
+by name at the op boundary) and the backend choice (the chunk plan and its cap: plan.py).
 Callers with their own configuration (parallel/config.py) check through these functions."""
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from typing import Any
 
 BACKENDS = ("auto", "triton", "torch")
 REDUCTIONS = ("sum", "mean", "none")
-DEFAULT_CHUNK_BUDGET_BYTES = 1 << 30  # one [chunk, V_local] logits buffer; see README "Memory"
-WIDEST_ELEMENT_SIZE = 4  # fp32: the widest dtype the op takes
 
 
 def pick_backend(backend: str, device_type: str) -> str:
@@ -29,17 +27,6 @@ def pick_backend(backend: str, device_type: str) -> str:
                          "backend='torch' or 'auto', or set TRITON_INTERPRET=1 for the "
                          "(slow) Triton interpreter")
     return backend
-
-
-def check_chunk_budget(chunk_budget_bytes: int, v_local: int,
-                       element_size: int = WIDEST_ELEMENT_SIZE) -> None:
-    """A chunk budget must hold one row of [V_local] logits (by default in the widest dtype,
-    so that a budget that passes holds a row whatever dtype the op later runs in)."""
-    row_bytes = v_local * element_size
-    if chunk_budget_bytes < row_bytes:
-        raise ValueError(
-            f"chunk_budget_bytes={chunk_budget_bytes} is smaller than one row of logits "
-            f"({v_local} x {element_size} B = {row_bytes} B)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,24 +64,3 @@ class LossOptions:
         """The options back from a mapping of the ops' arguments (others are ignored)."""
         return cls(**{f.name: args[f.name] for f in dataclasses.fields(cls)})
 
-
-def chunk_rows(n_rows: int, v_local: int, element_size: int, chunk_size: int | None,
-               chunk_budget_bytes: int | None) -> int:
-    """Rows per chunk: an explicit chunk_size, else as many rows as the budget holds.
-
-    The chunks are then balanced (N=16384 with a 3500-row budget gives 5 chunks of 3328, not
-    4 of 3500 plus one of 2384) and rounded up to 128 rows so the GEMMs keep full tiles.
-    """
-    if chunk_size is not None:
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        return max(1, min(chunk_size, n_rows))
-    budget = DEFAULT_CHUNK_BUDGET_BYTES if chunk_budget_bytes is None else chunk_budget_bytes
-    check_chunk_budget(budget, v_local, element_size)
-    most = budget // (v_local * element_size)
-    if n_rows <= most:
-        return max(n_rows, 1)
-    n_chunks = -(-n_rows // most)
-    rows = -(-n_rows // n_chunks)
-    rounded = -(-rows // 128) * 128
-    return rounded if rounded <= most else rows

@@ -27,10 +27,12 @@ class FusedCE:
     without CUDA)."""
 
     chunk_size: int = 0
-    """Tokens per chunk; 0 sizes the chunk from chunk_budget_mib."""
+    """Tokens per chunk; 0 plans the chunks per call (fused_loss.plan_chunks) under chunk_budget_mib."""
 
     chunk_budget_mib: int = DEFAULT_CHUNK_BUDGET_BYTES // 2**20
-    """Memory budget in MiB for one [chunk, local vocab] logits buffer."""
+    """Cap in MiB on one [chunk, local vocab] logits buffer, not the plan: the op runs the fewest
+    chunks under it, or one chunk above it where that holds no more memory in all (no fp32 dW carry)
+    and is no slower."""
 
     z_loss: float = 0.0
     """Coefficient of the z-loss term (logsumexp**2) added to the loss; 0 = off."""
@@ -59,7 +61,7 @@ def kernel_options(cfg: FusedCE) -> dict:
     """The section as `fused_linear_cross_entropy`'s keyword arguments. The TOML has no None,
     so there 0 means off (logit_softcap) or "from the budget" (chunk_size); here it becomes
     the kernel's None, and a negative value is an error naming the key."""
-    for key, zero in (("logit_softcap", "off"), ("chunk_size", "from chunk_budget_mib")):
+    for key, zero in (("logit_softcap", "off"), ("chunk_size", "planned under chunk_budget_mib")):
         if getattr(cfg, key) < 0:
             raise ValueError(f"[fused_ce] {key} must be >= 0 (0 = {zero}), got {getattr(cfg, key):g}")
     return dict(

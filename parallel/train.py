@@ -21,8 +21,7 @@ from torchtitan.components.loss import IGNORE_INDEX  # noqa: E402
 from torchtitan.tools.logging import logger  # noqa: E402
 from torchtitan.train import main, Trainer  # noqa: E402
 
-from fused_loss import check_label_range, chunk_rows, pick_backend  # noqa: E402
-from fused_loss.chunked import carries_weight_grad_in_fp32  # noqa: E402
+from fused_loss import check_label_range, group_v_local, pick_backend, plan_chunks  # noqa: E402
 
 from parallel import config  # noqa: E402
 from parallel.embedded_data import register_datasets  # noqa: E402
@@ -63,13 +62,21 @@ def describe_head(job_config, head, parallel_dims) -> str:
     dtype_name = str(dtype).removeprefix("torch.")
     tokens = training.local_batch_size * training.seq_len // parallel_dims.cp
     options = config.kernel_options(cfg)
-    rows = chunk_rows(tokens, v_local, dtype.itemsize, options["chunk_size"],
-                      options["chunk_budget_bytes"])
+    # the op's own plan (fused_loss.plan_chunks), on the slice size every rank plans with
+    v_plan = group_v_local(v_local, vocab, parallel_dims.tp if parallel_dims.tp_enabled else 1)
+    chunks = plan_chunks(tokens, head.in_features, v_plan,
+                         dtype.itemsize, weight_grad_fp32=cfg.weight_grad_fp32,
+                         weight_is_fp32=dtype == torch.float32,
+                         chunk_size=options["chunk_size"],
+                         chunk_budget_bytes=options["chunk_budget_bytes"])
+    rows = chunks.rows
     plan = (f"chunk_size={cfg.chunk_size}" if cfg.chunk_size
             else f"chunk_budget_mib={cfg.chunk_budget_mib} of {dtype_name} logits")
-    if carries_weight_grad_in_fp32(tokens, rows, dtype, cfg.weight_grad_fp32):
+    if not cfg.chunk_size and rows * v_plan * dtype.itemsize > options["chunk_budget_bytes"]:
+        plan += ", a cap: one chunk above it holds no more memory in all than capped chunks"
+    if chunks.carry_fp32:
         dw = "carried across chunks in fp32"
-    elif tokens > rows and dtype != torch.float32:
+    elif chunks.n_chunks > 1 and dtype != torch.float32:
         dw = f"carried across chunks in {dtype_name}"
     else:
         dw = f"in {dtype_name} (no carry: one chunk or fp32)"
@@ -77,7 +84,7 @@ def describe_head(job_config, head, parallel_dims) -> str:
               if f.name in ("label_smoothing", "z_loss", "logit_softcap", "check_labels")
               and getattr(cfg, f.name) != f.default]
     return (f"[fused_ce] on: backend {pick_backend(cfg.backend, head.weight.device.type)}; "
-            f"{-(-tokens // rows)} chunk(s) of {rows} of {tokens} tokens per micro-batch ({plan}); "
+            f"{chunks.n_chunks} chunk(s) of {rows} of {tokens} tokens per micro-batch ({plan}); "
             f"dW {dw}; vocab rows [{start}, {start + v_local}) of {vocab} on this rank"
             f"{f' (TP={parallel_dims.tp})' if parallel_dims.tp_enabled else ''}; "
             f"options: {', '.join(active) or 'none'}")

@@ -97,7 +97,7 @@ def test_triton_without_cuda_is_refused_at_start_up(monkeypatch):
 
 
 def test_config_checks_with_the_kernels_rules():
-    from fused_loss import DEFAULT_CHUNK_BUDGET_BYTES, chunk_rows
+    from fused_loss import DEFAULT_CHUNK_BUDGET_BYTES, plan_chunks
     from parallel.config import kernel_options, validate
 
     cfg = parse("--fused_ce.enable").fused_ce
@@ -107,12 +107,12 @@ def test_config_checks_with_the_kernels_rules():
     # in the config as in the kernel
     cfg = parse("--fused_ce.enable", "--fused_ce.chunk_budget_mib", "1").fused_ce
     validate(cfg, vocab_size=2 * 262144, tp_degree=2)
-    assert chunk_rows(1, 262144, 4, None, 2**20) == 1
+    assert plan_chunks(1, 8, 262144, 4, chunk_budget_bytes=2**20).rows == 1
     with pytest.raises(ValueError, match=r"chunk_budget_mib=1 is too small for one row: "
                                          r"chunk_budget_bytes=1048576 is smaller"):
         validate(cfg, vocab_size=2 * 262145, tp_degree=2)
     with pytest.raises(ValueError, match="chunk_budget_bytes=1048576 is smaller"):
-        chunk_rows(1, 262145, 4, None, 2**20)
+        plan_chunks(1, 8, 262145, 4, chunk_budget_bytes=2**20)
 
 
 def test_pp_refused_at_start_up(tmp_path):

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from fused_loss import FusedLinearCrossEntropy, fused_linear_cross_entropy
-from fused_loss.options import LossOptions, chunk_rows
+from fused_loss.options import LossOptions
+from fused_loss.plan import plan_chunks
 
 from fused_ce_reference import (assert_predicted, reference_loss, reference_token_stats,
                                 rel_err, softcap_logits, triton_softcap, ulps)
@@ -203,12 +204,19 @@ def test_triton_without_cuda_or_interpreter_is_a_clear_error(monkeypatch):
 
 
 def test_chunk_rows_follow_the_budget():
-    # 1 GiB of bf16 logits at V=128256 holds 4186 rows; 8192 tokens -> 2 chunks of 4096
-    assert chunk_rows(8192, 128256, 2, None, None) == 4096
-    assert chunk_rows(16384, 151936, 2, None, None) == 3328  # 5 balanced chunks
-    assert chunk_rows(100, 1000, 4, None, None) == 100  # fits: one chunk
-    assert chunk_rows(10, 1000, 4, None, 4000 * 3) == 3
-    assert chunk_rows(10, 1000, 4, 4, None) == 4
+    def rows(n, d, v, element_size, chunk_size=None, budget=None, **kw):
+        return plan_chunks(n, d, v, element_size, chunk_size=chunk_size,
+                           chunk_budget_bytes=budget, **kw).rows
+
+    # 1 GiB of bf16 logits at V=128256 holds 4186 rows; 8192 tokens -> 2 chunks of 4096 where
+    # one chunk would hold more memory: 4096 more rows of logits against no carry (16-bit
+    # dW), or against an fp32 carry of V*D*2 B with D=2048 < 4096
+    assert rows(8192, 4096, 128256, 2, weight_grad_fp32=False) == 4096
+    assert rows(8192, 2048, 128256, 2) == 4096
+    assert rows(16384, 2048, 151936, 2) == 3328  # 5 balanced chunks
+    assert rows(100, 8, 1000, 4) == 100  # fits: one chunk
+    assert rows(10, 8, 1000, 4, budget=4000 * 3) == 3
+    assert rows(10, 8, 1000, 4, chunk_size=4) == 4
 
 
 def test_module_is_a_drop_in_head():
@@ -315,7 +323,7 @@ def test_gradient_through_the_ops_side_outputs_is_refused():
     w = weight.clone().requires_grad_()
     loss, lse, *_ = torch.ops.fused_loss.lce_sum(
         hidden, w, labels, **LossOptions(vocab_size=16).to_op_args(), group_name="",
-        backend="torch", chunk=8, want_grad=True, weight_grad_fp32=True, check_labels=False)
+        backend="torch", chunk=8, want_grad=True, carry_fp32=False, check_labels=False)
     with pytest.raises(RuntimeError, match="through its loss output only"):
         (loss + lse.sum()).backward()
 

@@ -230,9 +230,10 @@ def test_peak_memory_is_one_chunk_not_the_logits(weight_grad_fp32):
     extra = torch.cuda.max_memory_allocated() - base - grads
     print(f"\npeak extra over inputs+grads: {extra / 2**30:.3f} GiB (logits would be "
           f"{n * v * 2 / 2**30:.2f} GiB)")
-    # the default 1 GiB chunk budget, O(N) rows, and the fp32 dW carry (2 chunks here); the
-    # carry stands in for the bf16 dW until the backward rounds it: V*D*(4-2) bytes more; so
-    # does the fp32 dh for the bf16 dh: N*D*(4-2) bytes more
+    # at most the default 1 GiB cap's chunk, O(N) rows, and the fp32 dW carry: it stands in
+    # for the bf16 dW until the backward rounds it, V*D*(4-2) bytes more (the plan runs ONE
+    # chunk here instead, 1.96 GiB of logits and no carry: no more than the two); the fp32 dh
+    # stands in for the bf16 dh: N*D*(4-2) bytes more
     carry = v * d * 2 if weight_grad_fp32 else 0
     assert extra <= (1 << 30) + carry + n * d * 2 + (64 << 20)
 

@@ -43,6 +43,9 @@ EQUAL_CASES = [  # (splits, reduction, options)
     # shift: the 29 positions are one sequence; labels shifted, hidden states not copied
     ((45, 66), "sum", {"shift": True, "token_stats": True}),
     ((70, 42), "none", {"shift": True, "bias": True, "backend": "triton"}),
+    # the chunks planned under a cap (no chunk_size): 4 fp32 rows of the larger slice (34),
+    # 5 of the smaller (33); both ranks must run the same chunks, planned on ceil(67 / 2)
+    ((34, 33), "sum", {"chunk_budget_bytes": 660}),
 ]
 STARTS = {(64, 38): (38, 0), (64, 40): (40, 0)}  # else rank r starts at sum(splits[:r])
 TILING_CASES = [  # (splits, starts, expected error), weight of 97 rows
@@ -114,7 +117,9 @@ def _equal_case(splits, reduction, options):
     labels = torch.randint(0, v, (n,))
     labels[::4] = -100
     upstream = torch.rand(n - bool(options.get("shift"))) if reduction == "none" else None
-    options = dict(options, reduction=reduction, chunk_size=6)
+    options = dict(options, reduction=reduction)
+    if "chunk_budget_bytes" not in options:
+        options["chunk_size"] = 6
     if options.get("logit_softcap") == 1.0:  # |z| >> cap: capped logits tie at 1.0 exactly
         hidden = hidden * 20
     if options.get("bias"):
@@ -144,6 +149,7 @@ def parallel_results():
                               f"{'-bias' if c[2].get('bias') else ''}"
                               f"{'-class_weight' if c[2].get('class_weight') else ''}"
                               f"{'-shift' if c[2].get('shift') else ''}"
+                              f"{'-capped' if c[2].get('chunk_budget_bytes') else ''}"
                               for c in EQUAL_CASES])
 def test_two_ranks_equal_one(parallel_results, index):
     cases, results, _ = parallel_results

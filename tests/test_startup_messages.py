@@ -54,6 +54,17 @@ def test_start_up_line_one_gpu_bf16():
                     "vocab rows [0, 100000) of 100000 on this rank; options: z_loss=0.0001")
 
 
+def test_start_up_line_says_when_one_chunk_exceeds_the_cap():
+    # 8192 tokens, a 1 MiB cap on bf16 logits of 1000 entries: 16 chunks of 512 rows plus the
+    # fp32 dW carry (1000 x 8192 x 2 B) hold more than one chunk of 8192 rows without it
+    job = parse("--fused_ce.enable", "--fused_ce.chunk_budget_mib", "1", "--training.seq_len", "4096",
+                "--training.mixed_precision_param", "bfloat16")
+    line = describe_head(job, _head(vocab=1000, dim=8192), _dims(fsdp_enabled=True))
+    assert ("1 chunk(s) of 8192 of 8192 tokens per micro-batch (chunk_budget_mib=1 of bfloat16 logits, a "
+            "cap: one chunk above it holds no more memory in all than capped chunks); dW in bfloat16 "
+            "(no carry: one chunk or fp32)") in line
+
+
 def test_start_up_line_fp32_one_chunk():
     job = parse("--fused_ce.enable", "--fused_ce.no-check_labels")
     line = describe_head(job, _head(), _dims())
