@@ -80,11 +80,13 @@ def _parse(opts):
     return caps, compiles, acs, batches
 
 
-def search_mode(mode: str, cap: float, opts, compiles, acs, batches, deadline,
-                fitted: dict) -> list[tuple[Setting, RunResult]]:
+def search_mode(mode: str, cap: float, opts, compiles, acs, batches, deadline, fitted: dict,
+                longest: list) -> list[tuple[Setting, RunResult]]:
     """Every run of one mode at one cap, in the order made (see the module docstring for what is
     not run). fitted: setting -> this mode's run under a smaller cap that never reached that cap;
-    it is reused here (marked with extra["same_run_as_cap"]), and this cap's such runs are added."""
+    it is reused here (marked with extra["same_run_as_cap"]), and this cap's such runs are added.
+    longest: [seconds of the longest run so far]; a run is skipped when it would end past the
+    deadline (so the tables are printed within the budget)."""
     runs = []
     for compile_on in compiles:
         lighter_fit = 0  # the largest batch that fit at a lighter AC, with this compile setting
@@ -95,7 +97,7 @@ def search_mode(mode: str, cap: float, opts, compiles, acs, batches, deadline,
                 if setting in fitted:
                     small_cap, r = fitted[setting]
                     r = dataclasses.replace(r, extra={**r.extra, "same_run_as_cap": small_cap})
-                elif time.time() > deadline:
+                elif time.time() + longest[0] > deadline:  # it would not end in time
                     r = RunResult(f"cap{cap:g}", mode, [opts.launcher], "", status="skipped (budget)")
                 else:
                     a = common_args(opts, opts.steps) + setting.args()
@@ -103,6 +105,7 @@ def search_mode(mode: str, cap: float, opts, compiles, acs, batches, deadline,
                         a += shlex.split(opts.fused_flag)
                     r = run_job(f"cap{cap:g}_{setting.tag}", mode, opts.search_ngpu, a, opts, opts.steps,
                                 env_extra={"TRAIN_FILE": "benchmarks.memory_cap", "MEMORY_CAP_GIB": f"{cap:g}"})
+                    longest[0] = max(longest[0], r.seconds)
                     if r.ok and r.extra.get("alloc_retries") == 0:
                         fitted[setting] = (cap, r)
                 runs.append((setting, r))
@@ -181,9 +184,11 @@ def run_search(opts) -> int:
     deadline = time.time() + opts.budget if opts.budget else float("inf")
     results = {}
     fitted = {mode: {} for mode in MODES}
+    longest = [0.0]
     for cap in caps:
         for mode in MODES:
-            results[cap, mode] = search_mode(mode, cap, opts, compiles, acs, batches, deadline, fitted[mode])
+            results[cap, mode] = search_mode(mode, cap, opts, compiles, acs, batches, deadline, fitted[mode],
+                                               longest)
     notes = [
         f"- caps {opts.caps} GiB (torch.cuda.set_per_process_memory_fraction, benchmarks/memory_cap.py); "
         f"{opts.search_ngpu} GPU(s) per run; {opts.steps} steps, seed {opts.seed}; compile {opts.search_compile}; "

@@ -443,3 +443,27 @@ def test_memory_cap_hook(tmp_path, monkeypatch):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "trainer __main__ ['--job.x', '1']" in proc.stdout and "not applied" in proc.stdout
+
+
+def test_search_skips_a_run_that_would_end_past_the_budget(monkeypatch):
+    """A run starts only if the longest run so far would still end before the deadline: the
+    tables must be printed within the budget (a device call's limit), not cut off with it."""
+    import types
+
+    import e2e_search
+
+    clock = [1000.0]
+    monkeypatch.setattr(e2e_search.time, "time", lambda: clock[0])
+
+    def fake_run_job(case, mode, ngpu, a, opts, steps, env_extra=None):
+        clock[0] += 100.0  # every run takes 100 s
+        return e2e.RunResult(case, mode, a, "", status="ok", seconds=100.0, extra={"alloc_retries": 0})
+
+    monkeypatch.setattr(e2e_search, "run_job", fake_run_job)
+    monkeypatch.setattr(e2e_search, "common_args", lambda opts, steps: [])
+    opts = types.SimpleNamespace(launcher="x", steps=3, fused_flag="", search_ngpu=1)
+    longest = [0.0]
+    runs = e2e_search.search_mode("baseline", 40.0, opts, [True], ["none"], [1, 2, 4], 1000.0 + 250.0, {}, longest)
+    # runs at 1000 (ends 1100) and 1100 (ends 1200); one at 1200 would end at 1300 > 1250
+    assert [r.status for _, r in runs] == ["ok", "ok", "skipped (budget)"]
+    assert longest == [100.0]
