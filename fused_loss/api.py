@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import NamedTuple
 
 import torch
@@ -123,6 +124,7 @@ def fused_linear_cross_entropy(
     bias: Tensor | None = None,
     class_weight: Tensor | None = None,
     shift: bool = False,
+    grad_scale: Tensor | float | None = None,
 ):
     """cross_entropy(hidden @ weight.T, labels) without ever holding the logits.
 
@@ -164,6 +166,16 @@ def fused_linear_cross_entropy(
     the label of position t+1 is scored at t (the last position scores nothing), without
     copying the hidden states (only the labels are shifted). Per-token outputs ("none",
     FusedCEAux) are then [..., T-1].
+
+    grad_scale: the gradient the returned loss will get in backward, where the caller knows it
+    before the forward (torchtitan's trainer backpropagates loss / global_tokens: grad_scale =
+    1 / global_tokens, computed as autograd will, `torch.ones(()) / global_tokens`); a float or
+    a one-element tensor (no host sync). It is folded into the gradient rows, as eager's
+    backward folds it, so dh and a 16-bit dW of one chunk are rounded once and dh needs no fp32
+    buffer (N*D*2 bytes leaner); without it a one-chunk dW is rounded again by the backward's
+    scale whenever the upstream gradient is not 1. A different real gradient is still applied
+    exactly (the backward multiplies by real / announced), with that one more rounding.
+    "mean" announces 1 / (its denominator) itself (times grad_scale, if given).
 
     token_stats (needs return_aux) fills FusedCEAux's entropy, predicted and correct from the
     same statistics pass (two more fp32 numbers per row, in the same all-gather under vocab
@@ -213,6 +225,9 @@ def fused_linear_cross_entropy(
             raise ValueError("class_weight with label_smoothing is not supported (torch weights "
                              "the smoothing term per class)")
 
+    if grad_scale is not None and reduction == "none":
+        raise ValueError("grad_scale is for reduction 'sum' or 'mean' (a scalar loss); with "
+                         "'none' the per-token gradients come in the backward")
     if not isinstance(shift, bool):
         raise ValueError(f"shift must be True or False, got {shift!r}")
     if shift and labels.dim() < 1:
@@ -235,18 +250,34 @@ def fused_linear_cross_entropy(
                                  class_weight.detach().float()[y.clamp(0, vocab_size - 1)], 0.0)
     want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
                                              or (bias is not None and bias.requires_grad))
+    valid = (y != ignore_index).sum() if (reduction == "mean" or return_aux) else None
+    denom = None
+    if reduction == "mean" and row_weight is not None:
+        total = row_weight.sum()  # torch: the summed weights of the valid tokens
+        denom = torch.where(total == 0, 1.0, total)
+    elif reduction == "mean":
+        denom = valid.clamp(min=1).to(torch.float32)  # all tokens ignored -> 0, not torch's nan
+    # The upstream gradient the op's loss will get, folded into the gradient rows as eager's
+    # backward folds it, so that dh and a 16-bit dW are rounded once (the backward divides the
+    # real one by it: 1 where as announced). "mean": (announced or 1) / denom, the very
+    # division autograd does through loss / denom.
+    announced = _announced_scale(grad_scale, h.device)
+    op_grad_scale = announced if want_grad else None
+    if denom is not None and want_grad:
+        op_grad_scale = (torch.ones((), dtype=torch.float32, device=h.device)
+                         if op_grad_scale is None else op_grad_scale) / denom
     # One plan per call (plan.py). Under vocab parallelism every rank must run the same
     # chunks (one collective each): planned on the largest slice, the same on every rank.
     world = dist.get_world_size(process_group) if group_name else 1
     plan = plan_chunks(h.shape[0], h.shape[1], group_v_local(v_local, vocab_size, world),
                        h.element_size(), want_grad=want_grad,
                        weight_grad_fp32=weight_grad_fp32,
-                       weight_is_fp32=weight.dtype == torch.float32, chunk_size=chunk_size,
+                       weight_is_fp32=weight.dtype == torch.float32,
+                       dh_fp32=op_grad_scale is None, chunk_size=chunk_size,
                        chunk_budget_bytes=chunk_budget_bytes)
     op_args = dict(opts.to_op_args(), group_name=group_name, backend=backend, chunk=plan.rows,
                    carry_fp32=plan.carry_fp32, check_labels=check_labels,
                    token_stats=token_stats)
-    valid = (y != ignore_index).sum() if (reduction == "mean" or return_aux) else None
 
     if reduction == "none":
         with autocast_off:
@@ -259,18 +290,12 @@ def fused_linear_cross_entropy(
     else:
         with autocast_off:
             loss, lse, _, _, _, entropy, predicted = torch.ops.fused_loss.lce_sum(
-                h, weight, y, bias, row_weight, **op_args, want_grad=want_grad)
+                h, weight, y, bias, row_weight, op_grad_scale, **op_args, want_grad=want_grad)
         if row_weight is None:
             z_term = z_loss * (lse * lse).sum()
         else:
             z_term = z_loss * (row_weight * lse * lse).sum()
-        if reduction == "mean" and row_weight is not None:
-            total = row_weight.sum()  # torch: the summed weights of the valid tokens
-            denom = torch.where(total == 0, 1.0, total)
-            loss, z_term = loss / denom, z_term / denom
-        elif reduction == "mean":
-            # all tokens ignored -> 0, not torch's 0/0 = nan
-            denom = valid.clamp(min=1).to(loss.dtype)
+        if denom is not None:
             loss, z_term = loss / denom, z_term / denom
         lse = unshift(lse.reshape(lead_shape))
     if not return_aux:
@@ -282,6 +307,22 @@ def fused_linear_cross_entropy(
                                    for t in (entropy, predicted, correct))
     return loss, FusedCEAux(lse.detach(), z_term.detach(), valid, entropy.detach(), predicted,
                             correct)
+
+
+def _announced_scale(grad_scale, device) -> Tensor | None:
+    """grad_scale as a 0-d fp32 tensor on `device` (None: not announced)."""
+    if grad_scale is None:
+        return None
+    if isinstance(grad_scale, Tensor):
+        if grad_scale.numel() != 1 or not grad_scale.is_floating_point():
+            raise ValueError("grad_scale must be a float or a one-element floating point tensor, "
+                             f"got {grad_scale.dtype} of shape {tuple(grad_scale.shape)}")
+        return grad_scale.detach().reshape(()).to(device=device, dtype=torch.float32)
+    if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)):
+        raise ValueError(f"grad_scale must be a float or a tensor, got {type(grad_scale).__name__}")
+    if not (math.isfinite(grad_scale) and grad_scale != 0):
+        raise ValueError(f"grad_scale must be finite and non-zero, got {grad_scale!r}")
+    return torch.tensor(float(grad_scale), dtype=torch.float32, device=device)
 
 
 class FusedLinearCrossEntropy(nn.Module):

@@ -7,9 +7,11 @@ For each chunk of C tokens (C and the dW carry from the chunk plan, plan.py):
                                     token_stats also the entropy's numerator and the argmax
   3. vocab parallel: one all-gather of the [C, 4] statistics -> full log-sum-exp
                                     ([C, 6] with token_stats: the same one all-gather)
-  4. z := dloss/dz in place         no second [C, V] buffer
-  5. dh_c = z @ W,  dW += z^T @ h_c  (dh in fp32, dW carried across chunks in fp32 where
-                                    the plan says so: see _input_grad and _add_weight_grad);
+  4. z := s * dloss/dz in place     no second [C, V] buffer; s: the announced upstream
+                                    gradient (grad_scale), else 1
+  5. dh_c = z @ W,  dW += z^T @ h_c  (dh fp32 without grad_scale, dW carried across chunks
+                                    in fp32 where the plan says so: see _input_grad and
+                                    _add_weight_grad);
                                     db += sum of z's rows in fp32 with a bias
 The buffer has the inputs' dtype, so with 16-bit inputs the statistics (step 2) are taken
 from the logits rounded to 16 bits, by design, as eager `F.cross_entropy(h @ W.T)` takes
@@ -18,7 +20,8 @@ buffer would double the bytes per chunk and differ from eager).
 So the [N, V] logits never exist, and the gradients are ready when the forward returns
 (6NDV FLOPs). With no gradient wanted, steps 4-5 are skipped (2NDV). A dW carried in fp32 is
 returned as it is: the backward's one pass scales it and rounds it to the weight's dtype;
-so is dh, which is always fp32 here (see _input_grad).
+so is an fp32 dh (see _input_grad). With grad_scale the backward's factor is the upstream
+gradient over grad_scale: exactly 1 where the caller did as announced, and x * 1 is x.
 """
 
 from __future__ import annotations
@@ -83,13 +86,18 @@ def weight_grad_dtype(weight_dtype: torch.dtype, carry_fp32: bool) -> torch.dtyp
     return torch.float32 if carry_fp32 else weight_dtype
 
 
+def dh_dtype(hidden_dtype: torch.dtype, grad_scaled: bool) -> torch.dtype:
+    """The dtype of the dh run() returns (and the op's fake says): the inputs' where the
+    upstream gradient is folded into the row pass (grad_scale), else fp32 (see _input_grad)."""
+    return hidden_dtype if grad_scaled else torch.float32
+
+
 def _input_grad(z, weight, out) -> None:
-    """out (fp32) := z @ W. Like dW, dh is rounded to the inputs' dtype once, by the backward's
-    scale pass (by the upstream gradient: 1/tokens for "mean", torchtitan's 1/global tokens
-    for "sum"); a 16-bit dh from the GEMM would be rounded there a second time (measured at
-    the 8B head, "mean": 2.39e-3 against fp64, 1.43x its "sum" error). Costs N*D*2 bytes
-    more than a 16-bit dh until the backward."""
-    if z.dtype == torch.float32:
+    """out := z @ W, rounded once to out's dtype. Without grad_scale, out is fp32 and the
+    backward's scale pass rounds it (a 16-bit dh would be rounded there a second time:
+    measured at the 8B head, "mean": 2.39e-3 against fp64, 1.43x its "sum" error; N*D*2 bytes
+    more until the backward); with grad_scale in z already, dh is final here."""
+    if z.dtype == out.dtype:
         torch.mm(z, weight, out=out)
     elif z.device.type == "cuda":
         torch.mm(z, weight, out_dtype=torch.float32, out=out)
@@ -119,7 +127,8 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
         backend: str, chunk: int, group_name: str, want_grad: bool,
         carry_fp32: bool = False, token_stats: bool = False,
         bias: torch.Tensor | None = None, row_weight: torch.Tensor | None = None,
-        lse_in: torch.Tensor | None = None, grad_rows: torch.Tensor | None = None):
+        lse_in: torch.Tensor | None = None, grad_rows: torch.Tensor | None = None,
+        grad_scale: torch.Tensor | None = None):
     """hidden [N, D], weight [V_local, D], labels [N] -> (loss [N], lse [N], dh, dW, db,
     entropy, predicted).
 
@@ -135,8 +144,11 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
     off, the statistics and the collective are exactly those without them.
 
     chunk (rows per chunk) and carry_fp32 come from the chunk plan (plan.plan_chunks, the same
-    on every rank of a group). dh is fp32, and dW is fp32 with carry_fp32 (of a 16-bit weight),
-    else in the weight's dtype: the backward scales them and rounds them to the inputs' dtypes.
+    on every rank of a group). dW is fp32 with carry_fp32 (of a 16-bit weight), else in the
+    weight's dtype. grad_scale (0-d fp32: the upstream gradient the caller announced) scales
+    the gradient rows in the row pass, as eager's backward does, so the GEMMs round dh and a
+    16-bit dW once (one chunk, no carry), and dh comes out in the inputs' dtype; without it,
+    dh is fp32 and the backward's scale pass rounds it (see _input_grad).
     With lse_in and grad_rows (the backward of reduction="none"): recompute z, skip the
     statistics and the collective, and return only (dh, dW, db) scaled per row by grad_rows.
     """
@@ -158,7 +170,7 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
         dense = torch.contiguous_format  # the backward's scale pass walks them flat
         # the recompute's dh is final (the per-row upstream gradients are in z already)
         dh = torch.empty_like(hidden, memory_format=dense, dtype=hidden.dtype if recompute
-                              else torch.float32)
+                              else dh_dtype(hidden.dtype, grad_scale is not None))
         if weight_grad_dtype(weight.dtype, carry_fp32) != weight.dtype:  # the fp32 carry
             acc = dw = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
         elif n_tokens == 0:
@@ -171,7 +183,8 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
                      dtype=torch.float32, device=weight.device)
     buf = torch.empty(min(chunk, n_tokens), weight.shape[0], dtype=hidden.dtype,
                       device=hidden.device)
-    unit_scale = torch.ones(1, dtype=torch.float32, device=hidden.device)
+    scale = (torch.ones((), dtype=torch.float32, device=hidden.device) if grad_scale is None
+             else grad_scale)
     for first in range(0, n_tokens, chunk):
         last = min(first + chunk, n_tokens)
         h_c, y_c = hidden[first:last], labels[first:last]
@@ -184,7 +197,7 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
             rows.row_grad_(z, lse_in[first:last], y_c, grad_rows[first:last], opts)
         elif (want_grad and group is None and row_weight is None
               and hasattr(rows, "row_stats_and_grad_")):
-            stats = rows.row_stats_and_grad_(z, y_c, opts, token_stats=token_stats)
+            stats = rows.row_stats_and_grad_(z, y_c, scale, opts, token_stats=token_stats)
             loss[first:last], lse[first:last] = loss_from_stats(stats, y_c, opts)
         else:
             stats = rows.row_stats(z, y_c, opts, token_stats=token_stats)
@@ -195,9 +208,9 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
                 loss[first:last] *= row_weight[first:last]
             if want_grad:
                 full_lse = stats[:, 0] + torch.log(stats[:, 1])
-                scale = (unit_scale.expand(last - first) if row_weight is None
-                         else row_weight[first:last])
-                rows.row_grad_(z, full_lse, y_c, scale, opts)
+                row_scale = (scale.expand(last - first) if row_weight is None
+                             else row_weight[first:last] * scale)
+                rows.row_grad_(z, full_lse, y_c, row_scale, opts)
         if token_stats and not recompute:
             entropy[first:last], predicted[first:last] = token_outputs(stats, y_c, opts)
         if want_grad:

@@ -14,7 +14,9 @@ plan's (plan.plan_chunks, chosen once per call by the API), so the op and its fa
 
 The sum op computes the gradients in its forward (6NDV instead of 8NDV); its backward only
 multiplies them by the scalar upstream gradient (and rounds a dW carried in fp32 to the
-weight's dtype in the same pass). entropy [N] fp32 and predicted [N] int64 are there with
+weight's dtype in the same pass). grad_scale (optional, 0-d fp32): the upstream gradient the
+caller announced, folded into the gradients in forward; the backward multiplies by
+upstream / grad_scale, exactly 1 where the announcement held. entropy [N] fp32 and predicted [N] int64 are there with
 token_stats (else empty), never differentiable. Per-token upstream gradients ("none") cannot
 be folded in that way, so that path recomputes the logits in backward instead.
 """
@@ -44,7 +46,7 @@ def _input_grads(op, **grads) -> tuple:
 
 @torch.library.custom_op("fused_loss::lce_sum", mutates_args=())
 def lce_sum(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None,
-            row_weight: Tensor | None = None, *,
+            row_weight: Tensor | None = None, grad_scale: Tensor | None = None, *,
             ignore_index: int,
             label_smoothing: float, z_loss: float, logit_softcap: float | None,
             vocab_start: int, vocab_size: int, group_name: str, backend: str, chunk: int,
@@ -57,7 +59,7 @@ def lce_sum(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None 
     loss, lse, dh, dw, db, entropy, predicted = chunked.run(
         hidden, weight, labels, opts, backend=backend, chunk=chunk, group_name=group_name,
         want_grad=want_grad, carry_fp32=carry_fp32, token_stats=token_stats,
-        bias=bias, row_weight=row_weight)
+        bias=bias, row_weight=row_weight, grad_scale=grad_scale)
     return loss.sum(), lse, dh, dw, db, entropy, predicted
 
 
@@ -67,8 +69,8 @@ def _fake_token_outputs(hidden, token_stats):
 
 
 @lce_sum.register_fake
-def _(hidden, weight, labels, bias=None, row_weight=None, *, want_grad, carry_fp32,
-      token_stats=False, **_):
+def _(hidden, weight, labels, bias=None, row_weight=None, grad_scale=None, *, want_grad,
+      carry_fp32, token_stats=False, **_):
     n = hidden.shape[0]
     loss = hidden.new_empty((), dtype=torch.float32)
     lse = hidden.new_empty(n, dtype=torch.float32)
@@ -77,13 +79,15 @@ def _(hidden, weight, labels, bias=None, row_weight=None, *, want_grad, carry_fp
                           dtype=torch.float32)
     if want_grad:
         dw = torch.empty_like(weight, dtype=chunked.weight_grad_dtype(weight.dtype, carry_fp32))
-        return loss, lse, torch.empty_like(hidden, dtype=torch.float32), dw, db, *tokens
+        dh = torch.empty_like(hidden, dtype=chunked.dh_dtype(hidden.dtype, grad_scale is not None))
+        return loss, lse, dh, dw, db, *tokens
     return loss, lse, hidden.new_empty(0), hidden.new_empty(0), db, *tokens
 
 
 def _sum_setup_context(ctx, inputs, keyword_only_inputs, output):
     _, _, dh, dw, db, _, _ = output
-    ctx.save_for_backward(dh, dw, db)
+    grad_scale = inputs[5] if len(inputs) > 5 else None
+    ctx.save_for_backward(dh, dw, db, grad_scale)
     ctx.hidden_dtype, ctx.weight_dtype = inputs[0].dtype, inputs[1].dtype
     bias = inputs[3] if len(inputs) > 3 else None
     ctx.bias_dtype = None if bias is None else bias.dtype
@@ -99,7 +103,9 @@ def _sum_backward(ctx, grad_loss, grad_lse, grad_dh, grad_dw, grad_db=None, grad
                                                         grad_entropy)):
         raise RuntimeError("fused_loss::lce_sum is differentiable through its loss output "
                            "only (the API returns lse detached)")
-    dh, dw, db = ctx.saved_tensors
+    dh, dw, db, grad_scale = ctx.saved_tensors
+    if grad_scale is not None:  # the gradients hold grad_scale already: 1 where as announced
+        grad_loss = grad_loss / grad_scale
     op = torch.ops.fused_loss.lce_sum.default
     has_db = ctx.bias_dtype is not None and db.numel() > 0
     if torch.compiler.is_compiling() or is_fake(dh):  # traced (AOT autograd): graph ops

@@ -15,7 +15,8 @@ inputs' element size, k = the number of chunks):
                                                  in-place write), 2 without; the backward's
                                                  scale pass over dW (read V*D*c, write V*D*e,
                                                  c = 4 with the fp32 carry, else e) and over
-                                                 the fp32 dh (read N*D*4, write N*D*e)
+                                                 dh (read N*D*4 if fp32, else N*D*e; write
+                                                 N*D*e)
         + (k - 1) * 8*V*D / HBM_BYTES_PER_S      with the fp32 carry: each extra chunk re-reads
                                                  and re-writes it (a 16-bit dW accumulates in
                                                  the GEMM's epilogue at no measured cost:
@@ -24,8 +25,10 @@ inputs' element size, k = the number of chunks):
   workspace = the larger of two moments (above the inputs and their 16-bit gradients):
     forward:  min(C, N)*V*e                      the logits buffer
             + (carry ? V*D*(4 - e) : 0)          the fp32 carry net of the dW it stands for
-            + (grad ? N*D*(4 - e) : 0)           the fp32 dh net of dh (see chunked._input_grad):
-                                                 the same for every plan
+            + (fp32 dh ? N*D*(4 - e) : 0)        the fp32 dh net of dh (see chunked._input_grad;
+                                                 none where the upstream gradient is known in
+                                                 the forward: grad_scale, "mean"): the same
+                                                 for every plan
     backward: (carry ? V*D*4 : 0)                the carry beside the dW it is rounded into
                                                  (measured: 4.00 GiB at 8192 x 4096 x 262144,
                                                  where the forward moment is 3.06)
@@ -109,7 +112,7 @@ def _capped_rows(n_rows: int, v_local: int, element_size: int, budget: int) -> i
 
 
 def _plan(n_rows, d, v_local, element_size, rows, *, want_grad, weight_grad_fp32,
-          weight_is_fp32) -> ChunkPlan:
+          weight_is_fp32, dh_fp32) -> ChunkPlan:
     """The plan of `rows` rows per chunk, with its predicted time and workspace."""
     n_chunks = -(-n_rows // rows)
     carry = want_grad and weight_grad_fp32 and not weight_is_fp32 and n_chunks > 1
@@ -118,7 +121,8 @@ def _plan(n_rows, d, v_local, element_size, rows, *, want_grad, weight_grad_fp32
     seconds = n_chunks * PER_CHUNK_S
     if want_grad:
         c = FP32_BYTES if carry else e
-        moved = 3 * logits + v_local * d * (c + e) + n_rows * d * (FP32_BYTES + e)
+        dh_bytes = FP32_BYTES if dh_fp32 else e
+        moved = 3 * logits + v_local * d * (c + e) + n_rows * d * (dh_bytes + e)
         if carry:
             moved += (n_chunks - 1) * 2 * FP32_BYTES * v_local * d
         seconds += 6 * n_rows * d * v_local / GEMM_FLOPS_PER_S.get(e, GEMM_FLOPS_PER_S[2])
@@ -128,7 +132,7 @@ def _plan(n_rows, d, v_local, element_size, rows, *, want_grad, weight_grad_fp32
     seconds += moved / HBM_BYTES_PER_S
     forward = (min(rows, n_rows) * v_local * e
                + (v_local * d * (FP32_BYTES - e) if carry else 0)
-               + (n_rows * d * (FP32_BYTES - e) if want_grad else 0))
+               + (n_rows * d * (FP32_BYTES - e) if want_grad and dh_fp32 else 0))
     workspace = max(forward, v_local * d * FP32_BYTES if carry else 0)
     return ChunkPlan(rows=rows, n_chunks=n_chunks, carry_fp32=carry,
                      predicted_ms=seconds * 1e3, workspace_bytes=workspace)
@@ -136,17 +140,18 @@ def _plan(n_rows, d, v_local, element_size, rows, *, want_grad, weight_grad_fp32
 
 def plan_chunks(n_rows: int, d: int, v_local: int, element_size: int, *, want_grad: bool = True,
                 weight_grad_fp32: bool = True, weight_is_fp32: bool = False,
-                chunk_size: int | None = None,
+                dh_fp32: bool = True, chunk_size: int | None = None,
                 chunk_budget_bytes: int | None = None) -> ChunkPlan:
     """The chunk plan for N=n_rows tokens of width d against v_local vocabulary rows in
     element_size-byte logits (see the module docstring for the model and the rule).
 
-    chunk_size forces the rows; chunk_budget_bytes (default 1 GiB) caps the logits buffer of
+    dh_fp32: dh is kept in fp32 until the backward (no grad_scale). chunk_size forces the rows;
+    chunk_budget_bytes (default 1 GiB) caps the logits buffer of
     the planned chunks (one chunk may exceed it where that costs no more memory in all).
     Under vocab parallelism pass `group_v_local(...)`, equal on every rank.
     """
     kw = dict(want_grad=want_grad, weight_grad_fp32=weight_grad_fp32,
-              weight_is_fp32=weight_is_fp32)
+              weight_is_fp32=weight_is_fp32, dh_fp32=dh_fp32)
     if chunk_size is not None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")

@@ -174,8 +174,8 @@ def _grad_kernel(z_ptr, stride_z, labels_ptr, lse_ptr, scale_ptr, stride_scale, 
 
 
 @triton.jit
-def _stats_and_grad_kernel(z_ptr, stride_z, labels_ptr, stats_ptr, V_local, vocab_start,
-                           ignore_index, smoothing, z_loss, inv_vocab, cap,
+def _stats_and_grad_kernel(z_ptr, stride_z, labels_ptr, stats_ptr, scale_ptr, V_local,
+                           vocab_start, ignore_index, smoothing, z_loss, inv_vocab, cap,
                            HAS_CAP: tl.constexpr, NEED_SUM: tl.constexpr,
                            TOKEN_STATS: tl.constexpr, N_STATS: tl.constexpr,
                            BLOCK_V: tl.constexpr):
@@ -185,8 +185,8 @@ def _stats_and_grad_kernel(z_ptr, stride_z, labels_ptr, stats_ptr, V_local, voca
     m, s, t, a, sp, b = _stats(z_row, V_local, local, on_slice, cap, HAS_CAP, NEED_SUM,
                                TOKEN_STATS, BLOCK_V)
     _store_stats(stats_ptr + row * N_STATS, m, s, t, a, sp, b, vocab_start, TOKEN_STATS)
-    _grad(z_row, V_local, m + tl.log(s), 1.0, local, on_slice, valid, smoothing, z_loss,
-          inv_vocab, cap, HAS_CAP, BLOCK_V)
+    _grad(z_row, V_local, m + tl.log(s), tl.load(scale_ptr), local, on_slice, valid, smoothing,
+          z_loss, inv_vocab, cap, HAS_CAP, BLOCK_V)
 
 
 @triton.jit
@@ -230,12 +230,13 @@ def row_grad_(z: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, row_scal
                                 **_grad_consts(opts), **_common(z, opts))
 
 
-def row_stats_and_grad_(z: torch.Tensor, labels: torch.Tensor, opts: LossOptions,
-                        token_stats: bool = False) -> torch.Tensor:
-    """Single rank only: statistics, then z := dloss/dz with unit scale, in one launch."""
+def row_stats_and_grad_(z: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor,
+                        opts: LossOptions, token_stats: bool = False) -> torch.Tensor:
+    """Single rank only: statistics, then z := scale * dloss/dz (scale: an fp32 device
+    scalar), in one launch."""
     stats = torch.empty(z.shape[0], 6 if token_stats else 4, dtype=torch.float32,
                         device=z.device)
-    _stats_and_grad_kernel[(z.shape[0],)](z, z.stride(0), labels, stats,
+    _stats_and_grad_kernel[(z.shape[0],)](z, z.stride(0), labels, stats, scale,
                                           **_stats_consts(opts, token_stats),
                                           **_grad_consts(opts), **_common(z, opts))
     return stats

@@ -52,6 +52,7 @@ class FusedLMHead(nn.Linear):
         )
         self.stats = FusedCEStats()
         self._labels: torch.Tensor | None = None
+        self._loss_divisor: torch.Tensor | None = None
 
     def vocab_slice(self) -> tuple[int, int, int]:
         """(vocab_start, rows, vocab_size): the vocabulary rows this rank holds (all of them
@@ -66,7 +67,13 @@ class FusedLMHead(nn.Linear):
         """The labels the next forward scores (the trainer calls this before each model forward)."""
         self._labels = labels
 
+    def expect_loss_divisor(self, divisor: torch.Tensor) -> None:
+        """What the trainer divides the next forward's loss by before its backward (torchtitan:
+        the global valid-token count): the op then knows the gradient its loss will get."""
+        self._loss_divisor = divisor
+
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        divisor, self._loss_divisor = self._loss_divisor, None
         if labels is None:
             labels, self._labels = self._labels, None
         if labels is None:
@@ -92,9 +99,13 @@ class FusedLMHead(nn.Linear):
 
         # Under autocast the op computes in autocast's dtype, as the baseline's F.linear would.
         # token_stats: entropy and predicted token from the same pass (training stats only)
+        # d(loss / divisor)/d(loss) = 1 / divisor, computed as autograd's division computes it
+        grad_scale = None
+        if divisor is not None and torch.is_grad_enabled():
+            grad_scale = torch.ones((), dtype=torch.float32, device=hidden.device) / divisor
         loss, aux = fused_linear_cross_entropy(
             hidden, weight, labels, **self.options, **parallel, return_aux=True,
-            token_stats=self.training,
+            token_stats=self.training, grad_scale=grad_scale,
         )
         if self.training:  # validation runs in eval mode and stays out of the training stats
             self.stats.update(aux.lse.sum(), aux.z_loss, aux.valid_tokens,

@@ -67,6 +67,7 @@ def describe_head(job_config, head, parallel_dims) -> str:
     chunks = plan_chunks(tokens, head.in_features, v_plan,
                          dtype.itemsize, weight_grad_fp32=cfg.weight_grad_fp32,
                          weight_is_fp32=dtype == torch.float32,
+                         dh_fp32=False,  # the trainer announces 1 / global tokens (grad_scale)
                          chunk_size=options["chunk_size"],
                          chunk_budget_bytes=options["chunk_budget_bytes"])
     rows = chunks.rows
@@ -131,6 +132,14 @@ class FusedCETrainer(Trainer):
             loss_mesh = self.parallel_dims.get_optional_mesh("loss")
             head.stats.reduce_group = loss_mesh.get_group() if loss_mesh is not None else None
             logger.info(describe_head(job_config, head, self.parallel_dims))
+
+    def forward_backward_step(self, *, input_dict, labels, global_valid_tokens):
+        # torchtitan backpropagates loss_sum / global_valid_tokens: the head folds that
+        # gradient into its own pass, so dh and dW are rounded once (fused_loss: grad_scale)
+        if self.fused_head is not None:
+            self.fused_head.expect_loss_divisor(global_valid_tokens)
+        return super().forward_backward_step(input_dict=input_dict, labels=labels,
+                                             global_valid_tokens=global_valid_tokens)
 
     def train_step(self, data_iterator):
         super().train_step(data_iterator)

@@ -426,39 +426,84 @@ def test_backward_returns_gradients_by_input_name():
         _input_grads(op, ignore_index=0)
 
 
-def _grads_bf16(hidden, weight, labels, reduction, backend=None):
-    """(dh, dW) for bf16 inputs: the fused op with `backend`, else eager (logits materialized)."""
+def _grads_bf16(hidden, weight, labels, reduction, backend=None, divisor=None, **kw):
+    """(dh, dW) of bf16 inputs for the loss (divided by `divisor` before its backward, as
+    torchtitan divides its sum): the fused op with `backend`, else eager (logits materialized,
+    cross-entropy in fp32 as torchtitan computes it)."""
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     if backend is None:
-        F.cross_entropy((h @ w.t()).float(), labels, reduction=reduction).backward()
+        loss = F.cross_entropy((h @ w.t()).float(), labels, reduction=reduction)
     else:
-        fused_linear_cross_entropy(h, w, labels, reduction=reduction, backend=backend,
-                                   chunk_size=64).backward()
+        loss = fused_linear_cross_entropy(h, w, labels, reduction=reduction, backend=backend, **kw)
+    (loss if divisor is None else loss / divisor).backward()
     return h.grad, w.grad
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_dh_is_rounded_once_under_mean(backend):
-    # dh stays fp32 until the backward's scale pass (by 1/300 here): rounded once, so "mean"
-    # is as accurate as "sum" (a 16-bit dh rounded again there: 1.4x the "sum" error on the
-    # torch backend, 1.7x in the interpreter), and as eager's bf16. The interpreter truncates
-    # fp32 -> bf16 where a GPU rounds: there only mean against sum (the GPU test does eager).
-    n, d, v = (300, 64, 8000) if backend == "torch" else (100, 32, 3000)  # 300, 100: no 2^k
+@pytest.mark.parametrize("chunk_size", [None, 64])  # one chunk (16-bit dW), 5 (fp32 carry)
+def test_known_upstream_gradient_is_folded_in_as_eager_folds_it(chunk_size):
+    # "mean" (1/300) and torchtitan's sum / global tokens (grad_scale 1/300): the gradient rows
+    # are scaled in the row pass, as eager's backward scales them, so dh and dW are rounded
+    # once: as accurate as eager. Unannounced, a one-chunk 16-bit dW is rounded again by the
+    # backward's scale pass.
+    n, d, v = 300, 64, 8000  # 300: no power of two
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(n, d, generator=g).bfloat16()
     weight = (torch.randn(v, d, generator=g) / d ** 0.5).bfloat16()
     labels = torch.randint(0, v, (n,), generator=g)
-    errors = {}
-    for reduction in ("sum", "mean"):
-        want = reference_loss(hidden, weight, labels, reduction=reduction)
-        for who in (backend, None):
-            got = _grads_bf16(hidden, weight, labels, reduction, who)
-            errors[reduction, who] = [rel_err(a, b) for a, b in zip(got, want[1:])]
-    ours, eager = errors["mean", backend], errors["mean", None]
-    assert ours[0] <= 1.05 * errors["sum", backend][0], errors
-    assert ours[1] <= 1.05 * errors["sum", backend][1], errors
-    if backend == "torch":
-        assert ours[0] <= 1.02 * eager[0] and ours[1] <= 1.02 * eager[1], errors
+    divisor = torch.tensor(float(n))
+    for reduction, announce in (("mean", {}), ("sum", dict(grad_scale=torch.ones(()) / divisor))):
+        upstream = None if reduction == "mean" else divisor
+        want = reference_loss(hidden, weight, labels, reduction="mean")
+        eager = [rel_err(a, b) for a, b in zip(_grads_bf16(hidden, weight, labels, reduction,
+                                                          divisor=upstream), want[1:])]
+        ours = [rel_err(a, b) for a, b in zip(
+            _grads_bf16(hidden, weight, labels, reduction, "torch", divisor=upstream,
+                        chunk_size=chunk_size, **announce), want[1:])]
+        assert ours[0] <= 1.01 * eager[0] and ours[1] <= 1.01 * eager[1], (reduction, ours, eager)
+
+
+def test_announced_gradient_leaves_the_forward_final():
+    # as announced, the backward's factor is exactly 1: the gradients the forward computed
+    # (dh already in the inputs' dtype) are the ones autograd hands back, bit for bit
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(37, 16, generator=g).bfloat16()
+    weight = torch.randn(101, 16, generator=g).bfloat16()
+    labels = torch.randint(0, 101, (37,), generator=g)
+    scale = torch.ones(()) / torch.tensor(37.0)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    (fused_linear_cross_entropy(h, w, labels, backend="torch", grad_scale=scale) * scale).backward()
+    _, _, dh, dw, _, _, _ = torch.ops.fused_loss.lce_sum(
+        hidden, weight, labels, None, None, scale, **LossOptions(vocab_size=101).to_op_args(),
+        group_name="", backend="torch", chunk=37, want_grad=True, carry_fp32=False,
+        check_labels=False)
+    assert dh.dtype == torch.bfloat16 and torch.equal(h.grad, dh) and torch.equal(w.grad, dw)
+
+
+def test_an_upstream_other_than_announced_is_still_applied():
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(50, 16, generator=g, dtype=torch.float64).float()
+    weight = torch.randn(300, 16, generator=g, dtype=torch.float64).float()
+    labels = torch.randint(0, 300, (50,), generator=g)
+    want = reference_loss(hidden, weight, labels, reduction="sum")
+    for reduction, real in (("sum", 3.0), ("mean", 0.5)):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = fused_linear_cross_entropy(h, w, labels, backend="torch", reduction=reduction,
+                                          grad_scale=0.25, chunk_size=16)
+        (loss * real).backward()  # announced 0.25
+        per_token = real / (50 if reduction == "mean" else 1)
+        assert rel_err(h.grad, want[1] * per_token) < 1e-5
+        assert rel_err(w.grad, want[2] * per_token) < 1e-5
+
+
+@pytest.mark.parametrize("bad, match", [
+    (0.0, "finite and non-zero"), (float("nan"), "finite and non-zero"), ("1", "float or a tensor"),
+    (torch.ones(2), "one-element floating point"), (torch.tensor(3), "one-element floating point")])
+def test_bad_grad_scale_is_refused(bad, match):
+    h, w, y = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
+    with pytest.raises(ValueError, match=match):
+        fused_linear_cross_entropy(h, w, y, grad_scale=bad)
+    with pytest.raises(ValueError, match="reduction 'sum' or 'mean'"):
+        fused_linear_cross_entropy(h, w, y, reduction="none", grad_scale=1.0)
 
 
 # ---- per-token outputs (token_stats): entropy, predicted token, correct ----

@@ -1,6 +1,7 @@
 """FusedLMHead under torchtitan's TP plan for `output`, on 2 gloo ranks, with an
 uneven vocabulary split (11 rows: 6 + 5), against a single-process reference; with one
-sequence per rank too (the all-gathered hidden states then arrive un-waited)."""
+sequence per rank too (the all-gathered hidden states then arrive un-waited); and with the loss
+divided by an announced count, as FusedCETrainer runs it (the op folds 1/count in)."""
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ def _reference(B: int):
     return weight, hidden, labels
 
 
-def _rank(rank: int, init_file: str, out: dict, B: int) -> None:
+def _rank(rank: int, init_file: str, out: dict, B: int, divisor: float | None) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
@@ -39,21 +40,24 @@ def _rank(rank: int, init_file: str, out: dict, B: int) -> None:
     assert head.weight.to_local().shape[0] == (6, 5)[rank]
 
     local = hidden[:, rank * S // 2 : (rank + 1) * S // 2].float().requires_grad_()
+    if divisor is not None:  # as FusedCETrainer announces torchtitan's global token count
+        head.expect_loss_divisor(torch.tensor(divisor))
     loss = head(local, labels=labels)
-    loss.backward()
+    (loss if divisor is None else loss / torch.tensor(divisor)).backward()
+    assert head._loss_divisor is None  # used by this forward only
     out[rank] = (loss.detach().double(), local.grad.double(), head.weight.grad.full_tensor().double())
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("B", [2, 1])
-def test_tp_head_matches_reference(B, tmp_path):
+@pytest.mark.parametrize("B, divisor", [(2, None), (1, None), (2, 7.0)])
+def test_tp_head_matches_reference(B, divisor, tmp_path):
     weight, hidden, labels = _reference(B)
     weight.requires_grad_(), hidden.requires_grad_()
     ref = F.cross_entropy((hidden @ weight.T).flatten(0, 1), labels.flatten(), reduction="sum")
-    ref.backward()
+    (ref if divisor is None else ref / divisor).backward()
 
     out = mp.Manager().dict()
-    mp.spawn(_rank, args=(str(tmp_path / "init"), out, B), nprocs=2)
+    mp.spawn(_rank, args=(str(tmp_path / "init"), out, B, divisor), nprocs=2)
     for rank in (0, 1):
         loss, grad_hidden, grad_weight = out[rank]
         close = dict(rtol=1e-5, atol=1e-5)
