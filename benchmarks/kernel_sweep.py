@@ -19,6 +19,8 @@ from kernel_common import (
 )
 from kernel_impls import build_impl, eager_fn
 
+from fused_loss.plan import plan_chunks  # noqa: E402  (kernel_common puts the repository on sys.path)
+
 # (axis, (N, D, V)); a point on several axes is measured once and shown on each
 FULL_POINTS = (
     [("N", (n, 4096, 128256)) for n in (2048, 8192, 16384, 32768, 65536)]
@@ -35,20 +37,15 @@ QUICK_POINTS = (
 
 
 def plan_prediction(shape, args):
-    """The chunk plan the fused op will pick for this shape (fused_loss.plan.plan_chunks, called
-    as the op calls it: default budget, fp32 dW carry asked for), or a status string."""
+    """The chunk plan the fused op picks for this shape (fused_loss.plan.plan_chunks, called as
+    the op calls it: default budget, fp32 dW carry asked for; "mean" announces its upstream
+    gradient, so dh is not kept in fp32 then)."""
     N, D, V = shape
     dtype = getattr(torch, args.dtype)
-    try:
-        from fused_loss.plan import plan_chunks
-    except ImportError as e:  # the plan module lands with issue 18's op change
-        return f"n/a ({type(e).__name__})"
-    try:
-        return plan_chunks(N, D, V, torch.empty((), dtype=dtype).element_size(), want_grad=True,
-                           weight_grad_fp32=True, weight_is_fp32=dtype == torch.float32,
-                           chunk_size=args.chunk_size or None, chunk_budget_bytes=None)
-    except Exception as e:
-        return f"error ({type(e).__name__}: {str(e)[:60]})"
+    return plan_chunks(N, D, V, torch.empty((), dtype=dtype).element_size(), want_grad=True,
+                       weight_grad_fp32=True, weight_is_fp32=dtype == torch.float32,
+                       dh_fp32=args.reduction == "sum", chunk_size=args.chunk_size or None,
+                       chunk_budget_bytes=None)
 
 
 def measure_point(shape, impls, args, dev) -> dict:
@@ -120,15 +117,13 @@ def sweep_table(table_rows, impls) -> str:
     def plan_field(fn, spec=None):
         def get(t):
             plan = t[2]["plan"]
-            if isinstance(plan, str):
-                return plan
             return cell(fn(plan), spec) if spec else str(fn(plan))
         return get
 
     def subj_vs_plan(attr, plan_attr, scale):
         def get(t):
             plan, r = t[2]["plan"], row_of(t[2], subject)
-            if isinstance(plan, str) or r is None:
+            if r is None:
                 return ""
             return cell(_ratio(getattr(r, attr), getattr(plan, plan_attr) / scale), ".2f")
         return get

@@ -133,40 +133,31 @@ def test_quick_cpu_sweep_prints_ratio_table(tmp_path):
         assert r[5].startswith("n/a"), r  # torch.compile is not run on CPU
         for err in r[17:23]:  # fused and eager against fp64
             assert float(err) < 2e-2, r
-        # the plan's prediction beside the measurement (or why there is none)
-        assert r[10].isdigit() or r[10].startswith("n/a"), r
+        # the plan's prediction beside the measurement
+        assert r[10].isdigit(), r
     assert re.search(r"- wall time of the sweep: \d+ s", p.stdout)
     assert "reps 3" in p.stdout
 
 
-def test_sweep_shows_the_plan(monkeypatch):
-    """The plan columns come from fused_loss.plan.plan_chunks, called with the op's arguments."""
+def test_sweep_shows_the_plan():
+    """The plan columns come from fused_loss.plan.plan_chunks, called with the op's arguments:
+    "mean" announces its upstream gradient (no fp32 dh), "sum" does not."""
     import types
-    from dataclasses import dataclass
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import kernel_sweep
     from kernel_common import Row
 
-    calls = []
+    from fused_loss.plan import ChunkPlan, plan_chunks
 
-    @dataclass
-    class FakePlan:
-        rows: int
-        n_chunks: int
-        carry_fp32: bool
-        predicted_ms: float
-        workspace_bytes: int
-
-    def plan_chunks(n_rows, d, v_local, element_size, **kw):
-        calls.append((n_rows, d, v_local, element_size, kw))
-        return FakePlan(2048, 4, True, 40.0, 3 << 29)
-
-    monkeypatch.setitem(sys.modules, "fused_loss.plan", types.SimpleNamespace(plan_chunks=plan_chunks))
-    args = types.SimpleNamespace(dtype="bfloat16", chunk_size=None)
-    plan = kernel_sweep.plan_prediction((8192, 4096, 128256), args)
-    assert calls == [(8192, 4096, 128256, 2, dict(want_grad=True, weight_grad_fp32=True, weight_is_fp32=False,
-                                                  chunk_size=None, chunk_budget_bytes=None))]
+    for reduction, dh_fp32 in (("mean", False), ("sum", True)):
+        args = types.SimpleNamespace(dtype="bfloat16", chunk_size=None, reduction=reduction)
+        assert kernel_sweep.plan_prediction((16384, 4096, 128256), args) == plan_chunks(
+            16384, 4096, 128256, 2, dh_fp32=dh_fp32)
+    args = types.SimpleNamespace(dtype="bfloat16", chunk_size=None, reduction="mean")
+    plan = kernel_sweep.plan_prediction((8192, 2304, 256000), args)
+    assert (plan.rows, plan.n_chunks, plan.carry_fp32) == (2048, 4, True)
+    plan = ChunkPlan(rows=2048, n_chunks=4, carry_fp32=True, predicted_ms=40.0, workspace_bytes=3 << 29)
     shape = (8192, 4096, 128256)
     point = {"plan": plan, "eager_acc": (1e-6, 2e-3, 3e-3), "eager_status": "ok", "rows": {
         "fused": Row(shape, "fused", ms=42.0, peak_gib=1.5, loss_err=1e-6, dh_err=1e-3, dW_err=2e-3),
