@@ -393,21 +393,31 @@ def run_one(name, fn, inp: Inputs, dev: Dev, args, ref=None, post=None) -> Row:
             if not math.isfinite(row.loss_err):
                 row.status = "NaN loss"
         del out
-    except NotAvailable as e:
-        row.status = str(e)
     except Exception as e:
-        if is_oom(e):
-            row.status = "OOM"
-        else:
-            row.status = f"error: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
-            traceback.print_exc()
+        row.status = failure_status(e)
     finally:
-        h.grad = None
-        W.grad = None
-        if hasattr(fn, "release"):
-            fn.release()
-        dev.cleanup()
+        release(fn, inp, dev)
     return row
+
+
+def failure_status(e: Exception) -> str:
+    """The table cell of a run that raised: NotAvailable's message, "OOM", or the error (whose
+    traceback is printed)."""
+    if isinstance(e, NotAvailable):
+        return str(e)
+    if is_oom(e):
+        return "OOM"
+    traceback.print_exc()
+    return f"error: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+
+
+def release(fn, inp: Inputs, dev: Dev) -> None:
+    """After a run: the grads and the impl's persistent buffers dropped, the device cleaned."""
+    inp.h.grad = None
+    inp.W.grad = None
+    if hasattr(fn, "release"):
+        fn.release()
+    dev.cleanup()
 
 
 def errors(out, h, W, ref: Reference):
@@ -427,19 +437,10 @@ def accuracy_of(fn, inp: Inputs, dev: Dev, ref: Reference):
         out = fn(h, W, inp.y)
         out.backward()
         return errors(out, h, W, ref), "ok"
-    except NotAvailable as e:
-        return None, str(e)
     except Exception as e:
-        if is_oom(e):
-            return None, "OOM"
-        traceback.print_exc()
-        return None, f"error: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+        return None, failure_status(e)
     finally:
-        h.grad = None
-        W.grad = None
-        if hasattr(fn, "release"):
-            fn.release()
-        dev.cleanup()
+        release(fn, inp, dev)
 
 
 # --------------------------------------------------------------------------------------
