@@ -16,8 +16,8 @@ The sum op computes the gradients in its forward (6NDV instead of 8NDV); its bac
 multiplies them by the scalar upstream gradient (and rounds a dW carried in fp32 to the
 weight's dtype in the same pass). grad_scale (optional, 0-d fp32): the upstream gradient the
 caller announced, folded into the gradients in forward; the backward multiplies by
-upstream / grad_scale, exactly 1 where the announcement held. entropy [N] fp32 and predicted [N] int64 are there with
-token_stats (else empty), never differentiable. Per-token upstream gradients ("none") cannot
+upstream / grad_scale, exactly 1 where the announcement held. entropy [N] fp32 and predicted
+[N] int64 are there with token_stats (else empty), never differentiable. Per-token upstream gradients ("none") cannot
 be folded in that way, so that path recomputes the logits in backward instead.
 """
 

@@ -328,6 +328,23 @@ def test_gradient_through_the_ops_side_outputs_is_refused():
         (loss + lse.sum()).backward()
 
 
+def test_announced_gradient_through_torch_compile():
+    # grad_scale is one more tensor input of the opaque op; the traced backward divides by it
+    hidden, weight, labels = _inputs(16, 8, 64)
+    scale = torch.tensor(0.25)
+
+    def step(h, w, y):
+        return fused_linear_cross_entropy(h, w, y, grad_scale=scale, chunk_size=5) * scale
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    loss = compiled(h, w, labels)
+    loss.backward()
+    ref = reference_loss(hidden, weight, labels)
+    _assert_close((loss.detach() / 0.25, h.grad / 0.25, w.grad / 0.25), ref)
+
+
 def test_compiled_with_the_weight_grad_carried_in_fp32():
     # the op's fake says dW is fp32 (the carry) and the compiled backward rounds it to bf16
     hidden, weight, labels = _inputs(64, 16, 100)
