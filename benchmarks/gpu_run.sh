@@ -81,7 +81,8 @@ setup() {
         echo "mode=$MODE date=$(date -u +%FT%TZ) host=$(hostname)"
         nvidia-smi --query-gpu=index,name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>&1
         if ls .gpu-wheels/*.whl >/dev/null 2>&1; then
-            python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu-wheels/*.whl
+            # flock: two copies of this script on two GPUs of one host (CUDA_VISIBLE_DEVICES) share /tmp/site
+            flock /tmp/gpu-wheels.lock python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu-wheels/*.whl
             echo "pip rc=$?"
         else
             echo "WARNING: no .gpu-wheels/*.whl (carry .gpu-wheels); liger/cce/torchtitan will be n/a"

@@ -15,8 +15,11 @@ inputs' element size, k = the number of chunks):
                                                  in-place write), 2 without; the backward's
                                                  scale pass over dW (read V*D*c, write V*D*e,
                                                  c = 4 with the fp32 carry, else e) and over
-                                                 dh (read N*D*4 if fp32, else N*D*e; write
-                                                 N*D*e)
+                                                 dh (read N*D*4, write N*D*e) where it runs:
+                                                 with the upstream gradient announced (no
+                                                 fp32 dh) its factor is exactly 1 and the
+                                                 in-place passes are skipped, leaving only
+                                                 the carry's rounding
         + (k - 1) * 8*V*D / HBM_BYTES_PER_S      with the fp32 carry: each extra chunk re-reads
                                                  and re-writes it (a 16-bit dW accumulates in
                                                  the GEMM's epilogue at no measured cost:
@@ -121,8 +124,11 @@ def _plan(n_rows, d, v_local, element_size, rows, *, want_grad, weight_grad_fp32
     seconds = n_chunks * PER_CHUNK_S
     if want_grad:
         c = FP32_BYTES if carry else e
-        dh_bytes = FP32_BYTES if dh_fp32 else e
-        moved = 3 * logits + v_local * d * (c + e) + n_rows * d * (dh_bytes + e)
+        moved = 3 * logits
+        if carry or dh_fp32:  # else the dW pass is in place by exactly 1: skipped
+            moved += v_local * d * (c + e)
+        if dh_fp32:
+            moved += n_rows * d * (FP32_BYTES + e)
         if carry:
             moved += (n_chunks - 1) * 2 * FP32_BYTES * v_local * d
         seconds += 6 * n_rows * d * v_local / GEMM_FLOPS_PER_S.get(e, GEMM_FLOPS_PER_S[2])
@@ -145,7 +151,8 @@ def plan_chunks(n_rows: int, d: int, v_local: int, element_size: int, *, want_gr
     """The chunk plan for N=n_rows tokens of width d against v_local vocabulary rows in
     element_size-byte logits (see the module docstring for the model and the rule).
 
-    dh_fp32: dh is kept in fp32 until the backward (no grad_scale). chunk_size forces the rows;
+    dh_fp32: dh is kept in fp32 until the backward (no grad_scale; with one, the backward's
+    factor is exactly 1 and its in-place passes cost nothing). chunk_size forces the rows;
     chunk_budget_bytes (default 1 GiB) caps the logits buffer of
     the planned chunks (one chunk may exceed it where that costs no more memory in all).
     Under vocab parallelism pass `group_v_local(...)`, equal on every rank.

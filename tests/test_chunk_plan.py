@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import fused_loss.chunked
 from fused_loss import fused_linear_cross_entropy
-from fused_loss.plan import ChunkPlan, group_v_local, plan_chunks
+from fused_loss.plan import HBM_BYTES_PER_S, ChunkPlan, group_v_local, plan_chunks
 
 from fused_ce_reference import reference_loss, rel_err
 
@@ -56,6 +56,21 @@ def test_predictions_of_the_measured_shapes():
         plan = plan_chunks(*shape, 2)
         assert abs(plan.predicted_ms / ms - 1) < 0.05, (shape, plan)
         assert abs(plan.workspace_bytes / GIB - gib) < 0.1, (shape, plan)
+
+
+def test_an_announced_upstream_gradient_skips_the_in_place_scale_passes():
+    # with grad_scale the backward's factor is exactly 1: the in-place passes over the 16-bit
+    # dW and dh cost nothing; the fp32 carry is still read and rounded into dW
+    n, d, v = 8192, 4096, 128256
+    ms_per_byte = 1e3 / HBM_BYTES_PER_S
+    told, untold = plan_chunks(n, d, v, 2, dh_fp32=False), plan_chunks(n, d, v, 2)
+    assert told.n_chunks == untold.n_chunks == 1
+    assert told.predicted_ms == pytest.approx(
+        untold.predicted_ms - (v * d * (2 + 2) + n * d * (4 + 2)) * ms_per_byte)
+    told, untold = (plan_chunks(n, d, v, 2, dh_fp32=False, chunk_size=2048),
+                    plan_chunks(n, d, v, 2, chunk_size=2048))
+    assert told.carry_fp32 and untold.carry_fp32
+    assert told.predicted_ms == pytest.approx(untold.predicted_ms - n * d * (4 + 2) * ms_per_byte)
 
 
 @pytest.mark.parametrize("shape, rows", [((4096, 3840, 262144), 2048),

@@ -255,10 +255,11 @@ def test_torch_compile_sees_one_opaque_op(reduction):
     (torch.bfloat16, torch.bfloat16, True),
     (torch.float32, torch.float32, True),
 ])
-def test_scale_pass(backend, n, src_dtype, out_dtype, in_place):
+@pytest.mark.parametrize("unit", [False, True])  # exactly 1: the Triton pass skips only in place
+def test_scale_pass(backend, n, src_dtype, out_dtype, in_place, unit):
     from fused_loss.chunked import rows_backend
     src = (torch.randn(n) * 100).to(src_dtype)
-    scale = torch.tensor(torch.rand(()).item() + 0.5)
+    scale = torch.tensor(1.0 if unit else torch.rand(()).item() + 0.5)
     want = (src.double() * scale.double()).to(out_dtype)  # one rounding, from the exact product
     out = src if in_place else torch.full((n,), float("nan"), dtype=out_dtype)
     version = out._version

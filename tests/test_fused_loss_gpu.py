@@ -224,6 +224,32 @@ def test_scale_pass_offsets_past_2_to_the_31():
     assert torch.equal(out, (src * scale).bfloat16())
 
 
+def test_scale_pass_in_place_by_exactly_one_moves_no_data():
+    # the announced upstream gradient leaves the backward a factor of exactly 1: in place, the
+    # pass over the 8B head's bf16 dW must cost a launch, not a 1 GiB read and write
+    from fused_loss import rows_triton
+    dw = torch.randn(128256 * 4096, device="cuda", dtype=torch.bfloat16)
+
+    def ms(factor):
+        scale = torch.tensor(factor, device="cuda")
+        for _ in range(3):
+            rows_triton.scale_into(dw, scale, dw)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            rows_triton.scale_into(dw, scale, dw)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 10
+
+    before = dw.clone()
+    by_one = ms(1.0)
+    assert torch.equal(dw, before)
+    del before
+    by_other = ms(1.0 + 2 ** -7)
+    assert by_one < 0.25 * by_other, (by_one, by_other)
+
+
 def test_repeatable_bit_for_bit():
     hidden, weight, labels = _inputs(4096, 2048, 32000, torch.bfloat16, seed=2)
     first, second = _fused(hidden, weight, labels), _fused(hidden, weight, labels)
