@@ -45,6 +45,8 @@ Modes (this file is the command line of all of them):
   --options        the 8B head (or --shapes): the fused op with each option of issue 17 off and on
                    (plain call, explicit all-off, bias, class_weight, shift, token_stats, softcap 30,
                    label smoothing 0.1, z-loss 1e-4, lean): ms, ratio to all-off, peak (here)
+  --profile        the sweep's points slower than torch.compile (or --shapes): each kernel class's
+                   time per fwd+bwd of --sweep-impls, and the step's idle time (kernel_profile.py)
   --vocab-parallel run under `torchrun --nproc_per_node 2`: W sharded by vocabulary rows
                    (kernel_vocab_parallel.py)
   --quick          tiny shapes, backend torch, works on CPU (--device cpu); for the smoke test
@@ -60,6 +62,7 @@ import time
 
 import torch
 
+import kernel_profile
 import kernel_sweep
 import kernel_vocab_parallel
 from bench_common import RESULTS_LOG, cell, md_table
@@ -287,6 +290,8 @@ def main(argv=None):
                    help="first: the subject (fused), second: the anchor of the ratios (compile); liger too if asked")
     p.add_argument("--options", action="store_true",
                    help="the fused op with each option off and on at the 8B head (or the first of --shapes)")
+    p.add_argument("--profile", action="store_true",
+                   help="each kernel class's time per fwd+bwd of --sweep-impls (torch.profiler; CUDA)")
     p.add_argument("--vocab-parallel", action="store_true", help="run under torchrun --nproc_per_node 2")
     p.add_argument("--vp-shapes", default="8192x4096x128256,16384x2048x151936,32768x4096x128256")
     p.add_argument("--quick", action="store_true", help="tiny shapes, backend torch (CPU-testable)")
@@ -309,7 +314,7 @@ def main(argv=None):
         args.acc_max_n = max(args.acc_max_n, 1 << 30)
     if args.backend is None:
         args.backend = "triton" if args.device.startswith("cuda") else "torch"
-    if args.shapes is None:
+    if args.shapes is None and not args.profile:  # the profile's default: kernel_profile's
         args.shapes = OPTIONS_SHAPE if args.options else DEFAULT_SHAPES
 
     if args.vocab_parallel:
@@ -324,6 +329,8 @@ def main(argv=None):
     log(f"device: {dev.name()}  torch {torch.__version__}  backend(fused)={args.backend}")
     if args.sweep:
         return kernel_sweep.main(args, dev)
+    if args.profile:
+        return kernel_profile.main(args, dev)
     if args.options:
         t0 = time.perf_counter()
         table = bench_options(args, dev)

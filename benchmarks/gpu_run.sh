@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The ONE command to run on the device machine (run from the repository root, .gpu-wheels carried).
 #
-#   bash benchmarks/gpu_run.sh kernel   # 1 GPU : pytest -m gpu, bench_kernel.py (4 shapes), --options, --sweep
-#                                       #         (steps bounded to 120+170+70+180 s; expected ~90+120+50+120 s, ~400 s with setup)
+#   bash benchmarks/gpu_run.sh kernel   # 1 GPU : pytest -m gpu, bench_kernel.py (4 shapes), --options, --sweep, --profile
+#                                       #         (steps bounded to 120+170+70+180+90 s; expected ~50+120+35+105+40 s)
 #   bash benchmarks/gpu_run.sh multi    # 2 GPUs: pytest -m multigpu, vocab-parallel bench (torchrun), e2e.py
 #   bash benchmarks/gpu_run.sh e2e      # 2 GPUs: e2e.py only, the three cases multi leaves out (multi + e2e = all six)
 #   bash benchmarks/gpu_run.sh maxseq   # 1 GPU : e2e.py --max-seq (longest seq_len, baseline vs fused)
@@ -14,11 +14,12 @@
 # Every step's output is tee'd to $OUT/<step>.log; a failing step never aborts the script; a table of
 # return codes and the benchmark tables are printed last. Knobs (environment variables):
 #   BUDGET_S        whole-script budget in seconds (default 540 = 9 min); later steps get what is left
-#   PYTEST_TIMEOUT  per pytest step (default 150; kernel mode: PYTEST_TIMEOUT_KERNEL, default 120)      PYTEST_MULTI_MARK (multi: -m expression, default multigpu)      SKIP_PYTEST=1 / SKIP_BENCH=1 / SKIP_OPTIONS=1 / SKIP_SWEEP=1 / SKIP_E2E=1
+#   PYTEST_TIMEOUT  per pytest step (default 150; kernel mode: PYTEST_TIMEOUT_KERNEL, default 120)      PYTEST_MULTI_MARK (multi: -m expression, default multigpu)      SKIP_PYTEST=1 / SKIP_BENCH=1 / SKIP_OPTIONS=1 / SKIP_SWEEP=1 / SKIP_PROFILE=1 / SKIP_E2E=1
 #   BENCH_ARGS      extra args for bench_kernel.py default run (e.g. "--impls fused,compile,floor --reps 5", "--inputs random")
 #   OPTIONS_ARGS    extra args for bench_kernel.py --options (e.g. "--shapes 8192x2304x256000")
 #   SWEEP_ARGS      extra args for bench_kernel.py --sweep (e.g. "--sweep-impls fused,compile,liger")
-#   BENCH_TIMEOUT / OPTIONS_TIMEOUT / SWEEP_TIMEOUT  kernel mode's step bounds (default 170 / 70 / 180)
+#   PROFILE_ARGS    extra args for bench_kernel.py --profile (e.g. "--shapes 8192x4096x128256 --reps 3")
+#   BENCH_TIMEOUT / OPTIONS_TIMEOUT / SWEEP_TIMEOUT / PROFILE_TIMEOUT  kernel mode's step bounds (170 / 70 / 180 / 90)
 #   VP_ARGS         extra args for the vocab-parallel run (e.g. "--vp-shapes 8192x4096x128256")
 #   E2E_CASES       (multi default: fsdp2,tp2,cp2; e2e default: fsdp2_reshard_always,fsdp2_accum2,fsdp2_compile;
 #                   multi4 default: fsdp2_tp2,fsdp2_cp2,tp2_cp2,hsdp = 8 runs: if 9 min is not enough for all,
@@ -160,7 +161,12 @@ kernel)
         # shellcheck disable=SC2086
         run_step bench_sweep "${SWEEP_TIMEOUT:-180}" python3 benchmarks/bench_kernel.py --sweep $APPEND ${SWEEP_ARGS:-}
     fi
-    summary bench_kernel bench_options bench_sweep
+    if [ "${SKIP_PROFILE:-0}" != "1" ]; then
+        # where the time goes at the sweep's points slower than torch.compile (or PROFILE_ARGS="--shapes ...")
+        # shellcheck disable=SC2086
+        run_step bench_profile "${PROFILE_TIMEOUT:-90}" python3 benchmarks/bench_kernel.py --profile $APPEND ${PROFILE_ARGS:-}
+    fi
+    summary bench_kernel bench_options bench_sweep bench_profile
     ;;
 multi)
     if [ "${SKIP_PYTEST:-0}" != "1" ]; then

@@ -184,6 +184,28 @@ def test_quick_cpu_options_table(tmp_path):
     assert "(256, 64, 1000)" in p.stdout  # --quick: a tiny shape
 
 
+def test_quick_cpu_profile_table(tmp_path):
+    p = _run("--profile", "--results", str(tmp_path / "R.md"), "--no-append")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    table = _table(p.stdout)
+    assert _cells(table[0]) == ["point (N x D x V)", "impl", "kernels", "launches / step",
+                                "ms / step", "share"], table[0]
+    body = [_cells(r) for r in table[2:]]
+    fused = [r for r in body if r[1] == "fused"]
+    points = sorted({r[0] for r in fused})
+    assert points == ["128x64x1000", "256x32x2000"], points  # --quick's shapes, each profiled
+    for point in points:
+        rows = [r for r in fused if r[0] == point]
+        assert rows[0][2] == "step" and rows[-1][2] == "idle (step - kernels)", rows
+        assert "GEMM" in [r[2] for r in rows]  # the three GEMMs, classed as such
+        step_ms = float(rows[0][4])
+        assert step_ms > 0
+        # the classes and the idle time add up to the step
+        assert abs(sum(float(r[4]) for r in rows[1:]) - step_ms) < 1e-2 * step_ms + 2e-3, rows
+    compile_rows = [r for r in body if r[1] == "compile"]
+    assert compile_rows and all(r[5].startswith("n/a") for r in compile_rows)
+
+
 def test_benchmark_modules_write_no_globals():
     """Options travel as arguments (issue 15): no mode sets a module global at run time."""
     for path in (ROOT / "benchmarks").glob("*.py"):
