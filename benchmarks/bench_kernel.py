@@ -266,6 +266,8 @@ def main(argv=None):
     p.add_argument("--impls", default=",".join(ALL_IMPLS), help="comma list of " + ",".join(ALL_IMPLS))
     p.add_argument("--backend", default=None, help="fused backend (default triton on CUDA, torch on CPU)")
     p.add_argument("--chunk-size", type=int, default=None, help="chunk_size passed to the fused op")
+    p.add_argument("--chunk-budget-mib", type=int, default=None,
+                   help="chunk_budget_bytes (in MiB) passed to the fused op (not fused_lean): the plan's cap")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations (first includes compile)")

@@ -72,6 +72,8 @@ def build_impl(name: str, args, dev: Dev, process_group=None, vocab_start=0, voc
         kw = dict(reduction=args.reduction, backend=backend, ignore_index=IGNORE,
                   weight_grad_fp32=name not in ("fused_bf16dw", "fused_lean"),
                   check_labels=name == "fused_checked")
+        if args.chunk_budget_mib:
+            kw["chunk_budget_bytes"] = args.chunk_budget_mib << 20
         if name == "fused_lean":
             kw["chunk_budget_bytes"] = 512 << 20
         if args.chunk_size:

@@ -38,14 +38,14 @@ QUICK_POINTS = (
 
 def plan_prediction(shape, args):
     """The chunk plan the fused op picks for this shape (fused_loss.plan.plan_chunks, called as
-    the op calls it: default budget, fp32 dW carry asked for; "mean" announces its upstream
+    the op calls it: --chunk-budget-mib or the default cap, fp32 dW carry asked for; "mean" announces its upstream
     gradient, so dh is not kept in fp32 then)."""
     N, D, V = shape
     dtype = getattr(torch, args.dtype)
     return plan_chunks(N, D, V, torch.empty((), dtype=dtype).element_size(), want_grad=True,
                        weight_grad_fp32=True, weight_is_fp32=dtype == torch.float32,
                        dh_fp32=args.reduction == "sum", chunk_size=args.chunk_size or None,
-                       chunk_budget_bytes=None)
+                       chunk_budget_bytes=(args.chunk_budget_mib or 0) << 20 or None)
 
 
 def measure_point(shape, impls, args, dev) -> dict:

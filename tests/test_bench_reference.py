@@ -72,3 +72,20 @@ def test_lm_inputs_are_peaked():
     assert 0.5 < (pred == lm.y)[valid].float().mean().item() < 0.95
     with pytest.raises(ValueError, match="input kind"):
         kc.make_inputs(4, 4, 10, torch.bfloat16, "cpu", kind="zipf")
+
+
+@pytest.mark.parametrize("name, budget_mib, expected", [
+    ("fused", None, None), ("fused", 2048, 2048 << 20),
+    ("fused_lean", 2048, 512 << 20),  # the lean setting keeps its own cap
+])
+def test_chunk_budget_reaches_the_fused_op(monkeypatch, name, budget_mib, expected):
+    import argparse
+
+    import kernel_impls
+    seen = {}
+    monkeypatch.setattr(kernel_impls, "_fused_entry",
+                        lambda: lambda h, W, y, **kw: seen.update(kw))
+    args = argparse.Namespace(backend="torch", reduction="mean", chunk_size=None,
+                              chunk_budget_mib=budget_mib)
+    kernel_impls.build_impl(name, args, kc.Dev(torch.device("cpu")))(None, None, None)
+    assert seen.get("chunk_budget_bytes") == expected
