@@ -151,10 +151,17 @@ def test_sweep_shows_the_plan():
     from fused_loss.plan import ChunkPlan, plan_chunks
 
     for reduction, dh_fp32 in (("mean", False), ("sum", True)):
-        args = types.SimpleNamespace(dtype="bfloat16", chunk_size=None, reduction=reduction)
+        args = types.SimpleNamespace(dtype="bfloat16", chunk_size=None, reduction=reduction,
+                                     chunk_budget_mib=None)
         assert kernel_sweep.plan_prediction((16384, 4096, 128256), args) == plan_chunks(
             16384, 4096, 128256, 2, dh_fp32=dh_fp32)
-    args = types.SimpleNamespace(dtype="bfloat16", chunk_size=None, reduction="mean")
+    args = types.SimpleNamespace(dtype="bfloat16", chunk_size=None, reduction="mean",
+                                 chunk_budget_mib=4096)  # the cap the op is given
+    assert kernel_sweep.plan_prediction((16384, 4096, 128256), args) == plan_chunks(
+        16384, 4096, 128256, 2, dh_fp32=False, chunk_budget_bytes=4 << 30) != plan_chunks(
+        16384, 4096, 128256, 2, dh_fp32=False)
+    args = types.SimpleNamespace(dtype="bfloat16", chunk_size=None, reduction="mean",
+                                 chunk_budget_mib=None)
     plan = kernel_sweep.plan_prediction((8192, 2304, 256000), args)
     assert (plan.rows, plan.n_chunks, plan.carry_fp32) == (2048, 4, True)
     plan = ChunkPlan(rows=2048, n_chunks=4, carry_fp32=True, predicted_ms=40.0, workspace_bytes=3 << 29)
