@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import op  # noqa: F401  (registers the custom ops)
+from .op import sum_with_grad  # (importing op registers the custom ops)
 from .options import REDUCTIONS, LossOptions, pick_backend
 from .plan import group_v_local, plan_chunks
 
@@ -289,7 +289,7 @@ def fused_linear_cross_entropy(
         loss, lse, z_term = (unshift(t.reshape(lead_shape)) for t in (loss, lse, z_term))
     else:
         with autocast_off:
-            loss, lse, _, _, _, entropy, predicted = torch.ops.fused_loss.lce_sum(
+            loss, lse, _, _, _, entropy, predicted = sum_with_grad(
                 h, weight, y, bias, row_weight, op_grad_scale, **op_args, want_grad=want_grad)
         if row_weight is None:
             z_term = z_loss * (lse * lse).sum()

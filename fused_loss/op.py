@@ -1,4 +1,5 @@
-"""The custom ops: what torch.compile sees as opaque, and their autograd.
+"""The custom ops: what torch.compile sees as opaque, and their autograd. Eager calls of the
+sum op (`sum_with_grad`) run the same forward and backward through a plain autograd.Function.
 
   fused_loss::lce_sum            -> (loss sum, lse [N], dh, dW, db, entropy, predicted)
                                                                   gradient in forward
@@ -44,9 +45,8 @@ def _input_grads(op, **grads) -> tuple:
     return tuple(grads.get(name) for name in names)
 
 
-@torch.library.custom_op("fused_loss::lce_sum", mutates_args=())
-def lce_sum(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None,
-            row_weight: Tensor | None = None, grad_scale: Tensor | None = None, *,
+def _sum(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None,
+         row_weight: Tensor | None = None, grad_scale: Tensor | None = None, *,
             ignore_index: int,
             label_smoothing: float, z_loss: float, logit_softcap: float | None,
             vocab_start: int, vocab_size: int, group_name: str, backend: str, chunk: int,
@@ -61,6 +61,9 @@ def lce_sum(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None 
         want_grad=want_grad, carry_fp32=carry_fp32, token_stats=token_stats,
         bias=bias, row_weight=row_weight, grad_scale=grad_scale)
     return loss.sum(), lse, dh, dw, db, entropy, predicted
+
+
+lce_sum = torch.library.custom_op("fused_loss::lce_sum", mutates_args=())(_sum)
 
 
 def _fake_token_outputs(hidden, token_stats):
@@ -138,6 +141,36 @@ def _scale_and_round(rows, saved: Tensor, grad_loss: Tensor, dtype: torch.dtype)
 
 
 lce_sum.register_autograd(_sum_backward, setup_context=_sum_setup_context)
+
+
+class _EagerSum(torch.autograd.Function):
+    """lce_sum where torch.compile is not tracing: the same forward, context and backward,
+    without the custom-op dispatcher and its autograd wrapper, whose host time (~0.24 ms per
+    forward + backward on a CPU core, benchmarks/NOTES.md attempt 18) shows in the short calls.
+    The options travel as one dict (autograd.Function takes no keyword arguments)."""
+
+    @staticmethod
+    def forward(hidden, weight, labels, bias, row_weight, grad_scale, options):
+        return _sum(hidden, weight, labels, bias, row_weight, grad_scale, **options)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        *tensors, options = inputs
+        _sum_setup_context(ctx, tensors, options, output)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return *_sum_backward(ctx, *grads), None  # no gradient for the options
+
+
+def sum_with_grad(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None,
+                  row_weight: Tensor | None, grad_scale: Tensor | None, **options):
+    """The sum op and its autograd: torch.compile sees fused_loss::lce_sum (one opaque node);
+    eager runs the same code through _EagerSum."""
+    if torch.compiler.is_compiling():
+        return torch.ops.fused_loss.lce_sum(hidden, weight, labels, bias, row_weight, grad_scale,
+                                            **options)
+    return _EagerSum.apply(hidden, weight, labels, bias, row_weight, grad_scale, options)
 
 
 @torch.library.custom_op("fused_loss::lce_rows", mutates_args=())

@@ -329,6 +329,24 @@ def test_gradient_through_the_ops_side_outputs_is_refused():
         (loss + lse.sum()).backward()
 
 
+def test_eager_calls_skip_the_dispatcher_with_the_custom_ops_results():
+    # eager runs the sum op through _EagerSum (the dispatcher's host time: NOTES attempt 18);
+    # the custom op, what torch.compile sees, gives the same loss and gradients, bit for bit
+    from fused_loss.op import sum_with_grad
+    hidden, weight, labels = _inputs(40, 8, 100)
+    kw = dict(**LossOptions(vocab_size=100).to_op_args(), group_name="", backend="torch",
+              chunk=16, want_grad=True, carry_fp32=True, check_labels=False)
+    results = []
+    for call in (sum_with_grad, torch.ops.fused_loss.lce_sum):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = call(h, w, labels, None, None, torch.tensor(0.5), **kw)[0]
+        (loss * 0.5).backward()
+        results.append((loss, h.grad, w.grad, type(loss.grad_fn).__name__))
+    assert results[0][3] == "_EagerSumBackward" != results[1][3]
+    for ours, op in zip(results[0][:3], results[1][:3]):
+        assert torch.equal(ours, op)
+
+
 def test_announced_gradient_through_torch_compile():
     # grad_scale is one more tensor input of the opaque op; the traced backward divides by it
     hidden, weight, labels = _inputs(16, 8, 64)
