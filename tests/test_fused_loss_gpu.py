@@ -70,6 +70,16 @@ def _fused(hidden, weight, labels, **kw):
     return loss.detach(), h.grad, w.grad
 
 
+def _eager_loss(hidden, weight, labels, *, label_smoothing=0.0, z_loss=0.0, softcap=None):
+    """The sum loss as an eager trainer computes it: 16-bit logits, the rest in fp32."""
+    with torch.no_grad():
+        z = (hidden @ weight.t()).float()
+        if softcap:
+            z = softcap * torch.tanh(z / softcap)
+        per_token = F.cross_entropy(z, labels, reduction="none", label_smoothing=label_smoothing)
+        return (per_token + z_loss * torch.logsumexp(z, dim=1) ** 2 * (labels != -100)).sum()
+
+
 def _eager(hidden, weight, labels, reduction="sum"):
     h = hidden.clone().requires_grad_()
     w = weight.clone().requires_grad_()
@@ -145,8 +155,13 @@ def test_options_bf16_against_fp64(options):
     kw = {("logit_softcap" if k == "softcap" else k): val for k, val in options.items()}
     got = _fused(hidden, weight, labels, backend="triton", chunk_size=700, **kw)
     errors = [_rel(a, b) for a, b in zip(got, ref)]
-    print(f"\n{options}: loss {errors[0]:.2e} dh {errors[1]:.2e} dW {errors[2]:.2e}")
-    assert errors[0] <= 1e-5 and max(errors[1:]) <= 1e-2
+    eager_loss_err = _rel(_eager_loss(hidden, weight, labels, **options), ref[0])
+    print(f"\n{options}: loss {errors[0]:.2e} (eager {eager_loss_err:.2e}) dh {errors[1]:.2e} "
+          f"dW {errors[2]:.2e}")
+    # the loss no less accurate than eager's on the same inputs: both take the statistics from
+    # the 16-bit logits, ~1e-5 relative from seed to seed (1.08e-5 seen at 1d6aaac)
+    assert errors[0] <= max(1e-5, 1.05 * eager_loss_err), (errors[0], eager_loss_err)
+    assert max(errors[1:]) <= 1e-2
 
 
 @pytest.mark.parametrize("lo, hi", [(1e-6, 1e-3), (1e-3, 0.6), (0.6, 3.0), (3.0, 9.0),
