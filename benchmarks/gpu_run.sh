@@ -12,7 +12,8 @@
 #   bash benchmarks/gpu_run.sh search   # 1 GPU : e2e.py --search (issue 19), narrowed by SEARCH_ARGS
 #
 # Every step's output is tee'd to $OUT/<step>.log; a failing step never aborts the script; a table of
-# return codes and the benchmark tables are printed last. Knobs (environment variables):
+# return codes and the benchmark tables are printed last; the per-run folders under $OUT are packed
+# into $OUT/run_logs.tgz at the end (few files come back from the device). Knobs (environment variables):
 #   BUDGET_S        whole-script budget in seconds (default 540 = 9 min); later steps get what is left
 #   PYTEST_TIMEOUT  per pytest step (default 150; kernel mode: PYTEST_TIMEOUT_KERNEL, default 120)      PYTEST_MULTI_MARK (multi: -m expression, default multigpu)      SKIP_PYTEST=1 / SKIP_BENCH=1 / SKIP_OPTIONS=1 / SKIP_SWEEP=1 / SKIP_PROFILE=1 / SKIP_E2E=1
 #   BENCH_ARGS      extra args for bench_kernel.py default run (e.g. "--impls fused,compile,floor --reps 5", "--inputs random")
@@ -135,6 +136,15 @@ summary() {
         echo "| ${STEPS[$i]} | ${RCS[$i]} | ${SECS[$i]} |"
     done
     cp -f benchmarks/log/results.md "$OUT/results.md" 2>/dev/null || true
+    # The device brings back only a few files from $OUT: the per-run folders (one log per
+    # training run) travel as one archive (a search's 20 run logs were lost otherwise).
+    local runs=()
+    local d
+    for d in "$OUT"/*/; do [ -d "$d" ] && runs+=("$(basename "$d")"); done
+    if [ "${#runs[@]}" -gt 0 ] && tar -czf "$OUT/run_logs.tgz" -C "$OUT" "${runs[@]}"; then
+        (cd "$OUT" && rm -rf "${runs[@]}")
+        echo "per-run logs: $OUT/run_logs.tgz (${runs[*]})"
+    fi
 }
 
 setup
