@@ -297,6 +297,28 @@ def test_gpu_run_multi4_mode():
     assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_run.sh")]).returncode == 0
 
 
+@pytest.mark.slow  # two torchtitan jobs of the debug model on CPU (~25 s)
+def test_gpu_run_brings_the_run_logs_back_as_one_archive(tmp_path):
+    """The device returns few files from $OUT: gpu_run.sh packs each per-run folder into
+    run_logs.tgz and leaves only the step logs, the results log and the archive."""
+    import tarfile
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), BUDGET_S="120", NO_APPEND="1", E2E_STEPS="2",
+               E2E_TIMEOUT="60", SEARCH_ARGS="--caps 40 --search-compile off --search-batches 1 "
+               "--config train_configs/debug_model.toml",
+               E2E_ARGS=f"--dump-root {tmp_path / 'dumps'}",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_run.sh"), "search"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert sorted(f.name for f in out.iterdir()) == [
+        "e2e_search.log", "results.md", "run_logs.tgz", "setup.log"]
+    with tarfile.open(out / "run_logs.tgz") as tar:
+        names = tar.getnames()
+    assert {"e2e_search/cap40_eager_ac-none_lb1_baseline.log",
+            "e2e_search/cap40_eager_ac-none_lb1_fused.log"} <= set(names), names
+
+
 # ---------------------------------------------------------------- search mode (issue 19)
 def fake_memory(ac, lb, compiled, fused):
     """GiB a fake run needs: activations by AC mode, plus logits (baseline only) per sample."""
