@@ -7,16 +7,25 @@ kernel's device time per step. One row per kernel class of each (point, impl): t
 the cross-entropy's own kernels (ours: the Triton row passes; compile's: its generated Triton
 kernels), the scale pass, copies and fills, everything else, plus "idle": the step's time
 (synchronized wall time, without the profiler) minus its kernels' time, i.e. launch gaps and
-host work. On CPU (--quick, the smoke test) the kernels are the aten ops' own CPU time.
+host work. Two more rows place that idle time from the profiler's trace (host activity
+recorded too, which slows the host a little): "host lead", from the step's start on the host
+to its first GEMM's start on the device (the host path before the first launch, exposed in
+full when a step starts from an idle device, hidden behind queued work in a training step),
+and "gaps after the first kernel" (the device idle between the step's kernels; blank on CPU).
+On CPU (--quick, the smoke test) the kernels are the aten ops' own CPU time and the first
+GEMM is the first aten::mm / addmm.
 """
 from __future__ import annotations
 
 import collections
+import json
+import os
 import statistics
+import tempfile
 import time
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from bench_common import cell, md_table
 from kernel_common import failure_status, inputs_or_none, log, parse_shapes, release
@@ -40,6 +49,44 @@ def kernel_class(name: str) -> str:
         if any(k in low for k in keys):
             return cls
     return "other"
+
+
+STEP_MARK = "kernel_profile_step"
+CPU_GEMMS = ("aten::mm", "aten::addmm")
+
+
+def trace_idle(prof, cuda: bool) -> tuple[float, float | None]:
+    """(host lead, gaps after the first kernel) in ms, medians over the marked steps of the
+    profiler's trace (see the module docstring)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+    steps = [e for e in events if e.get("cat") == "user_annotation" and e["name"] == STEP_MARK]
+    if cuda:
+        work = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+        is_gemm = [kernel_class(e["name"]) == "GEMM" for e in work]
+    else:
+        work = [e for e in events if e.get("cat") == "cpu_op" and e["name"] in CPU_GEMMS]
+        is_gemm = [True] * len(work)
+    leads, gaps = [], []
+    for s in steps:
+        t0, t1 = s["ts"], s["ts"] + s["dur"]
+        mine = sorted((e["ts"], e["ts"] + e["dur"], g) for e, g in zip(work, is_gemm)
+                      if t0 <= e["ts"] <= t1)
+        gemm_starts = [a for a, _, g in mine if g]
+        if not gemm_starts:
+            continue
+        leads.append((gemm_starts[0] - t0) / 1e3)
+        idle, end = 0.0, mine[0][1]
+        for a, b, _ in mine[1:]:
+            idle += max(0.0, a - end)
+            end = max(end, b)
+        gaps.append(idle / 1e3)
+    if not leads:
+        return None, None
+    return statistics.median(leads), statistics.median(gaps) if cuda else None
 
 
 def _step(fn, h, W, y):
@@ -77,6 +124,12 @@ def profile_impl(name, shape, args, dev) -> list[tuple]:
             for _ in range(args.reps):
                 _step(fn, h, W, y)
             dev.sync()
+        with profile(activities=sorted({ProfilerActivity.CPU, activity}, key=str)) as traced:
+            for _ in range(args.reps):  # each step from an idle device, as the timing's
+                with record_function(STEP_MARK):
+                    _step(fn, h, W, y)
+                    dev.sync()
+        lead_ms, gaps_ms = trace_idle(traced, dev.cuda)
         per_class = collections.defaultdict(lambda: [0, 0.0])
         for ev in prof.key_averages():
             us = ev.self_device_time_total if dev.cuda else ev.self_cpu_time_total
@@ -93,7 +146,10 @@ def profile_impl(name, shape, args, dev) -> list[tuple]:
     rows.sort(key=lambda r: -r[2])
     busy = sum(r[2] for r in rows)
     rows.append(("idle (step - kernels)", None, step_ms - busy))
-    return [("step", None, step_ms, 1.0)] + [(c, n, ms, ms / step_ms) for c, n, ms in rows]
+    rows.append(("of which host lead (trace)", None, lead_ms))
+    rows.append(("of which gaps after the first kernel (trace)", None, gaps_ms))
+    return [("step", None, step_ms, 1.0)] + [
+        (c, n, ms, None if ms is None else ms / step_ms) for c, n, ms in rows]
 
 
 def main(args, dev) -> int:

@@ -147,16 +147,16 @@ class _EagerSum(torch.autograd.Function):
     """lce_sum where torch.compile is not tracing: the same forward, context and backward,
     without the custom-op dispatcher and its autograd wrapper, whose host time (~0.24 ms per
     forward + backward on a CPU core, benchmarks/NOTES.md attempt 18) shows in the short calls.
-    The options travel as one dict (autograd.Function takes no keyword arguments)."""
+    The options travel as one dict (autograd.Function takes no keyword arguments). The context
+    is set in forward(ctx, ...), not in a separate setup_context: with one, every apply binds
+    the arguments through inspect.signature (~50 us of host time before the first GEMM)."""
 
     @staticmethod
-    def forward(hidden, weight, labels, bias, row_weight, grad_scale, options):
-        return _sum(hidden, weight, labels, bias, row_weight, grad_scale, **options)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        *tensors, options = inputs
-        _sum_setup_context(ctx, tensors, options, output)
+    def forward(ctx, hidden, weight, labels, bias, row_weight, grad_scale, options):
+        output = _sum(hidden, weight, labels, bias, row_weight, grad_scale, **options)
+        _sum_setup_context(ctx, (hidden, weight, labels, bias, row_weight, grad_scale), options,
+                           output)
+        return output
 
     @staticmethod
     def backward(ctx, *grads):

@@ -56,8 +56,9 @@ class LossOptions:
             raise ValueError(f"vocab_start must be >= 0, got {self.vocab_start}")
 
     def to_op_args(self) -> dict:
-        """The options as the custom ops' keyword arguments (the same names)."""
-        return dataclasses.asdict(self)
+        """The options as the custom ops' keyword arguments (the same names); the fields are
+        scalars, so no copying (dataclasses.asdict deep-copies: ~30 us per call)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod
     def from_op_args(cls, args: Mapping[str, Any]) -> LossOptions:

@@ -203,12 +203,17 @@ def test_quick_cpu_profile_table(tmp_path):
     assert points == ["128x64x1000", "256x32x2000"], points  # --quick's shapes, each profiled
     for point in points:
         rows = [r for r in fused if r[0] == point]
-        assert rows[0][2] == "step" and rows[-1][2] == "idle (step - kernels)", rows
+        assert rows[0][2] == "step" and [r[2] for r in rows[-3:]] == [
+            "idle (step - kernels)", "of which host lead (trace)",
+            "of which gaps after the first kernel (trace)"], rows
         assert "GEMM" in [r[2] for r in rows]  # the three GEMMs, classed as such
         step_ms = float(rows[0][4])
         assert step_ms > 0
         # the classes and the idle time add up to the step
-        assert abs(sum(float(r[4]) for r in rows[1:]) - step_ms) < 1e-2 * step_ms + 2e-3, rows
+        assert abs(sum(float(r[4]) for r in rows[1:-2]) - step_ms) < 1e-2 * step_ms + 2e-3, rows
+        # the trace places the host path before the first GEMM inside the step; no device
+        # gaps on the CPU
+        assert 0 < float(rows[-2][4]) < step_ms and rows[-1][4] == "", rows
     compile_rows = [r for r in body if r[1] == "compile"]
     assert compile_rows and all(r[5].startswith("n/a") for r in compile_rows)
 
