@@ -27,6 +27,8 @@ FULL_POINTS = (
     + [("V", (8192, 4096, v)) for v in (32000, 128256, 151936, 262144)]
     + [("D", (8192, d, 128256)) for d in (2048, 4096, 8192)]
     + [("short", s) for s in ((4096, 3840, 262144), (2048, 4096, 262144), (8192, 2304, 256000))]
+    # a Llama-4-sized head: the carry's backward moment sets the workspace, the chunks fill it
+    + [("big", (16384, 5120, 202048))]
 )
 QUICK_POINTS = (
     [("N", (n, 64, 1000)) for n in (128, 256, 512)]

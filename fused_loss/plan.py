@@ -40,12 +40,15 @@ The constants are an H200's (bf16 dense GEMM ~680 TFLOP/s sustained, HBM ~4.0 TB
 and serve the prediction (`ChunkPlan.predicted_ms`, printed beside measurements); the choice
 does not hinge on them: the time only grows with the number of chunks and with the carry.
 
-Choice: the feasible plans are those whose logits buffer fits the cap (`chunk_budget_bytes`,
-`[fused_ce] chunk_budget_mib`, default 1 GiB); of those the fastest predicted is the one with
-the fewest chunks (balanced, rounded up to 128 rows: see `_capped_rows`). ONE chunk (no carry)
-replaces it where it is no worse in both: workspace and predicted time no larger. So one chunk
-may hold more logits than the cap, but never more memory than the capped plan would. An
-explicit chunk_size forces the rows (its prediction is still reported).
+Choice: the capped plan is the fewest chunks whose logits buffer fits the cap
+(`chunk_budget_bytes`, `[fused_ce] chunk_budget_mib`, default 1 GiB; balanced, rounded up to 128
+rows: see `_capped_rows`), the fastest predicted of those that fit. Its workspace, not its buffer,
+is what the plan may not exceed: ONE chunk (no carry) replaces it where it is no worse in both
+workspace and predicted time; else, where the backward's moment (the carry, V*D*4) is the larger
+one, the buffer grows to fill the forward's moment up to it (fewer chunks: fewer re-reads of the
+carry, at no memory: 7 -> 4 chunks at 16384 x 5120 x 202048). So a buffer may hold more logits
+than the cap, but the plan never more memory than the capped plan would. An explicit chunk_size
+forces the rows (its prediction is still reported).
 
 Vocabulary parallel: every rank of the group must run the same chunks (each chunk does one
 collective). The plan depends on its arguments alone, so callers pass values equal on every
@@ -114,6 +117,14 @@ def _capped_rows(n_rows: int, v_local: int, element_size: int, budget: int) -> i
     return rounded if rounded <= most else rows
 
 
+def _beside_the_buffer(n_rows, d, v_local, element_size, *, carry, want_grad, dh_fp32) -> int:
+    """The forward's workspace beside the logits buffer: the fp32 carry and the fp32 dh, each
+    net of the 16-bit gradient it stands for."""
+    extra = FP32_BYTES - element_size
+    return ((v_local * d * extra if carry else 0)
+            + (n_rows * d * extra if want_grad and dh_fp32 else 0))
+
+
 def _plan(n_rows, d, v_local, element_size, rows, *, want_grad, weight_grad_fp32,
           weight_is_fp32, dh_fp32) -> ChunkPlan:
     """The plan of `rows` rows per chunk, with its predicted time and workspace."""
@@ -136,9 +147,8 @@ def _plan(n_rows, d, v_local, element_size, rows, *, want_grad, weight_grad_fp32
         moved = 2 * logits
         seconds += 2 * n_rows * d * v_local / GEMM_FLOPS_PER_S.get(e, GEMM_FLOPS_PER_S[2])
     seconds += moved / HBM_BYTES_PER_S
-    forward = (min(rows, n_rows) * v_local * e
-               + (v_local * d * (FP32_BYTES - e) if carry else 0)
-               + (n_rows * d * (FP32_BYTES - e) if want_grad and dh_fp32 else 0))
+    forward = min(rows, n_rows) * v_local * e + _beside_the_buffer(
+        n_rows, d, v_local, e, carry=carry, want_grad=want_grad, dh_fp32=dh_fp32)
     workspace = max(forward, v_local * d * FP32_BYTES if carry else 0)
     return ChunkPlan(rows=rows, n_chunks=n_chunks, carry_fp32=carry,
                      predicted_ms=seconds * 1e3, workspace_bytes=workspace)
@@ -154,7 +164,7 @@ def plan_chunks(n_rows: int, d: int, v_local: int, element_size: int, *, want_gr
     dh_fp32: dh is kept in fp32 until the backward (no grad_scale; with one, the backward's
     factor is exactly 1 and its in-place passes cost nothing). chunk_size forces the rows;
     chunk_budget_bytes (default 1 GiB) caps the logits buffer of
-    the planned chunks (one chunk may exceed it where that costs no more memory in all).
+    the capped plan; the plan returned holds no more memory in all (its buffer may be larger).
     Under vocab parallelism pass `group_v_local(...)`, equal on every rank.
     """
     kw = dict(want_grad=want_grad, weight_grad_fp32=weight_grad_fp32,
@@ -168,8 +178,13 @@ def plan_chunks(n_rows: int, d: int, v_local: int, element_size: int, *, want_gr
                    _capped_rows(n_rows, v_local, element_size, budget), **kw)
     if capped.n_chunks <= 1:
         return capped
-    one = _plan(n_rows, d, v_local, element_size, n_rows, **kw)
-    if (one.workspace_bytes <= capped.workspace_bytes
-            and one.predicted_ms <= capped.predicted_ms):
-        return one
+    # the largest buffer whose forward moment stays within the capped plan's workspace
+    free = capped.workspace_bytes - _beside_the_buffer(
+        n_rows, d, v_local, element_size, carry=capped.carry_fp32, want_grad=want_grad,
+        dh_fp32=dh_fp32)
+    for rows in (n_rows, _capped_rows(n_rows, v_local, element_size, free)):
+        plan = _plan(n_rows, d, v_local, element_size, rows, **kw)
+        if (plan.workspace_bytes <= capped.workspace_bytes
+                and plan.predicted_ms <= capped.predicted_ms):
+            return plan
     return capped

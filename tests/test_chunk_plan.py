@@ -85,21 +85,43 @@ def test_without_the_fp32_carry_the_fewest_chunks_under_the_cap(shape, rows):
     assert plan.n_chunks == -(-n // rows)
 
 
-def test_the_cap_bounds_the_logits_unless_one_chunk_costs_no_more():
-    # every plan of a grid: its logits fit the cap, or it is ONE chunk no worse in memory and
-    # time than the capped plan (fewest chunks under the cap)
+def test_the_plan_holds_no_more_than_the_capped_plan_in_the_fewest_chunks():
+    # every plan of a grid: no more workspace and no more predicted time than the capped plan
+    # (the fewest chunks whose logits fit the cap), and no plan of fewer chunks is within both
+    # bounds; its logits exceed the cap only where that holds no more memory in all
+    kinds = {"capped": 0, "one chunk": 0, "larger chunks": 0}
     for n in (512, 1000, 4096):
         for d in (64, 512, 2048):
             for v in (1000, 5000):
                 for cap in (64 * v * 2, 300 * v * 2, 1000 * v * 2):
-                    plan = plan_chunks(n, d, v, 2, chunk_budget_bytes=cap)
-                    capped = plan_chunks(n, d, v, 2, chunk_size=_capped_rows(n, v, cap=cap))
-                    if plan.rows * v * 2 > cap:
-                        assert plan.n_chunks == 1 and not plan.carry_fp32
+                    for dh_fp32 in (True, False):
+                        kw = dict(dh_fp32=dh_fp32)
+                        plan = plan_chunks(n, d, v, 2, chunk_budget_bytes=cap, **kw)
+                        capped = plan_chunks(n, d, v, 2, chunk_size=_capped_rows(n, v, cap=cap),
+                                             **kw)
                         assert plan.workspace_bytes <= capped.workspace_bytes
                         assert plan.predicted_ms <= capped.predicted_ms
-                    else:
-                        assert plan == capped
+                        for k in range(1, plan.n_chunks):
+                            fewer = plan_chunks(n, d, v, 2, chunk_size=-(-n // k), **kw)
+                            assert not (fewer.workspace_bytes <= capped.workspace_bytes
+                                        and fewer.predicted_ms <= capped.predicted_ms), (
+                                n, d, v, cap, k)
+                        kinds["capped" if plan == capped else "one chunk" if plan.n_chunks == 1
+                              else "larger chunks"] += 1
+    assert all(kinds.values()), kinds  # the grid reaches each kind of plan
+
+
+def test_chunks_grow_to_the_carrys_moment_at_no_memory():
+    # 16384 x 5120 x 202048 (a Llama-4-sized head): 1 GiB holds 2432 rows (7 chunks), but the
+    # backward holds the fp32 carry (V*D*4 = 3.85 GiB) beside dW anyway; 4096-row chunks fill
+    # the forward to no more than that: 4 chunks, 3 re-reads of the carry fewer
+    n, d, v = 16384, 5120, 202048
+    capped = plan_chunks(n, d, v, 2, chunk_size=_capped_rows(n, v), dh_fp32=False)
+    plan = plan_chunks(n, d, v, 2, dh_fp32=False)
+    assert (capped.rows, capped.n_chunks) == (2432, 7)
+    assert (plan.rows, plan.n_chunks, plan.carry_fp32) == (4096, 4, True)
+    assert plan.workspace_bytes == capped.workspace_bytes == v * d * 4
+    assert plan.predicted_ms < capped.predicted_ms - 3 * 8 * v * d / HBM_BYTES_PER_S * 1e3 * 0.99
 
 
 def test_explicit_chunk_size_is_obeyed_and_predicted():
@@ -134,9 +156,9 @@ def test_every_rank_of_a_group_plans_alike():
     assert group_v_local(6, 11, 2) == group_v_local(5, 11, 2) == 6
     assert group_v_local(5, 11, 1) == 5
     cap = 5 * 5 * 4  # 5 fp32 rows of a 5-row slice, 4 of a 6-row one
-    own = [plan_chunks(29, 8, v, 4, chunk_budget_bytes=cap) for v in (6, 5)]
+    own = [plan_chunks(29, 1, v, 4, chunk_budget_bytes=cap) for v in (6, 5)]
     assert own[0].n_chunks != own[1].n_chunks  # why the slice size must be the group's
-    planned = [plan_chunks(29, 8, group_v_local(v, 11, 2), 4, chunk_budget_bytes=cap)
+    planned = [plan_chunks(29, 1, group_v_local(v, 11, 2), 4, chunk_budget_bytes=cap)
                for v in (6, 5)]
     assert planned[0] == planned[1] and planned[0].rows == 4
 
