@@ -149,8 +149,9 @@ def fused_linear_cross_entropy(
     faster but rounded once per chunk).
 
     The chunks are planned per call (`plan_chunks`): the fewest whose [rows, V_local] logits
-    buffer fits chunk_budget_bytes (the cap, default 1 GiB), or one chunk (no carry) where
-    that costs no more memory in all and no more time; chunk_size forces the rows.
+    buffer fits chunk_budget_bytes (the cap, default 1 GiB), or fewer, larger chunks (one
+    without the fp32 carry) where they cost no more memory in all and no more time;
+    chunk_size forces the rows.
 
     bias [V_local] (this rank's slice under vocab parallelism, like the weight): logits
     hidden @ weight.T + bias, as F.linear's; its gradient is summed over the tokens in fp32

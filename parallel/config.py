@@ -31,8 +31,8 @@ class FusedCE:
 
     chunk_budget_mib: int = DEFAULT_CHUNK_BUDGET_BYTES // 2**20
     """Cap in MiB on one [chunk, local vocab] logits buffer, not the plan: the op runs the fewest
-    chunks under it, or one chunk above it where that holds no more memory in all (no fp32 dW carry)
-    and is no slower."""
+    chunks under it, or fewer, larger chunks (one without the fp32 dW carry) where they hold no
+    more memory in all and are no slower."""
 
     z_loss: float = 0.0
     """Coefficient of the z-loss term (logsumexp**2) added to the loss; 0 = off."""

@@ -74,7 +74,7 @@ def describe_head(job_config, head, parallel_dims) -> str:
     plan = (f"chunk_size={cfg.chunk_size}" if cfg.chunk_size
             else f"chunk_budget_mib={cfg.chunk_budget_mib} of {dtype_name} logits")
     if not cfg.chunk_size and rows * v_plan * dtype.itemsize > options["chunk_budget_bytes"]:
-        plan += ", a cap: one chunk above it holds no more memory in all than capped chunks"
+        plan += ", a cap: larger chunks above it hold no more memory in all than capped chunks"
     if chunks.carry_fp32:
         dw = "carried across chunks in fp32"
     elif chunks.n_chunks > 1 and dtype != torch.float32:

@@ -61,7 +61,7 @@ def test_start_up_line_says_when_one_chunk_exceeds_the_cap():
                 "--training.mixed_precision_param", "bfloat16")
     line = describe_head(job, _head(vocab=1000, dim=8192), _dims(fsdp_enabled=True))
     assert ("1 chunk(s) of 8192 of 8192 tokens per micro-batch (chunk_budget_mib=1 of bfloat16 logits, a "
-            "cap: one chunk above it holds no more memory in all than capped chunks); dW in bfloat16 "
+            "cap: larger chunks above it hold no more memory in all than capped chunks); dW in bfloat16 "
             "(no carry: one chunk or fp32)") in line
 
 
