@@ -11,7 +11,8 @@ host work. Two more rows place that idle time from the profiler's trace (host ac
 recorded too, which slows the host a little): "host lead", from the step's start on the host
 to its first GEMM's start on the device (the host path before the first launch, exposed in
 full when a step starts from an idle device, hidden behind queued work in a training step),
-and "gaps after the first kernel" (the device idle between the step's kernels; blank on CPU).
+and "gaps after the first GEMM" (the device idle between the step's kernels from there on:
+~0 where the host keeps ahead of the device; blank on CPU).
 On CPU (--quick, the smoke test) the kernels are the aten ops' own CPU time and the first
 GEMM is the first aten::mm / addmm.
 """
@@ -56,7 +57,7 @@ CPU_GEMMS = ("aten::mm", "aten::addmm")
 
 
 def trace_idle(prof, cuda: bool) -> tuple[float, float | None]:
-    """(host lead, gaps after the first kernel) in ms, medians over the marked steps of the
+    """(host lead, gaps after the first GEMM) in ms, medians over the marked steps of the
     profiler's trace (see the module docstring)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
@@ -79,8 +80,9 @@ def trace_idle(prof, cuda: bool) -> tuple[float, float | None]:
         if not gemm_starts:
             continue
         leads.append((gemm_starts[0] - t0) / 1e3)
-        idle, end = 0.0, mine[0][1]
-        for a, b, _ in mine[1:]:
+        after = [(a, b) for a, b, _ in mine if a >= gemm_starts[0]]
+        idle, end = 0.0, after[0][1]
+        for a, b in after[1:]:
             idle += max(0.0, a - end)
             end = max(end, b)
         gaps.append(idle / 1e3)
@@ -147,7 +149,7 @@ def profile_impl(name, shape, args, dev) -> list[tuple]:
     busy = sum(r[2] for r in rows)
     rows.append(("idle (step - kernels)", None, step_ms - busy))
     rows.append(("of which host lead (trace)", None, lead_ms))
-    rows.append(("of which gaps after the first kernel (trace)", None, gaps_ms))
+    rows.append(("of which gaps after the first GEMM (trace)", None, gaps_ms))
     return [("step", None, step_ms, 1.0)] + [
         (c, n, ms, None if ms is None else ms / step_ms) for c, n, ms in rows]
 

@@ -205,7 +205,7 @@ def test_quick_cpu_profile_table(tmp_path):
         rows = [r for r in fused if r[0] == point]
         assert rows[0][2] == "step" and [r[2] for r in rows[-3:]] == [
             "idle (step - kernels)", "of which host lead (trace)",
-            "of which gaps after the first kernel (trace)"], rows
+            "of which gaps after the first GEMM (trace)"], rows
         assert "GEMM" in [r[2] for r in rows]  # the three GEMMs, classed as such
         step_ms = float(rows[0][4])
         assert step_ms > 0
