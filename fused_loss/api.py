@@ -251,22 +251,15 @@ def fused_linear_cross_entropy(
                                  class_weight.detach().float()[y.clamp(0, vocab_size - 1)], 0.0)
     want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
                                              or (bias is not None and bias.requires_grad))
-    valid = (y != ignore_index).sum() if (reduction == "mean" or return_aux) else None
-    denom = None
-    if reduction == "mean" and row_weight is not None:
-        total = row_weight.sum()  # torch: the summed weights of the valid tokens
-        denom = torch.where(total == 0, 1.0, total)
-    elif reduction == "mean":
-        denom = valid.clamp(min=1).to(torch.float32)  # all tokens ignored -> 0, not torch's nan
     # The upstream gradient the op's loss will get, folded into the gradient rows as eager's
     # backward folds it, so that dh and a 16-bit dW are rounded once (the backward divides the
-    # real one by it: 1 where as announced). "mean": (announced or 1) / denom, the very
-    # division autograd does through loss / denom.
-    announced = _announced_scale(grad_scale, h.device)
+    # real one by it: 1 where as announced). "mean" is divided inside the op, which folds in
+    # (announced or 1) / its denominator (chunked.folded_scale), the very division autograd
+    # does through loss / denom; the op computes that denominator after launching its first
+    # GEMM, so the small kernels' host time does not delay it.
+    mean = reduction == "mean"
+    announced = _announced_scale(grad_scale, h.device)  # validated with or without a gradient
     op_grad_scale = announced if want_grad else None
-    if denom is not None and want_grad:
-        op_grad_scale = (torch.ones((), dtype=torch.float32, device=h.device)
-                         if op_grad_scale is None else op_grad_scale) / denom
     # One plan per call (plan.py). Under vocab parallelism every rank must run the same
     # chunks (one collective each): planned on the largest slice, the same on every rank.
     world = dist.get_world_size(process_group) if group_name else 1
@@ -274,7 +267,7 @@ def fused_linear_cross_entropy(
                        h.element_size(), want_grad=want_grad,
                        weight_grad_fp32=weight_grad_fp32,
                        weight_is_fp32=weight.dtype == torch.float32,
-                       dh_fp32=op_grad_scale is None, chunk_size=chunk_size,
+                       dh_fp32=op_grad_scale is None and not mean, chunk_size=chunk_size,
                        chunk_budget_bytes=chunk_budget_bytes)
     op_args = dict(opts.to_op_args(), group_name=group_name, backend=backend, chunk=plan.rows,
                    carry_fp32=plan.carry_fp32, check_labels=check_labels,
@@ -290,17 +283,20 @@ def fused_linear_cross_entropy(
         loss, lse, z_term = (unshift(t.reshape(lead_shape)) for t in (loss, lse, z_term))
     else:
         with autocast_off:
-            loss, lse, _, _, _, entropy, predicted = sum_with_grad(
-                h, weight, y, bias, row_weight, op_grad_scale, **op_args, want_grad=want_grad)
+            loss, lse, _, _, _, entropy, predicted, denom = sum_with_grad(
+                h, weight, y, bias, row_weight, op_grad_scale, **op_args, want_grad=want_grad,
+                mean=mean)
         if row_weight is None:
             z_term = z_loss * (lse * lse).sum()
         else:
             z_term = z_loss * (row_weight * lse * lse).sum()
-        if denom is not None:
+        if mean:
+            denom = denom.detach()  # a count of the labels, not a function of the inputs
             loss, z_term = loss / denom, z_term / denom
         lse = unshift(lse.reshape(lead_shape))
     if not return_aux:
         return loss
+    valid = (y != ignore_index).sum()
     if not token_stats:
         return loss, FusedCEAux(lse.detach(), z_term.detach(), valid)
     correct = (predicted == y) & (y != ignore_index)

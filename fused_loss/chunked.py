@@ -8,7 +8,8 @@ For each chunk of C tokens (C and the dW carry from the chunk plan, plan.py):
   3. vocab parallel: one all-gather of the [C, 4] statistics -> full log-sum-exp
                                     ([C, 6] with token_stats: the same one all-gather)
   4. z := s * dloss/dz in place     no second [C, V] buffer; s: the announced upstream
-                                    gradient (grad_scale), else 1
+                                    gradient (grad_scale, else 1), over reduction "mean"'s
+                                    denominator (see folded_scale)
   5. dh_c = z @ W,  dW += z^T @ h_c  (dh fp32 without grad_scale, dW carried across chunks
                                     in fp32 where the plan says so: see _input_grad and
                                     _add_weight_grad);
@@ -80,6 +81,30 @@ def check_label_range(labels: torch.Tensor, vocab_size: int, ignore_index: int =
             f"ignore_index={ignore_index}, e.g. {example}")
 
 
+def mean_denominator(labels: torch.Tensor, row_weight: torch.Tensor | None,
+                     ignore_index: int) -> torch.Tensor:
+    """reduction "mean"'s denominator, 0-d fp32: the valid tokens, or with per-class weights
+    the summed weights of the valid tokens (torch's); 1 where that is 0, so a batch of ignored
+    tokens has loss 0, not torch's nan."""
+    if row_weight is None:
+        return (labels != ignore_index).sum().clamp(min=1).to(torch.float32)
+    total = row_weight.sum()
+    return torch.where(total == 0, 1.0, total)
+
+
+def folded_scale(grad_scale: torch.Tensor | None,
+                 denom: torch.Tensor | None) -> torch.Tensor | None:
+    """The factor folded into the gradient rows: the announced upstream gradient (None: not
+    announced, 1) over "mean"'s denominator where there is one; None where neither. The op's
+    backward divides by the same expression of the same tensors, so an upstream gradient as
+    announced gives a factor of exactly 1."""
+    if denom is None:
+        return grad_scale
+    if grad_scale is None:
+        grad_scale = torch.ones((), dtype=torch.float32, device=denom.device)
+    return grad_scale / denom
+
+
 def weight_grad_dtype(weight_dtype: torch.dtype, carry_fp32: bool) -> torch.dtype:
     """The dtype of the dW run() returns (and the op's fake says): fp32 with the plan's fp32
     carry, else the weight's."""
@@ -88,7 +113,8 @@ def weight_grad_dtype(weight_dtype: torch.dtype, carry_fp32: bool) -> torch.dtyp
 
 def dh_dtype(hidden_dtype: torch.dtype, grad_scaled: bool) -> torch.dtype:
     """The dtype of the dh run() returns (and the op's fake says): the inputs' where the
-    upstream gradient is folded into the row pass (grad_scale), else fp32 (see _input_grad)."""
+    upstream gradient is folded into the row pass (grad_scale or "mean"), else fp32 (see
+    _input_grad)."""
     return hidden_dtype if grad_scaled else torch.float32
 
 
@@ -123,14 +149,22 @@ def _add_weight_grad(dw, acc, z, h_c, first: bool) -> None:
         acc.addmm_(z.t().float(), h_c.float(), beta=0 if first else 1)
 
 
+def _logits(h_c, weight, bias, out) -> None:
+    """out := h_c @ W^T (+ b): the chunk GEMM (addmm with a bias: rounded once, as F.linear)."""
+    if bias is None:
+        torch.mm(h_c, weight.t(), out=out)
+    else:
+        torch.addmm(bias, h_c, weight.t(), out=out)
+
+
 def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: LossOptions, *,
         backend: str, chunk: int, group_name: str, want_grad: bool,
         carry_fp32: bool = False, token_stats: bool = False,
         bias: torch.Tensor | None = None, row_weight: torch.Tensor | None = None,
         lse_in: torch.Tensor | None = None, grad_rows: torch.Tensor | None = None,
-        grad_scale: torch.Tensor | None = None):
+        grad_scale: torch.Tensor | None = None, mean: bool = False):
     """hidden [N, D], weight [V_local, D], labels [N] -> (loss [N], lse [N], dh, dW, db,
-    entropy, predicted).
+    entropy, predicted, denom).
 
     bias [V_local] (this rank's slice): the logits are h @ W^T + b, added in the chunk GEMM
     (addmm: rounded once, as F.linear's); db [V_local] is the gradient rows summed over the
@@ -148,7 +182,13 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
     weight's dtype. grad_scale (0-d fp32: the upstream gradient the caller announced) scales
     the gradient rows in the row pass, as eager's backward does, so the GEMMs round dh and a
     16-bit dW once (one chunk, no carry), and dh comes out in the inputs' dtype; without it,
-    dh is fp32 and the backward's scale pass rounds it (see _input_grad).
+    dh is fp32 and the backward's scale pass rounds it (see _input_grad). mean: the gradient
+    rows also carry 1 / mean_denominator (as eager's backward of a mean), and denom (0-d fp32)
+    is returned for the caller's division of the loss sum; else denom is empty.
+    The first chunk's GEMM is launched before everything else (the outputs, the denominator,
+    the scale): their host time (~0.3-0.5 ms on an H200's host, where a small kernel's launch
+    takes ~50 us) then runs behind that GEMM instead of in front of it, where a call that
+    starts from an idle device would wait for it.
     With lse_in and grad_rows (the backward of reduction="none"): recompute z, skip the
     statistics and the collective, and return only (dh, dW, db) scaled per row by grad_rows.
     """
@@ -158,6 +198,10 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
         check_tiling(group_name, opts.vocab_start, weight.shape[0], opts.vocab_size)
     n_tokens = hidden.shape[0]
     recompute = lse_in is not None
+    buf = torch.empty(min(chunk, n_tokens), weight.shape[0], dtype=hidden.dtype,
+                      device=hidden.device)
+    if n_tokens:  # the first chunk's GEMM before anything else (see the docstring)
+        _logits(hidden[:chunk], weight, bias, buf[:chunk])
     if not recompute:
         loss = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(loss)
@@ -170,7 +214,7 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
         dense = torch.contiguous_format  # the backward's scale pass walks them flat
         # the recompute's dh is final (the per-row upstream gradients are in z already)
         dh = torch.empty_like(hidden, memory_format=dense, dtype=hidden.dtype if recompute
-                              else dh_dtype(hidden.dtype, grad_scale is not None))
+                              else dh_dtype(hidden.dtype, grad_scale is not None or mean))
         if weight_grad_dtype(weight.dtype, carry_fp32) != weight.dtype:  # the fp32 carry
             acc = dw = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
         elif n_tokens == 0:
@@ -181,18 +225,16 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
         dh, dw = hidden.new_empty(0), weight.new_empty(0)
     db = torch.zeros(weight.shape[0] if (want_grad and bias is not None) else 0,
                      dtype=torch.float32, device=weight.device)
-    buf = torch.empty(min(chunk, n_tokens), weight.shape[0], dtype=hidden.dtype,
-                      device=hidden.device)
-    scale = (torch.ones((), dtype=torch.float32, device=hidden.device) if grad_scale is None
-             else grad_scale)
+    denom = mean_denominator(labels, row_weight, opts.ignore_index) if mean else None
+    scale = folded_scale(grad_scale, denom)
+    if scale is None:
+        scale = torch.ones((), dtype=torch.float32, device=hidden.device)
     for first in range(0, n_tokens, chunk):
         last = min(first + chunk, n_tokens)
         h_c, y_c = hidden[first:last], labels[first:last]
         z = buf[: last - first]
-        if bias is None:
-            torch.mm(h_c, weight.t(), out=z)
-        else:
-            torch.addmm(bias, h_c, weight.t(), out=z)
+        if first:  # the first chunk's was launched above
+            _logits(h_c, weight, bias, z)
         if recompute:
             rows.row_grad_(z, lse_in[first:last], y_c, grad_rows[first:last], opts)
         elif (want_grad and group is None and row_weight is None
@@ -223,4 +265,4 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
                 db.add_(z.sum(dim=0, dtype=torch.float32))
     if recompute:
         return dh, dw, db
-    return loss, lse, dh, dw, db, entropy, predicted
+    return loss, lse, dh, dw, db, entropy, predicted, loss.new_empty(0) if denom is None else denom

@@ -1,8 +1,8 @@
 """The custom ops: what torch.compile sees as opaque, and their autograd. Eager calls of the
 sum op (`sum_with_grad`) run the same forward and backward through a plain autograd.Function.
 
-  fused_loss::lce_sum            -> (loss sum, lse [N], dh, dW, db, entropy, predicted)
-                                                                  gradient in forward
+  fused_loss::lce_sum            -> (loss sum, lse [N], dh, dW, db, entropy, predicted,
+                                     denom)                       gradient in forward
   fused_loss::lce_rows           -> (loss [N], lse [N], entropy, predicted)  reduction="none"
   fused_loss::lce_rows_backward  -> (dh, dW, db)                  recompute with per-row grads
 
@@ -17,7 +17,10 @@ The sum op computes the gradients in its forward (6NDV instead of 8NDV); its bac
 multiplies them by the scalar upstream gradient (and rounds a dW carried in fp32 to the
 weight's dtype in the same pass). grad_scale (optional, 0-d fp32): the upstream gradient the
 caller announced, folded into the gradients in forward; the backward multiplies by
-upstream / grad_scale, exactly 1 where the announcement held. entropy [N] fp32 and predicted
+upstream / grad_scale, exactly 1 where the announcement held. mean: the op also folds in
+1 / reduction "mean"'s denominator and returns it (denom, 0-d fp32; empty without mean): the
+caller divides the loss sum by it, so the sum's upstream gradient is the announced one over
+denom, and the backward divides by that same expression (chunked.folded_scale). entropy [N] fp32 and predicted
 [N] int64 are there with token_stats (else empty), never differentiable. Per-token upstream gradients ("none") cannot
 be folded in that way, so that path recomputes the logits in backward instead.
 """
@@ -51,16 +54,16 @@ def _sum(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = N
             label_smoothing: float, z_loss: float, logit_softcap: float | None,
             vocab_start: int, vocab_size: int, group_name: str, backend: str, chunk: int,
             want_grad: bool, carry_fp32: bool, check_labels: bool,
-            token_stats: bool = False
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+            token_stats: bool = False, mean: bool = False
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     opts = LossOptions.from_op_args(locals())  # first statement: locals() are the arguments
     if check_labels:
         chunked.check_label_range(labels, opts.vocab_size, opts.ignore_index)
-    loss, lse, dh, dw, db, entropy, predicted = chunked.run(
+    loss, lse, dh, dw, db, entropy, predicted, denom = chunked.run(
         hidden, weight, labels, opts, backend=backend, chunk=chunk, group_name=group_name,
         want_grad=want_grad, carry_fp32=carry_fp32, token_stats=token_stats,
-        bias=bias, row_weight=row_weight, grad_scale=grad_scale)
-    return loss.sum(), lse, dh, dw, db, entropy, predicted
+        bias=bias, row_weight=row_weight, grad_scale=grad_scale, mean=mean)
+    return loss.sum(), lse, dh, dw, db, entropy, predicted, denom
 
 
 lce_sum = torch.library.custom_op("fused_loss::lce_sum", mutates_args=())(_sum)
@@ -73,24 +76,27 @@ def _fake_token_outputs(hidden, token_stats):
 
 @lce_sum.register_fake
 def _(hidden, weight, labels, bias=None, row_weight=None, grad_scale=None, *, want_grad,
-      carry_fp32, token_stats=False, **_):
+      carry_fp32, token_stats=False, mean=False, **_):
     n = hidden.shape[0]
     loss = hidden.new_empty((), dtype=torch.float32)
     lse = hidden.new_empty(n, dtype=torch.float32)
     tokens = _fake_token_outputs(hidden, token_stats)
+    denom = hidden.new_empty(() if mean else (0,), dtype=torch.float32)
     db = hidden.new_empty(weight.shape[0] if (want_grad and bias is not None) else 0,
                           dtype=torch.float32)
     if want_grad:
         dw = torch.empty_like(weight, dtype=chunked.weight_grad_dtype(weight.dtype, carry_fp32))
-        dh = torch.empty_like(hidden, dtype=chunked.dh_dtype(hidden.dtype, grad_scale is not None))
-        return loss, lse, dh, dw, db, *tokens
-    return loss, lse, hidden.new_empty(0), hidden.new_empty(0), db, *tokens
+        dh = torch.empty_like(hidden, dtype=chunked.dh_dtype(hidden.dtype,
+                                                             grad_scale is not None or mean))
+        return loss, lse, dh, dw, db, *tokens, denom
+    return loss, lse, hidden.new_empty(0), hidden.new_empty(0), db, *tokens, denom
 
 
 def _sum_setup_context(ctx, inputs, keyword_only_inputs, output):
-    _, _, dh, dw, db, _, _ = output
+    _, _, dh, dw, db, _, _, denom = output
     grad_scale = inputs[5] if len(inputs) > 5 else None
-    ctx.save_for_backward(dh, dw, db, grad_scale)
+    ctx.save_for_backward(dh, dw, db, grad_scale,
+                          denom if keyword_only_inputs.get("mean", False) else None)
     ctx.hidden_dtype, ctx.weight_dtype = inputs[0].dtype, inputs[1].dtype
     bias = inputs[3] if len(inputs) > 3 else None
     ctx.bias_dtype = None if bias is None else bias.dtype
@@ -101,14 +107,15 @@ def _sum_setup_context(ctx, inputs, keyword_only_inputs, output):
 
 
 def _sum_backward(ctx, grad_loss, grad_lse, grad_dh, grad_dw, grad_db=None, grad_entropy=None,
-                  _grad_predicted=None):
+                  _grad_predicted=None, grad_denom=None):
     if grad_loss is None or any(g is not None for g in (grad_lse, grad_dh, grad_dw, grad_db,
-                                                        grad_entropy)):
+                                                        grad_entropy, grad_denom)):
         raise RuntimeError("fused_loss::lce_sum is differentiable through its loss output "
-                           "only (the API returns lse detached)")
-    dh, dw, db, grad_scale = ctx.saved_tensors
-    if grad_scale is not None:  # the gradients hold grad_scale already: 1 where as announced
-        grad_loss = grad_loss / grad_scale
+                           "only (the API returns lse and denom detached)")
+    dh, dw, db, grad_scale, denom = ctx.saved_tensors
+    folded = chunked.folded_scale(grad_scale, denom)
+    if folded is not None:  # the gradients hold it already: 1 where as announced
+        grad_loss = grad_loss / folded
     op = torch.ops.fused_loss.lce_sum.default
     has_db = ctx.bias_dtype is not None and db.numel() > 0
     if torch.compiler.is_compiling() or is_fake(dh):  # traced (AOT autograd): graph ops
@@ -184,7 +191,7 @@ def lce_rows(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None
     opts = LossOptions.from_op_args(locals())  # first statement: locals() are the arguments
     if check_labels:
         chunked.check_label_range(labels, opts.vocab_size, opts.ignore_index)
-    loss, lse, _, _, _, entropy, predicted = chunked.run(
+    loss, lse, _, _, _, entropy, predicted, _ = chunked.run(
         hidden, weight, labels, opts, backend=backend, chunk=chunk, group_name=group_name,
         want_grad=False, token_stats=token_stats, bias=bias, row_weight=row_weight)
     return loss, lse, entropy, predicted
