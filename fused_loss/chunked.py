@@ -1,23 +1,26 @@
-"""The chunked algorithm, shared by both backends (they differ only in the row passes).
+"""The chunked algorithm, shared by both backends (they differ in the logits path: plan.logits_path).
 
 For each chunk of C tokens (C and the dW carry from the chunk plan, plan.py):
-  1. z = h_c @ W^T (+ b)            vendor GEMM into ONE reused [C, V_local] buffer (addmm
-                                    with a bias: rounded once, as F.linear)
-  2. row statistics of z            (max, sum-exp, target logit, logit sum), fp32; with
+  1. the chunk's logits z = h_c @ W^T (+ b) by the path's GEMM, into ONE reused [C, V_local]
+                                    buffer in the inputs' dtype ("epilogue": E and the tiles'
+                                    partial statistics from the fp32 accumulator; "fp32": the
+                                    fp32 product beside it; "vendor": the logits themselves)
+  2. row statistics                 (max, sum-exp, target logit, logit sum), fp32; with
                                     token_stats also the entropy's numerator and the argmax
   3. vocab parallel: one all-gather of the [C, 4] statistics -> full log-sum-exp
                                     ([C, 6] with token_stats: the same one all-gather)
-  4. z := s * dloss/dz in place     no second [C, V] buffer; s: the announced upstream
-                                    gradient (grad_scale, else 1), over reduction "mean"'s
-                                    denominator (see folded_scale)
-  5. dh_c = z @ W,  dW += z^T @ h_c  (dh fp32 without grad_scale, dW carried across chunks
+  4. buffer := s * dloss/dz         no second [C, V] buffer on the Triton paths; s: the
+                                    announced upstream gradient (grad_scale, else 1), over
+                                    reduction "mean"'s denominator (see folded_scale)
+  5. dh_c = g @ W,  dW += g^T @ h_c  (dh fp32 without grad_scale, dW carried across chunks
                                     in fp32 where the plan says so: see _input_grad and
                                     _add_weight_grad);
-                                    db += sum of z's rows in fp32 with a bias
-The buffer has the inputs' dtype, so with 16-bit inputs the statistics (step 2) are taken
-from the logits rounded to 16 bits, by design, as eager `F.cross_entropy(h @ W.T)` takes
-them: each row's log-sum-exp is that of the rounded logits, computed in fp32 (an fp32
-buffer would double the bytes per chunk and differ from eager).
+                                    db += sum of g's rows in fp32 with a bias
+On the "epilogue" and "fp32" paths the statistics and the gradient rows come from the fp32
+product of the inputs, never from logits rounded to 16 bits (eager `F.cross_entropy(h @ W.T)`
+rounds them first: more accurate than eager, measured in benchmarks/RESULTS.md); the
+"vendor" path (fp32 inputs, or 16-bit inputs where the epilogue cannot run) reads the
+logits as its GEMM wrote them.
 So the [N, V] logits never exist, and the gradients are ready when the forward returns
 (6NDV FLOPs). With no gradient wanted, steps 4-5 are skipped (2NDV). A dW carried in fp32 is
 returned as it is: the backward's one pass scales it and rounds it to the weight's dtype;
@@ -33,14 +36,42 @@ import torch
 
 from . import rows_torch
 from .options import LossOptions
+from .plan import logits_path
 from .vocab_parallel import check_tiling, combine_stats, resolve_group
 
 
 def rows_backend(backend: str) -> ModuleType:
+    """The backend's own passes (scale_into, the backward's)."""
     if backend == "triton":
         from . import rows_triton  # imported lazily: the torch path must not need a GPU stack
         return rows_triton
     return rows_torch
+
+
+def _has_tma(*tensors: torch.Tensor) -> bool:
+    """TMA descriptors can load these: a CUDA GPU of compute capability >= 9 (or the Triton
+    interpreter) and 16-byte aligned data."""
+    from .options import triton_interpreted
+    device = tensors[0].device
+    capable = (triton_interpreted() if device.type != "cuda"
+               else torch.cuda.get_device_capability(device)[0] >= 9)
+    return capable and all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def path_of(backend: str, hidden: torch.Tensor, weight: torch.Tensor, opts: LossOptions) -> str:
+    """This call's logits path (plan.logits_path), with the tensors' own facts."""
+    return logits_path(backend, hidden.element_size(), hidden.shape[-1],
+                       tma=backend == "triton" and _has_tma(hidden, weight),
+                       softcap_with_smoothing=bool(opts.logit_softcap is not None
+                                                   and opts.label_smoothing))
+
+
+def path_rows(path: str) -> ModuleType:
+    """The module that makes a chunk's logits on `path` and runs its row passes."""
+    if path == "epilogue":
+        from . import epilogue_triton
+        return epilogue_triton
+    return rows_backend("torch" if path == "fp32" else "triton")
 
 
 def loss_from_stats(stats: torch.Tensor, labels: torch.Tensor, opts: LossOptions):
@@ -149,14 +180,6 @@ def _add_weight_grad(dw, acc, z, h_c, first: bool) -> None:
         acc.addmm_(z.t().float(), h_c.float(), beta=0 if first else 1)
 
 
-def _logits(h_c, weight, bias, out) -> None:
-    """out := h_c @ W^T (+ b): the chunk GEMM (addmm with a bias: rounded once, as F.linear)."""
-    if bias is None:
-        torch.mm(h_c, weight.t(), out=out)
-    else:
-        torch.addmm(bias, h_c, weight.t(), out=out)
-
-
 def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: LossOptions, *,
         backend: str, chunk: int, group_name: str, want_grad: bool,
         carry_fp32: bool = False, token_stats: bool = False,
@@ -192,7 +215,7 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
     With lse_in and grad_rows (the backward of reduction="none"): recompute z, skip the
     statistics and the collective, and return only (dh, dW, db) scaled per row by grad_rows.
     """
-    rows = rows_backend(backend)
+    rows = path_rows(path_of(backend, hidden, weight, opts))
     group = resolve_group(group_name) if group_name else None
     if group is not None:
         check_tiling(group_name, opts.vocab_start, weight.shape[0], opts.vocab_size)
@@ -201,7 +224,8 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
     buf = torch.empty(min(chunk, n_tokens), weight.shape[0], dtype=hidden.dtype,
                       device=hidden.device)
     if n_tokens:  # the first chunk's GEMM before anything else (see the docstring)
-        _logits(hidden[:chunk], weight, bias, buf[:chunk])
+        logits = rows.logits(hidden[:chunk], weight, bias, labels[:chunk], buf[:chunk], opts,
+                             token_stats)
     if not recompute:
         loss = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(loss)
@@ -234,15 +258,15 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
         h_c, y_c = hidden[first:last], labels[first:last]
         z = buf[: last - first]
         if first:  # the first chunk's was launched above
-            _logits(h_c, weight, bias, z)
+            logits = rows.logits(h_c, weight, bias, y_c, z, opts, token_stats)
         if recompute:
-            rows.row_grad_(z, lse_in[first:last], y_c, grad_rows[first:last], opts)
+            rows.row_grad_(logits, lse_in[first:last], y_c, grad_rows[first:last], opts)
         elif (want_grad and group is None and row_weight is None
               and hasattr(rows, "row_stats_and_grad_")):
-            stats = rows.row_stats_and_grad_(z, y_c, scale, opts, token_stats=token_stats)
+            stats = rows.row_stats_and_grad_(logits, y_c, scale, opts, token_stats=token_stats)
             loss[first:last], lse[first:last] = loss_from_stats(stats, y_c, opts)
         else:
-            stats = rows.row_stats(z, y_c, opts, token_stats=token_stats)
+            stats = rows.row_stats(logits, y_c, opts, token_stats=token_stats)
             if group is not None:
                 stats = combine_stats(stats, group)
             loss[first:last], lse[first:last] = loss_from_stats(stats, y_c, opts)
@@ -252,7 +276,7 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
                 full_lse = stats[:, 0] + torch.log(stats[:, 1])
                 row_scale = (scale.expand(last - first) if row_weight is None
                              else row_weight[first:last] * scale)
-                rows.row_grad_(z, full_lse, y_c, row_scale, opts)
+                rows.row_grad_(logits, full_lse, y_c, row_scale, opts)
         if token_stats and not recompute:
             entropy[first:last], predicted[first:last] = token_outputs(stats, y_c, opts)
         if want_grad:

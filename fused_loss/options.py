@@ -13,6 +13,11 @@ BACKENDS = ("auto", "triton", "torch")
 REDUCTIONS = ("sum", "mean", "none")
 
 
+def triton_interpreted() -> bool:
+    """Triton kernels run in its interpreter (numpy), chosen by TRITON_INTERPRET=1."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def pick_backend(backend: str, device_type: str) -> str:
     """The backend that runs for tensors on `device_type` ("auto": triton on CUDA, else torch).
 
@@ -22,7 +27,7 @@ def pick_backend(backend: str, device_type: str) -> str:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if backend == "auto":
         return "triton" if device_type == "cuda" else "torch"
-    if backend == "triton" and device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if backend == "triton" and device_type != "cuda" and not triton_interpreted():
         raise ValueError(f"backend='triton' needs CUDA tensors (got {device_type}); use "
                          "backend='torch' or 'auto', or set TRITON_INTERPRET=1 for the "
                          "(slow) Triton interpreter")

@@ -83,6 +83,32 @@ class ChunkPlan:
     workspace_bytes: int
 
 
+LOGITS_PATHS = ("epilogue", "fp32", "vendor")
+
+
+def logits_path(backend: str, element_size: int, d: int, *, tma: bool,
+                softcap_with_smoothing: bool = False) -> str:
+    """Where a chunk's logits and their row statistics come from (the start-up line names it):
+
+      "epilogue"  backend triton, 16-bit inputs: the Triton GEMM whose epilogue takes the
+                  statistics and exponentials from its fp32 accumulator (epilogue_triton); needs
+                  TMA (`tma`: a CUDA GPU of compute capability >= 9 and 16-byte aligned inputs,
+                  or the interpreter), rows of D * element_size bytes in multiples of 16, and
+                  not a softcap together with label smoothing (see epilogue_triton)
+      "fp32"      backend torch: the fp32 product of the inputs (16-bit inputs multiplied
+                  exactly, accumulated in fp32), torch's row passes on it
+      "vendor"    backend triton otherwise: the vendor GEMM's logits in the inputs' dtype
+                  (16-bit inputs: rounded to 16 bits before the statistics, as eager's),
+                  Triton's row passes in place
+    """
+    if backend == "torch":
+        return "fp32"
+    if (element_size == 2 and tma and (d * element_size) % 16 == 0
+            and not softcap_with_smoothing):
+        return "epilogue"
+    return "vendor"
+
+
 def check_chunk_budget(chunk_budget_bytes: int, v_local: int,
                        element_size: int = WIDEST_ELEMENT_SIZE) -> None:
     """A chunk budget must hold one row of [V_local] logits (by default in the widest dtype,

@@ -1,9 +1,13 @@
-"""The per-row passes over one logits chunk as Triton kernels: the product on CUDA.
+"""The per-row passes over one logits chunk as Triton kernels, on the vendor GEMM's logits: the
+Triton backend's "vendor" path (plan.logits_path: fp32 inputs, and 16-bit inputs where the
+GEMM epilogue path cannot run), and the backward's scale pass on every Triton path.
 
-Same contract as rows_torch. One program per row walks the vocabulary slice in blocks: the
+Same contract as rows_torch, but the chunk is the logits buffer itself: `logits` is the
+vendor GEMM in the inputs' dtype. One program per row walks the vocabulary slice in blocks: the
 statistics pass keeps an online max / sum-exp in fp32 (one exp per element) over the logits
-as the buffer holds them (16-bit for 16-bit inputs, as eager; by design); the gradient
-pass rewrites the row in place. With token_stats the same online pass also keeps the
+as the buffer holds them (for 16-bit inputs rounded to 16 bits, as eager's: the fallback's
+accuracy, see epilogue_triton for the path that avoids it); the gradient pass rewrites the
+row in place. With token_stats the same online pass also keeps the
 entropy's numerator and the argmax (two more columns; off, the kernels compile as without).
 `row_stats_and_grad_` does both in one launch when no collective has to run between them (a
 single rank): the row is re-read while it is still in L2.
@@ -21,6 +25,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from .options import LossOptions
+from .rows_torch import vendor_logits
 
 _BLOCK_V = 4096
 _NUM_WARPS = 8
@@ -218,6 +223,14 @@ def _grad_consts(opts: LossOptions) -> dict:
 def _stats_consts(opts: LossOptions, token_stats: bool) -> dict:
     return dict(NEED_SUM=bool(opts.label_smoothing), TOKEN_STATS=token_stats,
                 N_STATS=6 if token_stats else 4)
+
+
+def logits(h_c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           labels: torch.Tensor, out: torch.Tensor, opts: LossOptions,
+           token_stats: bool = False) -> torch.Tensor:
+    """The chunk's logits by the vendor GEMM, into `out` (the chunk the row passes take)."""
+    vendor_logits(h_c, weight, bias, out)
+    return out
 
 
 def row_stats(z: torch.Tensor, labels: torch.Tensor, opts: LossOptions,
