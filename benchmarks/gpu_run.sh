@@ -2,6 +2,7 @@
 # The ONE command to run on the device machine (run from the repository root, .gpu-wheels carried).
 #
 #   bash benchmarks/gpu_run.sh kernel   # 1 GPU : pytest -m gpu, bench_kernel.py (4 shapes), --options, --sweep, --profile
+#                                       #         (SKIP_GEMM=0 first: kernel_gemm.py, the epilogue GEMM's configurations)
 #                                       #         (steps bounded to 120+170+70+180+90 s; expected ~50+120+35+105+40 s)
 #   bash benchmarks/gpu_run.sh multi    # 2 GPUs: pytest -m multigpu, vocab-parallel bench (torchrun), e2e.py
 #   bash benchmarks/gpu_run.sh e2e      # 2 GPUs: e2e.py only, the three cases multi leaves out (multi + e2e = all six)
@@ -152,6 +153,11 @@ setup
 case "$MODE" in
 kernel)
     # each step bounded, so a slow one never eats the rest (all four: at most 540 s = BUDGET_S)
+    if [ "${SKIP_GEMM:-1}" != "1" ]; then
+        # one chunk, path against path: the epilogue GEMM's tile configurations against cuBLAS
+        # shellcheck disable=SC2086
+        run_step bench_gemm "${GEMM_TIMEOUT:-150}" python3 benchmarks/kernel_gemm.py ${GEMM_ARGS:-}
+    fi
     if [ "${SKIP_PYTEST:-0}" != "1" ]; then
         run_step pytest_gpu "${PYTEST_TIMEOUT_KERNEL:-120}" python3 -m pytest -m gpu tests -q --maxfail=5 \
             --junitxml="$OUT/pytest_gpu.xml" -p no:cacheprovider
@@ -176,7 +182,7 @@ kernel)
         # shellcheck disable=SC2086
         run_step bench_profile "${PROFILE_TIMEOUT:-90}" python3 benchmarks/bench_kernel.py --profile $APPEND ${PROFILE_ARGS:-}
     fi
-    summary bench_kernel bench_options bench_sweep bench_profile
+    summary bench_gemm bench_kernel bench_options bench_sweep bench_profile
     ;;
 multi)
     if [ "${SKIP_PYTEST:-0}" != "1" ]; then

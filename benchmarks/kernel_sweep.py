@@ -76,7 +76,28 @@ def measure_point(shape, impls, args, dev) -> dict:
             log("     eager accuracy: loss {:.1e} dh {:.1e} dW {:.1e}".format(*out["eager_acc"]))
     del inp, ref
     dev.cleanup()
+    if "lm" in args.inputs.split(",") and shape[0] <= args.acc_max_n:
+        out["lm"] = lm_accuracy(shape, impls[0], args, dev)
     return out
+
+
+def lm_accuracy(shape, subject, args, dev) -> dict:
+    """{subject, "eager"}: (loss, dh, dW) errors (or a status) on LM-like inputs (a peaked
+    softmax, kernel_common.make_lm_inputs), one untimed call each."""
+    dtype = getattr(torch, args.dtype)
+    inp = inputs_or_none(shape, dtype, dev, args, kind="lm")
+    ref = None if inp is None else reference_or_none(inp, dev, args, " (lm)")
+    if ref is None:
+        return {}
+    acc = {}
+    for name, fn in ((subject, build_impl(subject, args, dev)), ("eager", eager_fn(args.reduction))):
+        errs, status = accuracy_of(fn, inp, dev, ref)
+        acc[name] = errs if errs else status
+        if errs:
+            log(f"     {name} accuracy (lm): loss {errs[0]:.1e} dh {errs[1]:.1e} dW {errs[2]:.1e}")
+    del inp, ref
+    dev.cleanup()
+    return acc
 
 
 def _ratio(a, b):
@@ -139,6 +160,12 @@ def sweep_table(table_rows, impls) -> str:
             return "" if r is None else cell((r.loss_err, r.dh_err, r.dW_err)[i], ".1e")
         return get
 
+    def lm_err(name, i):
+        def get(t):
+            acc = t[2].get("lm", {}).get(name)
+            return "" if acc is None else (cell(acc[i], ".1e") if isinstance(acc, tuple) else acc)
+        return get
+
     def status(t):
         bad = [f"{n}: {r.status}" for n, r in t[2]["rows"].items() if r.status != "ok"]
         return "; ".join(bad) if bad else "ok"
@@ -153,7 +180,11 @@ def sweep_table(table_rows, impls) -> str:
     if anchor:
         cols.append((f"{subject}/{anchor} ms", lambda t: cell(_ratio(
             getattr(row_of(t[2], subject), "ms", None), getattr(row_of(t[2], anchor), "ms", None)), ".3f")))
-    cols += [(f"{n} peak GiB", peak(n)) for n in impls]
+    if "floor" in impls and subject != "floor":
+        cols.append((f"{subject}/floor ms", lambda t: cell(_ratio(
+            getattr(row_of(t[2], subject), "ms", None), getattr(row_of(t[2], "floor"), "ms", None)),
+            ".3f")))
+    cols += [(f"{n} peak GiB", peak(n)) for n in impls if n != "floor"]
     if anchor:
         cols.append((f"{subject}/{anchor} peak", lambda t: cell(_ratio(
             getattr(row_of(t[2], subject), "peak_gib", None), getattr(row_of(t[2], anchor), "peak_gib", None)),
@@ -172,6 +203,12 @@ def sweep_table(table_rows, impls) -> str:
         ("eager dW err", err("eager", 2)),
         (f"{subject} loss err", err(subject, 0)),
         ("eager loss err", err("eager", 0)),
+        (f"{subject} dh err lm", lm_err(subject, 1)),
+        ("eager dh err lm", lm_err("eager", 1)),
+        (f"{subject} dW err lm", lm_err(subject, 2)),
+        ("eager dW err lm", lm_err("eager", 2)),
+        (f"{subject} loss err lm", lm_err(subject, 0)),
+        ("eager loss err lm", lm_err("eager", 0)),
         ("status", status),
     ]
     return md_table(table_rows, cols)
@@ -183,9 +220,11 @@ def main(args, dev) -> int:
     dev.emit(args, "Fused CE sweep (fwd+bwd)", table, (
         f"- impls: {impls}; dtype {args.dtype}; reduction {args.reduction}; fused backend={args.backend}; "
         f"warmup {args.warmup} calls and >= {args.warmup_s:g} s per impl, reps {args.reps} (median)",
-        "- inputs: random (h ~ N(0,1), W ~ N(0, 0.02^2), labels uniform, 10% ignored). Errors: relative L2 "
-        f"vs the fp64 reference (no TF32), N <= {args.acc_max_n} only; eager is not timed, only called once "
-        "per point for its errors. peak GiB: as in the default table (beyond inputs and their grads).",
+        "- inputs: random (h ~ N(0,1), W ~ N(0, 0.02^2), labels uniform, 10% ignored), timed; errors: relative "
+        f"L2 vs the fp64 reference (no TF32), N <= {args.acc_max_n} only, on those and ('lm' columns) on "
+        "LM-like inputs (a peaked softmax: kernel_common.make_lm_inputs); eager is not timed, only called "
+        "once per point for its errors. floor: the three cuBLAS GEMMs alone (--floor-chunk rows per chunk, "
+        "bf16 dW by beta=1). peak GiB: as in the default table (beyond inputs and their grads).",
         "- plan: fused_loss.plan.plan_chunks(N, D, V, element_size, want_grad=True, weight_grad_fp32=True) "
         "for the default budget: chunks, rows per chunk, fp32 dW carry, predicted ms and workspace GiB; "
         "'ms / plan' and 'peak / plan' are measured over predicted.",

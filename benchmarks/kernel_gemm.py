@@ -1,0 +1,99 @@
+"""One chunk's logits and row passes, path against path (CUDA): the "epilogue" path's Triton GEMM
+(fused_loss.epilogue_triton) under candidate tile configurations, against the "vendor" path
+(cuBLAS's mm, then the Triton row pass) and cuBLAS's mm alone, at the chunk shapes the plan
+picks for the sweep's heads. Each timing is the median of --reps after >= --warmup-s seconds
+of back-to-back calls (sustained clocks). Prints one table; chooses nothing by itself: the
+chosen configuration is written into epilogue_triton.GEMM_CONFIG by hand (benchmarks/NOTES.md).
+
+    python benchmarks/kernel_gemm.py [--shapes CxDxV,...] [--configs all|default]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from fused_loss import epilogue_triton, rows_triton
+from fused_loss.options import LossOptions
+
+# chunk shapes (rows, D, V) of the plan at the default cap for the sweep's heads
+DEFAULT_SHAPES = "8192x4096x128256,3328x2048x151936,2048x2304x256000,4096x3840x262144,2048x4096x128256"
+CONFIGS = [
+    dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=4),
+    dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=4, num_stages=4),
+    dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4),
+    dict(BM=256, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(BM=128, BN=256, BK=64, GROUP_M=16, num_warps=8, num_stages=3),
+]
+
+
+def timed(fn, warmup_s, reps):
+    end = time.perf_counter() + warmup_s
+    while time.perf_counter() < end:
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        fn()
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1))
+    return statistics.median(times)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default=DEFAULT_SHAPES)
+    p.add_argument("--configs", default="all", choices=("all", "default"))
+    p.add_argument("--warmup-s", type=float, default=0.5)
+    p.add_argument("--reps", type=int, default=10)
+    args = p.parse_args()
+    configs = CONFIGS if args.configs == "all" else [epilogue_triton.GEMM_CONFIG]
+    default = dict(epilogue_triton.GEMM_CONFIG)
+    rows = []
+    for spec in args.shapes.split(","):
+        c, d, v = (int(x) for x in spec.split("x"))
+        g = torch.Generator(device="cuda").manual_seed(0)
+        h = torch.randn(c, d, device="cuda", generator=g).bfloat16()
+        w = (torch.randn(v, d, device="cuda", generator=g) * 0.02).bfloat16()
+        y = torch.randint(0, v, (c,), device="cuda", generator=g)
+        buf = torch.empty(c, v, device="cuda", dtype=torch.bfloat16)
+        opts = LossOptions(vocab_size=v)
+        one = torch.ones((), device="cuda")
+        flops = 2 * c * d * v
+        mm = timed(lambda: torch.mm(h, w.t(), out=buf), args.warmup_s, args.reps)
+        vendor = timed(lambda: rows_triton.row_stats_and_grad_(
+            rows_triton.logits(h, w, None, y, buf, opts), y, one, opts), args.warmup_s, args.reps)
+        line = [f"{c}x{d}x{v}", f"{mm:.3f} ({flops / mm / 1e9:.0f} TF/s)", f"{vendor:.3f}"]
+        for cfg in configs:
+            epilogue_triton.GEMM_CONFIG = cfg
+            try:
+                gemm = timed(lambda: epilogue_triton.logits(h, w, None, y, buf, opts),
+                             args.warmup_s, args.reps)
+                path = timed(lambda: epilogue_triton.row_stats_and_grad_(
+                    epilogue_triton.logits(h, w, None, y, buf, opts), y, one, opts),
+                    args.warmup_s, args.reps)
+                line.append(f"{gemm:.3f} ({gemm / mm:.3f}x) / {path:.3f} ({path / vendor:.3f}x)")
+            except Exception as e:  # a configuration that does not fit (shared memory)
+                line.append(f"{type(e).__name__}")
+            print(" | ".join(line), flush=True)
+        epilogue_triton.GEMM_CONFIG = default
+        rows.append(line)
+        del h, w, buf
+        torch.cuda.empty_cache()
+    head = ["chunk CxDxV", "cuBLAS mm ms", "vendor path ms"] + [
+        "BM{BM} BN{BN} BK{BK} G{GROUP_M} w{num_warps} s{num_stages}: GEMM / path ms".format(**c)
+        for c in configs]
+    print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for line in rows:
+        print("| " + " | ".join(line) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
