@@ -83,7 +83,12 @@ class ChunkPlan:
     workspace_bytes: int
 
 
-LOGITS_PATHS = ("epilogue", "fp32", "vendor")
+# each path of logits_path, as a start-up line names it
+LOGITS_PATHS = {
+    "epilogue": "statistics from the Triton GEMM's fp32 accumulator",
+    "fp32": "statistics from the fp32 product",
+    "vendor": "statistics from the vendor GEMM's logits in the inputs' dtype",
+}
 
 
 def logits_path(backend: str, element_size: int, d: int, *, tma: bool,

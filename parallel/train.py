@@ -22,6 +22,7 @@ from torchtitan.tools.logging import logger  # noqa: E402
 from torchtitan.train import main, Trainer  # noqa: E402
 
 from fused_loss import check_label_range, group_v_local, pick_backend, plan_chunks  # noqa: E402
+from fused_loss.plan import LOGITS_PATHS, logits_path  # noqa: E402
 
 from parallel import config  # noqa: E402
 from parallel.embedded_data import register_datasets  # noqa: E402
@@ -84,7 +85,12 @@ def describe_head(job_config, head, parallel_dims) -> str:
     active = [f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
               if f.name in ("label_smoothing", "z_loss", "logit_softcap", "check_labels")
               and getattr(cfg, f.name) != f.default]
-    return (f"[fused_ce] on: backend {pick_backend(cfg.backend, head.weight.device.type)}; "
+    backend = pick_backend(cfg.backend, head.weight.device.type)
+    device = head.weight.device
+    path = logits_path(backend, dtype.itemsize, head.in_features,
+                       tma=device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9,
+                       softcap_with_smoothing=bool(cfg.logit_softcap and cfg.label_smoothing))
+    return (f"[fused_ce] on: backend {backend} ({path} path: {LOGITS_PATHS[path]}); "
             f"{chunks.n_chunks} chunk(s) of {rows} of {tokens} tokens per micro-batch ({plan}); "
             f"dW {dw}; vocab rows [{start}, {start + v_local}) of {vocab} on this rank"
             f"{f' (TP={parallel_dims.tp})' if parallel_dims.tp_enabled else ''}; "
