@@ -47,7 +47,8 @@ GEMM_CONFIG = dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3)
 _ROW_BLOCK = 4096  # elements per step of the row passes (whole tiles of BN)
 _ROW_WARPS = 8
 E_SCALE = 32768.0  # 2^15: E's largest element, exact in fp16 (max 65504)
-_COL_MAX, _COL_SUM, _COL_LOGIT_SUM, _COL_SPREAD, _COL_ARGMAX = 0, 1, 2, 3, 4
+# the partials' columns (constexpr: read inside the kernels)
+_COL_MAX, _COL_SUM, _COL_LOGIT_SUM, _COL_SPREAD, _COL_ARGMAX = (tl.constexpr(i) for i in range(5))
 # The interpreter's 16-bit bf16 dot is broken (triton 3.6): there the tiles go to fp32 first
 # (products of 16-bit numbers are exact in fp32, as in the tensor cores).
 _INTERPRET = tl.constexpr(bool(triton.knobs.runtime.interpret))
