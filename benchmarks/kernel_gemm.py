@@ -21,12 +21,10 @@ from fused_loss.options import LossOptions
 # chunk shapes (rows, D, V) of the plan at the default cap for the sweep's heads
 DEFAULT_SHAPES = "8192x4096x128256,3328x2048x151936,2048x2304x256000"
 CONFIGS = [
-    dict(BM=128, BN=256, BK=64, GROUP_M=16, num_warps=8, num_stages=3, PROMOTE=False),
-    dict(BM=128, BN=128, BK=64, GROUP_M=16, num_warps=4, num_stages=3, PROMOTE=False),
-    dict(BM=128, BN=128, BK=64, GROUP_M=16, num_warps=8, num_stages=3, PROMOTE=False),
-    dict(BM=128, BN=128, BK=64, GROUP_M=16, num_warps=8, num_stages=3, PROMOTE=True),
-    dict(BM=128, BN=128, BK=64, GROUP_M=16, num_warps=8, num_stages=4, PROMOTE=True),
-    dict(BM=128, BN=256, BK=64, GROUP_M=16, num_warps=8, num_stages=3, PROMOTE=True),
+    dict(BM=128, BN=256, BK=64, GROUP_M=16, num_warps=8, num_stages=3),
+    dict(BM=128, BN=128, BK=64, GROUP_M=16, num_warps=4, num_stages=3),
+    dict(BM=128, BN=128, BK=64, GROUP_M=16, num_warps=8, num_stages=3),
+    dict(BM=128, BN=128, BK=64, GROUP_M=16, num_warps=8, num_stages=4),
 ]
 
 
@@ -97,7 +95,7 @@ def main() -> int:
         flops = 2 * c * d * v
         mm = timed(lambda: torch.mm(h, w.t(), out=buf), args.warmup_s, args.reps)
         vendor = timed(lambda: rows_triton.row_stats_and_grad_(
-            rows_triton.logits(h, w, None, y, buf, opts), y, one, opts), args.warmup_s, args.reps)
+            rows_triton.vendor_chunk(h, w, None, y, buf, opts), y, one, opts), args.warmup_s, args.reps)
         line = [f"{c}x{d}x{v}", f"{mm:.3f} ({flops / mm / 1e9:.0f} TF/s)", f"{vendor:.3f}"]
         for cfg in configs:
             epilogue_triton.GEMM_CONFIG = cfg

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from kernel_common import IGNORE, Dev, NotAvailable
 
 ANCHOR_IMPLS = ("eager", "compile", "liger", "cce")
-ALL_IMPLS = ("fused", "fused_bf16dw", "fused_checked", "fused_lean", "eager", "compile", "liger", "cce", "floor")
+ALL_IMPLS = ("fused", "fused_fp32stats", "fused_bf16dw", "fused_checked", "fused_lean", "eager", "compile",
+             "liger", "cce", "floor")
 
 
 def _eager_sum(h, W, y):
@@ -66,12 +67,13 @@ def build_impl(name: str, args, dev: Dev, process_group=None, vocab_start=0, voc
     # fused_bf16dw: dW carried in bf16 across chunks; fused_checked: the op checks the label
     # range itself (one host sync); the trainer checks the CPU batch and passes False, as here
     # fused_lean: both memory knobs down (bf16 dW carry, half the default logits budget)
-    if name in ("fused", "fused_bf16dw", "fused_checked", "fused_lean"):
+    # fused_fp32stats: statistics and gradient rows from the fp32 product (the epilogue path)
+    if name in ("fused", "fused_fp32stats", "fused_bf16dw", "fused_checked", "fused_lean"):
         fused_linear_cross_entropy = _fused_entry()
         backend = args.backend
         kw = dict(reduction=args.reduction, backend=backend, ignore_index=IGNORE,
                   weight_grad_fp32=name not in ("fused_bf16dw", "fused_lean"),
-                  check_labels=name == "fused_checked")
+                  check_labels=name == "fused_checked", fp32_statistics=name == "fused_fp32stats")
         if args.chunk_budget_mib:
             kw["chunk_budget_bytes"] = args.chunk_budget_mib << 20
         if name == "fused_lean":

@@ -125,6 +125,7 @@ def fused_linear_cross_entropy(
     class_weight: Tensor | None = None,
     shift: bool = False,
     grad_scale: Tensor | float | None = None,
+    fp32_statistics: bool = False,
 ):
     """cross_entropy(hidden @ weight.T, labels) without ever holding the logits.
 
@@ -178,6 +179,14 @@ def fused_linear_cross_entropy(
     exactly (the backward multiplies by real / announced), with that one more rounding.
     "mean" announces 1 / (its denominator) itself (times grad_scale, if given).
 
+    fp32_statistics: with 16-bit inputs, the row statistics (log-sum-exp, target logit, ...)
+    and the gradient rows come from the fp32 product of the inputs, never from logits rounded
+    to 16 bits (eager rounds them first): on LM-like inputs the loss is ~4x and dh, dW ~2x more
+    accurate than eager's (benchmarks/RESULTS.md). The Triton backend takes them from its own
+    GEMM's fp32 accumulator (plan.logits_path "epilogue": a GPU of compute capability >= 9, D a
+    multiple of 8, not softcap with label smoothing; elsewhere the 16-bit logits as without
+    it), today slower than the default cuBLAS path; the torch backend multiplies in fp32.
+
     token_stats (needs return_aux) fills FusedCEAux's entropy, predicted and correct from the
     same statistics pass (two more fp32 numbers per row, in the same all-gather under vocab
     parallelism); off, the op computes exactly what it computes without the option.
@@ -190,6 +199,8 @@ def fused_linear_cross_entropy(
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not isinstance(token_stats, bool):
         raise ValueError(f"token_stats must be True or False, got {token_stats!r}")
+    if not isinstance(fp32_statistics, bool):
+        raise ValueError(f"fp32_statistics must be True or False, got {fp32_statistics!r}")
     if token_stats and not return_aux:
         raise ValueError("token_stats=True needs return_aux=True (the per-token outputs are "
                          "FusedCEAux's entropy, predicted and correct)")
@@ -271,7 +282,7 @@ def fused_linear_cross_entropy(
                        chunk_budget_bytes=chunk_budget_bytes)
     op_args = dict(opts.to_op_args(), group_name=group_name, backend=backend, chunk=plan.rows,
                    carry_fp32=plan.carry_fp32, check_labels=check_labels,
-                   token_stats=token_stats)
+                   token_stats=token_stats, fp32_statistics=fp32_statistics)
 
     if reduction == "none":
         with autocast_off:

@@ -58,20 +58,25 @@ def _has_tma(*tensors: torch.Tensor) -> bool:
     return capable and all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
-def path_of(backend: str, hidden: torch.Tensor, weight: torch.Tensor, opts: LossOptions) -> str:
+def path_of(backend: str, hidden: torch.Tensor, weight: torch.Tensor, opts: LossOptions,
+            fp32_statistics: bool) -> str:
     """This call's logits path (plan.logits_path), with the tensors' own facts."""
     return logits_path(backend, hidden.element_size(), hidden.shape[-1],
+                       fp32_statistics=fp32_statistics,
                        tma=backend == "triton" and _has_tma(hidden, weight),
                        softcap_with_smoothing=bool(opts.logit_softcap is not None
                                                    and opts.label_smoothing))
 
 
-def path_rows(path: str) -> ModuleType:
-    """The module that makes a chunk's logits on `path` and runs its row passes."""
+def path_ops(path: str, backend: str):
+    """(logits, rows) on `path`: the chunk's GEMM, and the module of its row passes."""
     if path == "epilogue":
         from . import epilogue_triton
-        return epilogue_triton
-    return rows_backend("torch" if path == "fp32" else "triton")
+        return epilogue_triton.logits, epilogue_triton
+    if path == "fp32":
+        return rows_torch.logits, rows_torch
+    rows = rows_backend(backend)
+    return rows.vendor_chunk, rows
 
 
 def loss_from_stats(stats: torch.Tensor, labels: torch.Tensor, opts: LossOptions):
@@ -185,7 +190,8 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
         carry_fp32: bool = False, token_stats: bool = False,
         bias: torch.Tensor | None = None, row_weight: torch.Tensor | None = None,
         lse_in: torch.Tensor | None = None, grad_rows: torch.Tensor | None = None,
-        grad_scale: torch.Tensor | None = None, mean: bool = False):
+        grad_scale: torch.Tensor | None = None, mean: bool = False,
+        fp32_statistics: bool = False):
     """hidden [N, D], weight [V_local, D], labels [N] -> (loss [N], lse [N], dh, dW, db,
     entropy, predicted, denom).
 
@@ -212,10 +218,13 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
     the scale): their host time (~0.3-0.5 ms on an H200's host, where a small kernel's launch
     takes ~50 us) then runs behind that GEMM instead of in front of it, where a call that
     starts from an idle device would wait for it.
+    fp32_statistics: the statistics and gradient rows from the fp32 product of 16-bit inputs
+    (the "epilogue" and "fp32" paths of plan.logits_path), not from their 16-bit logits.
     With lse_in and grad_rows (the backward of reduction="none"): recompute z, skip the
     statistics and the collective, and return only (dh, dW, db) scaled per row by grad_rows.
     """
-    rows = path_rows(path_of(backend, hidden, weight, opts))
+    chunk_logits, rows = path_ops(path_of(backend, hidden, weight, opts, fp32_statistics),
+                                  backend)
     group = resolve_group(group_name) if group_name else None
     if group is not None:
         check_tiling(group_name, opts.vocab_start, weight.shape[0], opts.vocab_size)
@@ -224,8 +233,8 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
     buf = torch.empty(min(chunk, n_tokens), weight.shape[0], dtype=hidden.dtype,
                       device=hidden.device)
     if n_tokens:  # the first chunk's GEMM before anything else (see the docstring)
-        logits = rows.logits(hidden[:chunk], weight, bias, labels[:chunk], buf[:chunk], opts,
-                             token_stats)
+        logits = chunk_logits(hidden[:chunk], weight, bias, labels[:chunk], buf[:chunk], opts,
+                              token_stats)
     if not recompute:
         loss = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(loss)
@@ -258,7 +267,7 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
         h_c, y_c = hidden[first:last], labels[first:last]
         z = buf[: last - first]
         if first:  # the first chunk's was launched above
-            logits = rows.logits(h_c, weight, bias, y_c, z, opts, token_stats)
+            logits = chunk_logits(h_c, weight, bias, y_c, z, opts, token_stats)
         if recompute:
             rows.row_grad_(logits, lse_in[first:last], y_c, grad_rows[first:last], opts)
         elif (want_grad and group is None and row_weight is None

@@ -41,9 +41,11 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from .options import LossOptions
 from .rows_triton import _cap, _row_target, _sech2, _store_stats
 
-# One configuration (chosen on an H200: benchmarks/NOTES.md); the row passes walk the
-# partials tile by tile, so BN is part of the format, not a tuning knob behind autotune.
-GEMM_CONFIG = dict(BM=128, BN=128, BK=64, GROUP_M=16, num_warps=8, num_stages=3, PROMOTE=True)
+# One configuration, the fastest of kernel_gemm.py's on an H200 (benchmarks/NOTES.md): 96 KB
+# of shared memory and 4 warps, so two programs share a multiprocessor and one's epilogue runs
+# beside the other's main loop. The row passes walk the partials tile by tile, so BN is part
+# of the format, not a tuning knob behind autotune.
+GEMM_CONFIG = dict(BM=128, BN=128, BK=64, GROUP_M=16, num_warps=4, num_stages=3)
 _ROW_BLOCK = 4096  # elements per step of the row passes (whole tiles of BN)
 _ROW_WARPS = 8
 E_SCALE = 32768.0  # 2^15: E's largest element, exact in fp16 (max 65504)
@@ -75,8 +77,7 @@ def _logits_kernel(h_desc, w_desc, bias_ptr, labels_ptr, e_ptr, stride_e, part_p
                    M, V, K, vocab_start, cap, e_scale,
                    HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, NEED_SUM: tl.constexpr,
                    TOKEN_STATS: tl.constexpr, P: tl.constexpr, BM: tl.constexpr,
-                   BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                   PROMOTE: tl.constexpr):
+                   BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     n_m = tl.cdiv(M, BM)
     n_n = tl.cdiv(V, BN)
@@ -94,13 +95,7 @@ def _logits_kernel(h_desc, w_desc, bias_ptr, labels_ptr, e_ptr, stride_e, part_p
         if _INTERPRET:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        if PROMOTE:
-            # each BK block's products summed by the tensor cores alone, the blocks by fp32
-            # adds that round to nearest: the tensor cores' own accumulation truncates, a bias
-            # that grows with K (measured: 5e-5 in the lse at D=4096, benchmarks/NOTES.md)
-            acc += tl.dot(a, b.T)
-        else:
-            acc = tl.dot(a, b.T, acc)
+        acc = tl.dot(a, b.T, acc)
 
     rows = m0 + tl.arange(0, BM)
     cols = n0 + tl.arange(0, BN)

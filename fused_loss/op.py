@@ -54,7 +54,7 @@ def _sum(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = N
             label_smoothing: float, z_loss: float, logit_softcap: float | None,
             vocab_start: int, vocab_size: int, group_name: str, backend: str, chunk: int,
             want_grad: bool, carry_fp32: bool, check_labels: bool,
-            token_stats: bool = False, mean: bool = False
+            token_stats: bool = False, mean: bool = False, fp32_statistics: bool = False
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     opts = LossOptions.from_op_args(locals())  # first statement: locals() are the arguments
     if check_labels:
@@ -62,7 +62,8 @@ def _sum(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = N
     loss, lse, dh, dw, db, entropy, predicted, denom = chunked.run(
         hidden, weight, labels, opts, backend=backend, chunk=chunk, group_name=group_name,
         want_grad=want_grad, carry_fp32=carry_fp32, token_stats=token_stats,
-        bias=bias, row_weight=row_weight, grad_scale=grad_scale, mean=mean)
+        bias=bias, row_weight=row_weight, grad_scale=grad_scale, mean=mean,
+        fp32_statistics=fp32_statistics)
     return loss.sum(), lse, dh, dw, db, entropy, predicted, denom
 
 
@@ -187,13 +188,15 @@ def lce_rows(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None
              label_smoothing: float, z_loss: float, logit_softcap: float | None,
              vocab_start: int, vocab_size: int, group_name: str, backend: str, chunk: int,
              carry_fp32: bool, check_labels: bool,
-             token_stats: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+             token_stats: bool = False, fp32_statistics: bool = False
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     opts = LossOptions.from_op_args(locals())  # first statement: locals() are the arguments
     if check_labels:
         chunked.check_label_range(labels, opts.vocab_size, opts.ignore_index)
     loss, lse, _, _, _, entropy, predicted, _ = chunked.run(
         hidden, weight, labels, opts, backend=backend, chunk=chunk, group_name=group_name,
-        want_grad=False, token_stats=token_stats, bias=bias, row_weight=row_weight)
+        want_grad=False, token_stats=token_stats, bias=bias, row_weight=row_weight,
+        fp32_statistics=fp32_statistics)
     return loss, lse, entropy, predicted
 
 
@@ -209,11 +212,13 @@ def lce_rows_backward(hidden: Tensor, weight: Tensor, labels: Tensor, lse: Tenso
                       grad_rows: Tensor, bias: Tensor | None = None, *, ignore_index: int,
                       label_smoothing: float, z_loss: float, logit_softcap: float | None,
                       vocab_start: int, vocab_size: int, backend: str, chunk: int,
-                      carry_fp32: bool) -> tuple[Tensor, Tensor, Tensor]:
+                      carry_fp32: bool, fp32_statistics: bool = False
+                      ) -> tuple[Tensor, Tensor, Tensor]:
     opts = LossOptions.from_op_args(locals())  # first statement: locals() are the arguments
     dh, dw, db = chunked.run(hidden, weight, labels, opts, backend=backend, chunk=chunk,
                              group_name="", want_grad=True, carry_fp32=carry_fp32,
-                             bias=bias, lse_in=lse, grad_rows=grad_rows.float().contiguous())
+                             bias=bias, lse_in=lse, grad_rows=grad_rows.float().contiguous(),
+                             fp32_statistics=fp32_statistics)
     return dh, dw.to(weight.dtype), db if bias is None else db.to(bias.dtype)
 
 

@@ -91,25 +91,30 @@ LOGITS_PATHS = {
 }
 
 
-def logits_path(backend: str, element_size: int, d: int, *, tma: bool,
+def logits_path(backend: str, element_size: int, d: int, *, fp32_statistics: bool, tma: bool,
                 softcap_with_smoothing: bool = False) -> str:
-    """Where a chunk's logits and their row statistics come from (the start-up line names it):
+    """Where a chunk's logits and their row statistics come from (the start-up line names it).
+    With fp32_statistics (16-bit inputs; fp32 inputs have fp32 logits on every path):
 
-      "epilogue"  backend triton, 16-bit inputs: the Triton GEMM whose epilogue takes the
-                  statistics and exponentials from its fp32 accumulator (epilogue_triton); needs
-                  TMA (`tma`: a CUDA GPU of compute capability >= 9 and 16-byte aligned inputs,
-                  or the interpreter), rows of D * element_size bytes in multiples of 16, and
-                  not a softcap together with label smoothing (see epilogue_triton)
+      "epilogue"  backend triton: the Triton GEMM whose epilogue takes the statistics and
+                  exponentials from its fp32 accumulator (epilogue_triton); needs TMA (`tma`: a
+                  CUDA GPU of compute capability >= 9 and 16-byte aligned inputs, or the
+                  interpreter), rows of D * element_size bytes in multiples of 16, and not a
+                  softcap together with label smoothing (see epilogue_triton)
       "fp32"      backend torch: the fp32 product of the inputs (16-bit inputs multiplied
                   exactly, accumulated in fp32), torch's row passes on it
-      "vendor"    backend triton otherwise: the vendor GEMM's logits in the inputs' dtype
-                  (16-bit inputs: rounded to 16 bits before the statistics, as eager's),
-                  Triton's row passes in place
+    Otherwise, and where the epilogue cannot run:
+      "vendor"    the vendor GEMM's logits in the inputs' dtype (16-bit inputs: rounded to 16
+                  bits before the statistics, as eager's), the backend's row passes in place
+
+    Not the default: the epilogue GEMM runs at 0.78-0.87x cuBLAS's speed on an H200
+    (benchmarks/NOTES.md), so the accuracy costs time until it matches cuBLAS.
     """
+    if not fp32_statistics or element_size != 2:
+        return "vendor"
     if backend == "torch":
         return "fp32"
-    if (element_size == 2 and tma and (d * element_size) % 16 == 0
-            and not softcap_with_smoothing):
+    if tma and (d * element_size) % 16 == 0 and not softcap_with_smoothing:
         return "epilogue"
     return "vendor"
 

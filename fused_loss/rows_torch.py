@@ -6,8 +6,8 @@ summed in fp32, as the Triton backend's GEMM epilogue sees them), so the statist
 `row_stats` never come from logits rounded to 16 bits; `row_grad_` writes the gradient rows,
 rounded once, into the chunk's buffer in the inputs' dtype, which the dh / dW GEMMs read.
 `scale_into` is the backward's last pass: the saved gradients times the upstream scalar.
-`vendor_logits` is the vendor GEMM in the buffer's own dtype (also the Triton backend's
-"vendor" path).
+`vendor_chunk` is the "vendor" path instead: the GEMM's logits in the buffer's own dtype,
+read as they are (16-bit inputs: rounded before the statistics, as eager's).
 """
 
 from __future__ import annotations
@@ -33,6 +33,14 @@ def vendor_logits(h_c, weight, bias, out) -> None:
         torch.mm(h_c, weight.t(), out=out)
     else:
         torch.addmm(bias, h_c, weight.t(), out=out)
+
+
+def vendor_chunk(h_c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 labels: torch.Tensor, out: torch.Tensor, opts: LossOptions,
+                 token_stats: bool = False) -> Logits:
+    """The chunk's logits by the vendor GEMM into `out`, in its dtype (the "vendor" path)."""
+    vendor_logits(h_c, weight, bias, out)
+    return Logits(out, out)
 
 
 def logits(h_c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -2,7 +2,7 @@
 Triton backend's "vendor" path (plan.logits_path: fp32 inputs, and 16-bit inputs where the
 GEMM epilogue path cannot run), and the backward's scale pass on every Triton path.
 
-Same contract as rows_torch, but the chunk is the logits buffer itself: `logits` is the
+Same contract as rows_torch, but the chunk is the logits buffer itself: `vendor_chunk` is the
 vendor GEMM in the inputs' dtype. One program per row walks the vocabulary slice in blocks: the
 statistics pass keeps an online max / sum-exp in fp32 (one exp per element) over the logits
 as the buffer holds them (for 16-bit inputs rounded to 16 bits, as eager's: the fallback's
@@ -225,9 +225,9 @@ def _stats_consts(opts: LossOptions, token_stats: bool) -> dict:
                 N_STATS=6 if token_stats else 4)
 
 
-def logits(h_c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           labels: torch.Tensor, out: torch.Tensor, opts: LossOptions,
-           token_stats: bool = False) -> torch.Tensor:
+def vendor_chunk(h_c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 labels: torch.Tensor, out: torch.Tensor, opts: LossOptions,
+                 token_stats: bool = False) -> torch.Tensor:
     """The chunk's logits by the vendor GEMM, into `out` (the chunk the row passes take)."""
     vendor_logits(h_c, weight, bias, out)
     return out

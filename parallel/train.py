@@ -83,12 +83,13 @@ def describe_head(job_config, head, parallel_dims) -> str:
     else:
         dw = f"in {dtype_name} (no carry: one chunk or fp32)"
     active = [f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
-              if f.name in ("label_smoothing", "z_loss", "logit_softcap", "check_labels")
+              if f.name in ("label_smoothing", "z_loss", "logit_softcap", "check_labels",
+                            "fp32_statistics")
               and getattr(cfg, f.name) != f.default]
     backend = pick_backend(cfg.backend, head.weight.device.type)
     device = head.weight.device
     path = logits_path(backend, dtype.itemsize, head.in_features,
-                       tma=device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9,
+                       fp32_statistics=cfg.fp32_statistics, tma=device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9,
                        softcap_with_smoothing=bool(cfg.logit_softcap and cfg.label_smoothing))
     return (f"[fused_ce] on: backend {backend} ({path} path: {LOGITS_PATHS[path]}); "
             f"{chunks.n_chunks} chunk(s) of {rows} of {tokens} tokens per micro-batch ({plan}); "

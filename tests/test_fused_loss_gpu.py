@@ -410,9 +410,9 @@ def test_token_stats_bf16_8b_head(reduction):
     loss, aux = fused_linear_cross_entropy(h, w, labels, return_aux=True, token_stats=True,
                                            reduction=reduction)
     loss.sum().backward()
-    # entropy and argmax from the GEMM's fp32 accumulator (the epilogue path), against the
-    # fp64 product of the bf16 inputs: the pick within the accumulation's error of the max
-    _check_tokens_fp64(hidden, weight, labels, aux, entropy_tol=1e-4, slack=1e-4)
+    # bf16 logits tie often: the pick is within one bf16 ulp of the max
+    _check_tokens_fp64(hidden, weight, labels, aux, logits_dtype=torch.bfloat16,
+                       entropy_tol=1e-4, slack=2 ** -7)
 
 
 def test_token_stats_change_nothing_else():

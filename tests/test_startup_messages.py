@@ -49,7 +49,7 @@ def test_start_up_line_one_gpu_bf16():
     job = parse("--fused_ce.enable", "--fused_ce.chunk_budget_mib", "512", "--fused_ce.z_loss", "1e-4",
                 "--training.seq_len", "4096", "--training.mixed_precision_param", "bfloat16")
     line = describe_head(job, _head(vocab=100_000), _dims(fsdp_enabled=True))
-    assert line == ("[fused_ce] on: backend torch (fp32 path: statistics from the fp32 product); 4 chunk(s) of 2048 of 8192 tokens per micro-batch "
+    assert line == ("[fused_ce] on: backend torch (vendor path: statistics from the vendor GEMM's logits in the inputs' dtype); 4 chunk(s) of 2048 of 8192 tokens per micro-batch "
                     "(chunk_budget_mib=512 of bfloat16 logits); dW carried across chunks in fp32; "
                     "vocab rows [0, 100000) of 100000 on this rank; options: z_loss=0.0001")
 
