@@ -46,6 +46,11 @@ EQUAL_CASES = [  # (splits, reduction, options)
     # the chunks planned under a cap (no chunk_size): 4 fp32 rows of the larger slice (34),
     # 5 of the smaller (33); both ranks must run the same chunks, planned on ceil(67 / 2)
     ((34, 33), "sum", {"chunk_budget_bytes": 660}),
+    # fp32_statistics in fp16: the Triton epilogue path (interpreter), each rank's tiles merged,
+    # then the ranks' statistics in the one all-gather
+    ((300, 217), "mean", {"fp32_statistics": True, "backend": "triton", "token_stats": True,
+                          "z_loss": 1e-3}),
+    ((260, 261), "none", {"fp32_statistics": True, "backend": "triton", "bias": True}),
 ]
 STARTS = {(64, 38): (38, 0), (64, 40): (40, 0)}  # else rank r starts at sum(splits[:r])
 TILING_CASES = [  # (splits, starts, expected error), weight of 97 rows
@@ -118,12 +123,14 @@ def _equal_case(splits, reduction, options):
     labels[::4] = -100
     upstream = torch.rand(n - bool(options.get("shift"))) if reduction == "none" else None
     options = dict(options, reduction=reduction)
+    if options.get("fp32_statistics"):  # 16-bit inputs (their dot is exact in the interpreter)
+        hidden, weight = hidden.half(), (weight / 2).half()
     if "chunk_budget_bytes" not in options:
         options["chunk_size"] = 6
     if options.get("logit_softcap") == 1.0:  # |z| >> cap: capped logits tie at 1.0 exactly
         hidden = hidden * 20
     if options.get("bias"):
-        options["bias"] = torch.randn(v) * 2
+        options["bias"] = (torch.randn(v) * 2).to(hidden.dtype)
     if options.get("class_weight"):
         options["class_weight"] = torch.rand(v) * 3
     starts = STARTS.get(splits) or [sum(splits[:r]) for r in range(WORLD)]
@@ -150,6 +157,7 @@ def parallel_results():
                               f"{'-class_weight' if c[2].get('class_weight') else ''}"
                               f"{'-shift' if c[2].get('shift') else ''}"
                               f"{'-capped' if c[2].get('chunk_budget_bytes') else ''}"
+                              f"{'-fp32_statistics' if c[2].get('fp32_statistics') else ''}"
                               for c in EQUAL_CASES])
 def test_two_ranks_equal_one(parallel_results, index):
     cases, results, _ = parallel_results
@@ -165,6 +173,22 @@ def test_two_ranks_equal_one(parallel_results, index):
     if isinstance(loss, tuple):
         loss, aux = loss
     (loss * upstream if upstream is not None else loss).sum().backward()
+    if options.get("fp32_statistics"):
+        # both runs round the gradient rows to fp16 once, from statistics that agree to fp32
+        # (merged over tiles, then over ranks): agreement to a few fp16 ulps
+        want_entropy = reference_token_stats(hidden, weight, labels)[0]
+        exact = reference_loss(hidden, weight, labels, reduction=reduction, upstream=upstream,
+                               bias=bias, z_loss=options.get("z_loss", 0.0))[0]
+        assert rel_err(loss, exact) < 1e-6  # the statistics of the fp32 product, not fp16 logits
+        for rank, (r_loss, r_dh, r_dw, *tokens) in enumerate(results[index]):
+            assert rel_err(r_loss, loss) < 1e-6
+            assert rel_err(r_dh, h.grad) < 2e-3
+            assert rel_err(r_dw, w.grad[starts[rank]:starts[rank] + splits[rank]]) < 2e-3
+            if tokens and options.get("token_stats"):
+                torch.testing.assert_close(tokens[0].double(), want_entropy, rtol=1e-5,
+                                           atol=1e-5)
+                assert torch.equal(tokens[1], aux.predicted)
+        return
     if (bias is not None or "class_weight" in options) and not options.get("shift"):
         # the one process against fp64 (test_fused_loss checks shift against it)
         want = reference_loss(hidden, weight, labels, reduction=reduction, upstream=upstream,
