@@ -114,7 +114,9 @@ def test_quick_cpu_appends(tmp_path):
 SWEEP_HEADER = ["axis", "N", "D", "V", "fused ms", "compile ms", "fused/compile ms", "fused peak GiB",
                 "compile peak GiB", "fused/compile peak", "plan chunks", "plan rows", "plan fp32 carry", "plan ms",
                 "fused ms / plan", "plan workspace GiB", "fused peak / plan", "fused dh err", "eager dh err",
-                "fused dW err", "eager dW err", "fused loss err", "eager loss err", "status"]
+                "fused dW err", "eager dW err", "fused loss err", "eager loss err", "fused dh err lm",
+                "eager dh err lm", "fused dW err lm", "eager dW err lm", "fused loss err lm",
+                "eager loss err lm", "status"]
 
 
 def test_quick_cpu_sweep_prints_ratio_table(tmp_path):
@@ -131,7 +133,7 @@ def test_quick_cpu_sweep_prints_ratio_table(tmp_path):
     for r in body:
         assert float(r[4]) > 0, r  # fused timed on CPU
         assert r[5].startswith("n/a"), r  # torch.compile is not run on CPU
-        for err in r[17:23]:  # fused and eager against fp64
+        for err in r[17:29]:  # fused and eager against fp64, on random and LM-like inputs
             assert float(err) < 2e-2, r
         # the plan's prediction beside the measurement
         assert r[10].isdigit(), r
@@ -173,7 +175,7 @@ def test_sweep_shows_the_plan():
     assert _cells(table[0]) == SWEEP_HEADER
     assert _cells(table[2]) == ["N", "8192", "4096", "128256", "42.00", "40.00", "1.050", "1.50", "2.00", "0.75",
                                 "4", "2048", "yes", "40.00", "1.05", "1.50", "1.00", "1.0e-03", "2.0e-03",
-                                "2.0e-03", "3.0e-03", "1.0e-06", "1.0e-06", "ok"]
+                                "2.0e-03", "3.0e-03", "1.0e-06", "1.0e-06", "", "", "", "", "", "", "ok"]
 
 
 def test_quick_cpu_options_table(tmp_path):

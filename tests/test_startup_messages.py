@@ -82,3 +82,13 @@ def test_start_up_line_tp_alone_is_fp32_and_names_the_slice():
     assert "6 chunk(s) of 100 of 512 tokens per micro-batch (chunk_size=100)" in line
     assert "dW in float32 (no carry: one chunk or fp32)" in line  # TP alone trains in fp32
     assert "vocab rows [6, 11) of 11 on this rank (TP=2)" in line
+
+
+def test_start_up_line_names_the_fp32_statistics_path():
+    # bf16 on the torch backend: the fp32 product (the option, off by default, is listed)
+    job = parse("--fused_ce.enable", "--fused_ce.fp32_statistics",
+                "--training.mixed_precision_param", "bfloat16")
+    line = describe_head(job, _head(), _dims(fsdp_enabled=True))
+    assert line.startswith("[fused_ce] on: backend torch (fp32 path: statistics from the fp32 "
+                           "product); ")
+    assert line.endswith("options: fp32_statistics=True")
