@@ -19,20 +19,18 @@ from fused_loss import (DEFAULT_CHUNK_BUDGET_BYTES, LossOptions, check_chunk_bud
 
 @dataclass
 class FusedCE:
+    # One line per help text: tyro keeps a docstring's line breaks, which would break --help mid-phrase.
     enable: bool = False
-    """Compute the LM head and cross-entropy with the fused op (never materializes logits)."""
+    """Compute the LM head and cross-entropy with one fused op that never materializes the logits."""
 
     backend: str = "auto"
-    """Kernel backend: auto (triton on GPU, torch on CPU), triton or torch (refused at start-up
-    without CUDA)."""
+    """Kernel: auto (triton on GPU, torch on CPU), triton (needs CUDA) or torch."""
 
     chunk_size: int = 0
-    """Tokens per chunk; 0 plans the chunks per call (fused_loss.plan_chunks) under chunk_budget_mib."""
+    """Tokens per chunk; 0 = planned per call under chunk_budget_mib."""
 
     chunk_budget_mib: int = DEFAULT_CHUNK_BUDGET_BYTES // 2**20
-    """Cap in MiB on one [chunk, local vocab] logits buffer, not the plan: the op runs the fewest
-    chunks under it, or fewer, larger chunks (one without the fp32 dW carry) where they hold no
-    more memory in all and are no slower."""
+    """Cap in MiB on one [chunk, local vocab] logits buffer (fewer, larger chunks where they hold no more memory in all)."""
 
     z_loss: float = 0.0
     """Coefficient of the z-loss term (logsumexp**2) added to the loss; 0 = off."""
@@ -41,15 +39,13 @@ class FusedCE:
     """Label smoothing in [0, 1), as in torch.nn.functional.cross_entropy."""
 
     logit_softcap: float = 0.0
-    """Soft-cap logits as cap*tanh(logit/cap); 0 = off."""
+    """Soft-cap the logits as cap * tanh(logit / cap); 0 = off."""
 
     check_labels: bool = True
-    """Refuse a batch whose labels fall outside [0, vocab_size) (checked on the CPU copy, no device sync)."""
+    """Refuse a batch whose labels fall outside [0, vocab_size) (checked on the CPU copy: no device sync)."""
 
     weight_grad_fp32: bool = True
-    """Carry the head's weight gradient across chunks in fp32 (as accurate as eager; V_local*D*2
-    bytes more than dW itself until the backward); off: a bf16 carry, faster and leaner, one
-    rounding per chunk."""
+    """Carry the weight gradient across chunks in fp32 (eager's accuracy, V_local*D*2 bytes more); off: bf16, faster, leaner."""
 
     fp32_statistics: bool = False
     """Take the loss statistics and gradient rows from the fp32 product of the 16-bit inputs,
@@ -68,7 +64,9 @@ def kernel_options(cfg: FusedCE) -> dict:
     the kernel's None, and a negative value is an error naming the key."""
     for key, zero in (("logit_softcap", "off"), ("chunk_size", "planned under chunk_budget_mib")):
         if getattr(cfg, key) < 0:
-            raise ValueError(f"[fused_ce] {key} must be >= 0 (0 = {zero}), got {getattr(cfg, key):g}")
+            raise ValueError(f"fused_ce.{key} must be >= 0 (0 = {zero}), got {getattr(cfg, key):g}")
+    if cfg.chunk_budget_mib <= 0:
+        raise ValueError(f"fused_ce.chunk_budget_mib must be a positive number of MiB, got {cfg.chunk_budget_mib}")
     return dict(
         label_smoothing=cfg.label_smoothing,
         z_loss=cfg.z_loss,
@@ -94,12 +92,21 @@ def validate(cfg: FusedCE, vocab_size: int, tp_degree: int) -> None:
         pick_backend(cfg.backend, _device_type())
         LossOptions(label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss,
                     logit_softcap=options["logit_softcap"])
-    except ValueError as e:
-        raise ValueError(f"[fused_ce] {e}") from None
+    except ValueError as e:  # the kernel's message starts with the option's name
+        raise ValueError(f"fused_ce.{e}") from None
     if options["chunk_size"] is None:
         v_local = -(-vocab_size // tp_degree)  # the largest TP shard of the vocabulary
         try:
             check_chunk_budget(options["chunk_budget_bytes"], v_local)
         except ValueError as e:
-            raise ValueError(f"[fused_ce] chunk_budget_mib={cfg.chunk_budget_mib} is too small "
-                             f"for one row: {e}; raise it or set chunk_size") from None
+            raise ValueError(f"fused_ce.chunk_budget_mib={cfg.chunk_budget_mib} is too small "
+                             f"for one row: {e}; raise it or set fused_ce.chunk_size") from None
+
+
+if __name__ == "__main__":
+    # run_train.sh --help shows these first: torchtitan's own help lists them last, ~900 lines down.
+    import tyro
+
+    tyro.cli(JobConfig, prog="run_train.sh",
+             description="The fused head's options, --fused_ce.<key> here or <key> under [fused_ce] in the "
+                         "TOML; torchtitan's options follow below.")

@@ -41,7 +41,7 @@ FAMILIES = ("llama3", "llama4", "qwen3", "deepseek_v3", "gpt_oss")
 ALIASES = {"llama3_fused_ce": "llama3"}  # the name this project used before it served every family
 
 PP_REFUSAL = (
-    "[fused_ce] enable=true does not support pipeline parallelism "
+    "fused_ce.enable=true does not support pipeline parallelism "
     "(parallelism.pipeline_parallel_degree={degree}). Turn one of them off: "
     "--fused_ce.no-enable, or --parallelism.pipeline_parallel_degree 1."
 )
@@ -124,30 +124,41 @@ def register_train_specs() -> None:
         register_train_spec(alias, get_train_spec(name))
 
 
+def model_args_of(model_name: str, flavor: str):
+    """The model args `model.name` and `model.flavor` name (with the fused head on or off);
+    JobRefused naming the setting at fault and what it could be."""
+    register_train_specs()
+    try:
+        spec = get_train_spec(model_name)
+    except ValueError:  # torchtitan's "TrainSpec ... is not registered"
+        from torchtitan.models import _supported_models
+
+        others = sorted(set(_supported_models) - set(FAMILIES))
+        raise JobRefused(f"model.name={model_name!r} is not a model torchtitan knows; the fused head "
+                         f"serves {', '.join(FAMILIES)} (torchtitan also has {', '.join(others)})") from None
+    except ImportError as e:
+        raise JobRefused(f"model.name={model_name!r}: its train spec does not load "
+                         f"({type(e).__name__}: {e})") from None
+    if flavor not in spec.model_args:
+        raise JobRefused(f"model.flavor {flavor!r} is not a flavor of model.name={model_name!r} "
+                         f"(flavors: {', '.join(spec.model_args)})")
+    return spec, spec.model_args[flavor]
+
+
 def served_model_args(model_name: str, flavor: str):
     """The model args of a job the fused head serves; JobRefused naming what is missing.
 
     The spec must come from fused_train_spec; any other model is built on the meta
     device to say what it lacks.
     """
-    register_train_specs()
-    try:
-        spec = get_train_spec(model_name)
-    except (ValueError, ImportError) as e:
-        raise JobRefused(f"[fused_ce] enable=true cannot serve model.name={model_name!r}: its train "
-                         f"spec does not load ({type(e).__name__}: {e}), so it has no LM head the "
-                         "fused loss could take over") from None
-    if flavor not in spec.model_args:
-        raise JobRefused(f"model.flavor {flavor!r} is not a flavor of model.name={model_name!r} "
-                         f"(flavors: {', '.join(spec.model_args)})")
-    args = spec.model_args[flavor]
+    spec, args = model_args_of(model_name, flavor)
     if isinstance(spec.parallelize_fn, functools.partial) and spec.parallelize_fn.func is _parallelize:
         return args
     try:
         with torch.device("meta"):
             model = spec.model_cls(args)
     except Exception as e:  # a model that needs more than its args to be built
-        raise JobRefused(f"[fused_ce] enable=true cannot serve model.name={model_name!r}: building it "
+        raise JobRefused(f"fused_ce.enable=true cannot serve model.name={model_name!r}: building it "
                          f"on the meta device to find its LM head failed ({type(e).__name__}: {e}); "
                          "register its spec through parallel.specs.fused_train_spec, or turn the "
                          "head off with --fused_ce.no-enable") from None
@@ -158,6 +169,5 @@ def served_model_args(model_name: str, flavor: str):
     else:
         missing = ("a train spec derived by parallel.specs.fused_train_spec (served: "
                    f"{', '.join(FAMILIES)}); register yours that way")
-    raise JobRefused(f"[fused_ce] enable=true cannot serve model.name={model_name!r}: the fused head "
+    raise JobRefused(f"fused_ce.enable=true cannot serve model.name={model_name!r}: the fused head "
                      f"needs {missing}. Or turn it off with --fused_ce.no-enable.")
-
