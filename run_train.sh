@@ -10,13 +10,21 @@
 # COMM_MODE     fake_backend | local_tensor: one-process dry run of an NGPU-rank job (1 step)
 # NNODES, NODE_RANK, RDZV_ENDPOINT (host:port of node 0), RDZV_ID: multi-node over torchrun's
 #               c10d rendezvous; run the same command on every node.
-# FUSED_CE_RUN  name of this run's TensorBoard folder under <dump_folder>/tb (default: start time
-#               to the second + the launcher's pid, so runs never share one; give every node the same)
+# FUSED_CE_RUN  name of this run's TensorBoard folder under <dump_folder>/tb, to which -fused or
+#               -baseline is added (default: start time to the second + the launcher's pid, so runs
+#               never share one; give every node the same)
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-CONFIG_FILE=$(realpath "${CONFIG_FILE:-$here/train_configs/debug_model.toml}")
-cd "$here"  # the configs name repository paths (tests/assets, ./outputs)
+CONFIG_FILE=${CONFIG_FILE:-$here/train_configs/debug_model.toml}
+if [[ ! -f "$CONFIG_FILE" ]]; then
+    echo "run_train.sh: CONFIG_FILE=$CONFIG_FILE: no such file (relative paths start at $PWD)" >&2
+    exit 2
+fi
+CONFIG_FILE=$(realpath "$CONFIG_FILE")
+# The job runs where it was started, as any command-line tool: the TOML's relative paths
+# (dump_folder, hf_assets_path, dataset_path) start there. The checkout's code is imported first.
+export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 
 gpus=0
 if command -v nvidia-smi >/dev/null 2>&1; then
@@ -56,8 +64,11 @@ config_args=(--job.config_file "$CONFIG_FILE" --job.custom_config_module=paralle
 
 for arg in "$@"; do
     if [[ "$arg" == -h || "$arg" == --help ]]; then
-        # One process, no torchrun: the help without "[rank0]:" on every line.
-        echo "run_train.sh: the fused head's options (--fused_ce.*) are the last section, 'fused-ce options'."
+        # One process, no torchrun: the help without "[rank0]:" on every line; the fused head's
+        # options first, then torchtitan's (where they come again, last).
+        python3 -m parallel.config --help
+        echo
+        echo "run_train.sh: every option, torchtitan's and the fused head's (last), as in the TOML:"
         exec python3 -m "$TRAIN_FILE" "${config_args[@]}" "$@"
     fi
 done

@@ -4,8 +4,8 @@ torchtitan assumes an accelerator: it binds `device_type` when it is imported
 and falls back to "cuda" on a CPU-only machine. `apply()` must therefore run
 before anything imports torchtitan; `parallel/train.py` (and the tests'
 conftest) call it. On a GPU machine it only tidies two log texts (see
-`_tidy_logs`) and names each run's TensorBoard folder apart (see
-`_one_folder_per_run`); everything else is CPU-only.
+`_tidy_logs`) and names each run's TensorBoard folder apart, with the head it ran
+(see `_one_folder_per_run`); everything else is CPU-only.
 """
 
 import logging
@@ -19,7 +19,7 @@ import torch
 from torch.distributed.distributed_c10d import ProcessGroupGloo
 from torch.distributed.fsdp import FSDPModule
 
-from parallel.metrics import CPU_MEMORY_RENAMES
+from parallel.metrics import CPU_MEMORY_RENAMES, SEED_TAG
 
 _GIB = 2**30
 
@@ -205,6 +205,16 @@ class _LogText(logging.Filter):
         self.cpu = cpu
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith("torchtitan version: "):
+            # "... (0.0.0 means __version__ is not defined correctly)": a note to torchtitan's developers
+            record.msg, record.args = f"torchtitan {record.args[0]}, torch {torch.__version__}", ()
+        if isinstance(record.msg, str) and record.msg.startswith("model.safetensors.index.json not found"):
+            # Every tokenizer-only hf_assets_path gets it; it says only that an HF-format checkpoint
+            # (checkpoint.last_save_in_hf) is written as one file (the README's checkpoint section says so).
+            return False
+        if isinstance(record.msg, str) and record.msg.startswith("HF assets path ") and "does not exist" in record.msg:
+            # parallel.train's start-up check says what stands in for it, or refuses the job
+            return False
         if isinstance(record.msg, str) and not record.args:
             msg = re.sub(r"^(Building \S+ \S+)with ", r"\1 with ", record.msg)  # torchtitan's missing space
             if self.cpu:
@@ -228,7 +238,8 @@ _run_name: str | None = None
 
 
 def run_name() -> str:
-    """This job's TensorBoard run folder name: $FUSED_CE_RUN, else to the second plus this pid.
+    """This job's TensorBoard run name (its folder adds -fused or -baseline): $FUSED_CE_RUN, else
+    the time to the second plus this pid.
     Kept in this process only: processes it starts (tests' jobs) must name their own runs."""
     global _run_name
     if _run_name is None:
@@ -240,18 +251,34 @@ class _RunFolderClock:
     """Stands in for `datetime` in torchtitan's metrics module, whose one use of it names the run
     folder to the minute: two short runs started in one minute then share a folder."""
 
-    @staticmethod
-    def now():
-        return _RunFolderClock()
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def now(self):
+        return self
 
     def strftime(self, fmt: str) -> str:
-        return run_name()
+        return self.folder
 
 
 def _one_folder_per_run() -> None:
+    """Each run's TensorBoard folder is `<run_name()>-fused` or `-baseline`, and holds its seed (SEED_TAG)."""
     from torchtitan.components import metrics
 
-    metrics.datetime = _RunFolderClock
+    build = metrics._build_metric_logger
+
+    def build_in_run_folder(job_config, *args, **kwargs):
+        fused_ce = getattr(job_config, "fused_ce", None)  # absent without parallel.config
+        head = "fused" if fused_ce is not None and fused_ce.enable else "baseline"
+        metrics.datetime = _RunFolderClock(f"{run_name()}-{head}")
+        metric_logger = build(job_config, *args, **kwargs)
+        # torchtitan's LoggerContainer keeps its loggers private; the TensorBoard one has the writer.
+        for each in getattr(metric_logger, "_loggers", ()):
+            if isinstance(each, metrics.TensorBoardLogger):
+                each.writer.add_text(SEED_TAG, str(job_config.debug.seed), 0)
+        return metric_logger
+
+    metrics._build_metric_logger = build_in_run_folder
 
 
 def applied() -> bool:

@@ -72,6 +72,7 @@ __all__ = [
     "MEMORY_PREFIX",
     "TOKEN_ACCURACY_TAG",
     "TPS_TAG",
+    "SEED_TAG",
     "Z_LOSS_TAG",
     "FusedCEStats",
 ]
@@ -91,6 +92,8 @@ MAX_ACTIVE_TAG = MEMORY_PREFIX + "max_active(GiB)"
 CPU_MEMORY_RENAMES = {"max_active": "cpu_rss_current", "max_reserved": "cpu_rss_peak"}
 CPU_RSS_PEAK_TAG = MAX_RESERVED_TAG.replace("max_reserved", CPU_MEMORY_RENAMES["max_reserved"])
 CPU_RSS_CURRENT_TAG = MAX_ACTIVE_TAG.replace("max_active", CPU_MEMORY_RENAMES["max_active"])
+# A text tag, once per run: the job's debug.seed ("None" when unset), which a comparison of runs checks.
+SEED_TAG = "job/seed"
 
 
 class _Logger(Protocol):

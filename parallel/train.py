@@ -25,14 +25,22 @@ from fused_loss import check_label_range, group_v_local, pick_backend, plan_chun
 from fused_loss.plan import LOGITS_PATHS, logits_path  # noqa: E402
 
 from parallel import config  # noqa: E402
-from parallel.embedded_data import register_datasets  # noqa: E402
+from parallel.embedded_data import resolve_data  # noqa: E402
 from parallel.fused_head import FusedCELoss  # noqa: E402
-from parallel.specs import JobRefused, PP_REFUSAL, register_train_specs, served_model_args  # noqa: E402
+from parallel.specs import JobRefused, model_args_of, PP_REFUSAL, served_model_args  # noqa: E402
 
 
 def check_job(job_config) -> None:
-    """Start-up checks of `[fused_ce]`: JobRefused names the setting; while it is off, a
-    warning names any other `[fused_ce]` setting, which then does nothing."""
+    """Start-up checks, before anything is built: the model, tokenizer and data sets the job
+    names (with either head), then `[fused_ce]`. JobRefused names the setting at fault; while
+    the fused head is off, a warning names any other `[fused_ce]` setting, which then does nothing."""
+    model_args_of(job_config.model.name, job_config.model.flavor)
+    try:
+        notes = resolve_data(job_config)
+    except ValueError as e:
+        raise JobRefused(str(e)) from None
+    for note in notes:
+        logger.info(note)
     cfg = job_config.fused_ce
     if not cfg.enable:
         ignored = [f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
@@ -52,14 +60,45 @@ def check_job(job_config) -> None:
         raise JobRefused(str(e)) from None
 
 
+def training_dtype(job_config, parallel_dims) -> torch.dtype:
+    """What the blocks and the head compute in: FSDP casts to the mixed-precision dtype, one
+    device autocasts to it, TP or PP without FSDP trains in fp32 (torchtitan's maybe_enable_amp)."""
+    fp32 = not parallel_dims.fsdp_enabled and (parallel_dims.tp_enabled or parallel_dims.pp_enabled)
+    return torch.float32 if fp32 else TORCH_DTYPE_MAP[job_config.training.mixed_precision_param]
+
+
+def describe_job(job_config, parallel_dims, device: torch.device) -> str:
+    """The start-up line of every run: device, communication backend, world and layout, dtype, seed."""
+    world = parallel_dims.world_size
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    what = f"{torch.cuda.get_device_name(device)} GPU(s)" if device.type == "cuda" else f"{device.type} process(es)"
+    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "no process group"
+    layout = ", ".join(f"{name}={getattr(parallel_dims, name)}"
+                       for name in ("dp_replicate", "dp_shard", "cp", "tp", "pp", "ep"))
+    seed = job_config.debug.seed
+    return (f"Job: world size {world} = {world // per_node} node(s) x {per_node} {what}, {backend}; {layout}; "
+            f"{str(training_dtype(job_config, parallel_dims)).removeprefix('torch.')}; "
+            + (f"seed {seed}" if seed is not None else "no seed (debug.seed): runs are not reproducible"))
+
+
+def cpu_precision_hint(job_config, parallel_dims, device: torch.device) -> str | None:
+    """A CPU run in 16 bits runs its matmuls many times slower than in fp32: say why and what to use."""
+    dtype = training_dtype(job_config, parallel_dims)
+    if device.type != "cpu" or dtype == torch.float32:
+        return None
+    return (f"training in {str(dtype).removeprefix('torch.')} on the CPU: its 16-bit matmuls are many times "
+            "slower than float32 ones; add --training.mixed_precision_param float32 (and a small "
+            "--training.local_batch_size / --training.seq_len) for a CPU run")
+
+
+HEAD_OFF = "[fused_ce] off: the model's own LM head and cross-entropy (--fused_ce.enable fuses them)"
+
+
 def describe_head(job_config, head, parallel_dims) -> str:
     """The start-up line of a fused run: what the head will do, in the job's own terms."""
     cfg, training = job_config.fused_ce, job_config.training
     start, v_local, vocab = head.vocab_slice()
-    # What the op sees: FSDP casts to the mixed-precision dtype, one device autocasts to it,
-    # TP or PP without FSDP trains in fp32 (torchtitan's maybe_enable_amp).
-    fp32 = not parallel_dims.fsdp_enabled and (parallel_dims.tp_enabled or parallel_dims.pp_enabled)
-    dtype = torch.float32 if fp32 else TORCH_DTYPE_MAP[training.mixed_precision_param]
+    dtype = training_dtype(job_config, parallel_dims)
     dtype_name = str(dtype).removeprefix("torch.")
     tokens = training.local_batch_size * training.seq_len // parallel_dims.cp
     options = config.kernel_options(cfg)
@@ -103,7 +142,7 @@ def check_labels(labels: torch.Tensor, vocab_size: int) -> None:
         check_label_range(labels, vocab_size, IGNORE_INDEX)
     except ValueError as e:
         raise ValueError(
-            f"[fused_ce] check_labels: {e}: the tokenizer's vocabulary must fit in the model "
+            f"fused_ce.check_labels: {e}: the tokenizer's vocabulary must fit in the model "
             f"flavor's vocab_size ({vocab_size})"
         ) from None
 
@@ -122,12 +161,15 @@ def _handing_labels_to(head, post_dataloading_process):
 
 class FusedCETrainer(Trainer):
     def __init__(self, job_config):
-        register_datasets()
-        register_train_specs()
         check_job(job_config)
         super().__init__(job_config)
+        logger.info(describe_job(job_config, self.parallel_dims, self.device))
+        if hint := cpu_precision_hint(job_config, self.parallel_dims, self.device):
+            logger.warning(hint)
         self.fused_head = None
-        if isinstance(self.loss_fn, FusedCELoss):
+        if not isinstance(self.loss_fn, FusedCELoss):
+            logger.info(HEAD_OFF)
+        else:
             self.fused_head = head = self.model_parts[0].output
             self.post_dataloading_process = _handing_labels_to(head, self.post_dataloading_process)
             validator = getattr(self, "validator", None)

@@ -17,8 +17,9 @@ from conftest import ROOT, run_train
 
 pytestmark = pytest.mark.slow  # torchrun jobs
 
-PP_MESSAGE = "[fused_ce] enable=true does not support pipeline parallelism"
-SMOOTHING_MESSAGE = "[fused_ce] label_smoothing must be in [0, 1), got 2"
+PP_MESSAGE = "fused_ce.enable=true does not support pipeline parallelism"
+SMOOTHING_MESSAGE = "fused_ce.label_smoothing must be in [0, 1), got 2"
+MODEL_MESSAGE = "model.name='no_such_model' is not a model torchtitan knows; the fused head serves llama3"
 
 
 def _last_line(text: str) -> str:
@@ -38,8 +39,9 @@ def assert_refused(proc, message: str) -> None:
     [
         ("1", ("--fused_ce.enable", "--fused_ce.label_smoothing", "2"), SMOOTHING_MESSAGE),
         ("2", ("--fused_ce.enable", "--parallelism.pipeline_parallel_degree", "2"), PP_MESSAGE),
+        ("1", ("--model.name", "no_such_model"), MODEL_MESSAGE),  # the baseline's start-up checks too
     ],
-    ids=["one-process", "two-processes"],
+    ids=["one-process", "two-processes", "baseline"],
 )
 def test_refused_job_ends_with_its_message_and_exit_2(tmp_path, ngpu, args, message):
     proc, _ = run_train(tmp_path, *args, env={"NGPU": ngpu}, check=False)
@@ -74,6 +76,7 @@ def test_unknown_option_exits_2_without_launcher_traceback(tmp_path):
 
 
 def test_other_failures_keep_torchruns_report(tmp_path):
-    proc, _ = run_train(tmp_path, "--training.dataset", "no_such_dataset", "--training.steps", "1", check=False)
+    # torchtitan's own check of the layout (tp=3 does not divide a world of 1), past the start-up checks
+    proc, _ = run_train(tmp_path, "--parallelism.tensor_parallel_degree", "3", "--training.steps", "1", check=False)
     assert proc.returncode == 1, proc.stderr[-4000:]
     assert "ChildFailedError" in proc.stderr

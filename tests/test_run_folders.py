@@ -2,7 +2,7 @@
 
 torchtitan names the folder to the minute, so two short runs into one dump folder used to
 share it (and a report then saw one run). parallel/cpu_shims.py names it to the second plus
-the launcher's pid; all ranks of one job use the same name.
+the launcher's pid, then -fused or -baseline; all ranks of one job use the same name.
 """
 
 import os
@@ -30,6 +30,7 @@ def test_two_runs_into_one_dump_get_two_folders(tmp_path):
     run_train(tmp_path, *QUICK, "--fused_ce.enable")
     runs = sorted(p.name for p in (tmp_path / "tb").iterdir())
     assert len(runs) == 2, runs
+    assert sorted(run.rsplit("-", 1)[1] for run in runs) == ["baseline", "fused"]  # the name says which head
     assert all(list((tmp_path / "tb" / run).glob("events.out.tfevents.*")) for run in runs)
 
 

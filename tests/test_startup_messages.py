@@ -1,6 +1,8 @@
-"""What a job says at start-up about the fused head (issue 16 items 1-2): one line when it is on,
-and a warning naming any `[fused_ce]` setting that does nothing because it is off."""
+"""What a job says at start-up: one line on the device, backend, world and layout; one on the fused
+head (on: what it does; off: that it is off), a warning naming any `[fused_ce]` setting that does
+nothing because the head is off, and a hint for 16-bit training on a CPU."""
 
+import ast
 import logging
 from types import SimpleNamespace
 
@@ -9,9 +11,11 @@ import torch
 from conftest import ROOT
 from torchtitan.config import ConfigManager
 
+from parallel import config as fused_ce_config
 from parallel.config import FusedCE
+from parallel.cpu_shims import _LogText
 from parallel.fused_head import FusedLMHead
-from parallel.train import check_job, describe_head
+from parallel.train import check_job, cpu_precision_hint, describe_head, describe_job
 
 
 def parse(*args: str):
@@ -35,8 +39,55 @@ def test_no_warning_when_nothing_is_ignored(args, caplog):
 
 
 def _dims(**kw):
-    base = dict(fsdp_enabled=False, tp_enabled=False, pp_enabled=False, cp=1, tp=1)
+    base = dict(fsdp_enabled=False, tp_enabled=False, pp_enabled=False, cp=1, tp=1, world_size=1,
+                dp_replicate=1, dp_shard=1, pp=1, ep=1)
     return SimpleNamespace(**{**base, **kw})
+
+
+def test_job_line_names_device_backend_world_layout_dtype_and_seed(monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda: "gloo")
+    job = parse("--training.mixed_precision_param", "bfloat16")
+    line = describe_job(job, _dims(world_size=8, dp_shard=4, tp=2, tp_enabled=True, fsdp_enabled=True),
+                        torch.device("cpu"))
+    assert line == ("Job: world size 8 = 2 node(s) x 4 cpu process(es), gloo; dp_replicate=1, dp_shard=4, "
+                    "cp=1, tp=2, pp=1, ep=1; bfloat16; seed 42")
+    unseeded = describe_job(parse("--debug.seed", "None"), _dims(), torch.device("cpu"))
+    assert unseeded.endswith("float32; no seed (debug.seed): runs are not reproducible")
+
+
+def test_cpu_hint_for_16_bit_training():
+    bf16 = parse("--training.mixed_precision_param", "bfloat16")
+    hint = cpu_precision_hint(bf16, _dims(), torch.device("cpu"))
+    assert hint.startswith("training in bfloat16 on the CPU: its 16-bit matmuls are many times slower")
+    assert "--training.mixed_precision_param float32" in hint
+    assert cpu_precision_hint(parse(), _dims(), torch.device("cpu")) is None  # the debug job: float32
+    assert cpu_precision_hint(bf16, _dims(), torch.device("cuda")) is None
+    assert cpu_precision_hint(bf16, _dims(tp_enabled=True), torch.device("cpu")) is None  # TP alone: fp32
+
+
+def _filtered(msg: str, *args):
+    record = logging.LogRecord("root", logging.INFO, __file__, 1, msg, args, None)
+    return record.getMessage() if _LogText(cpu=True).filter(record) else None
+
+
+def test_torchtitans_noise_is_gone():
+    assert _filtered("torchtitan version: %s (0.0.0 means __version__ is not defined correctly).",
+                     "0.2.2") == f"torchtitan 0.2.2, torch {torch.__version__}"
+    assert _filtered("model.safetensors.index.json not found at hf_assets_path: x/model.safetensors.index.json."
+                     "                     Defaulting to saving a single safetensors file") is None
+    assert _filtered("HF assets path ./tests/assets/tokenizer does not exist!") is None
+    assert _filtered("Training starts at step 1") == "Training starts at step 1"
+
+
+def test_help_texts_are_one_line_each():
+    """tyro keeps a docstring's line breaks: a broken line would break --help mid-phrase."""
+    body = next(node for node in ast.parse(open(fused_ce_config.__file__).read()).body
+                if isinstance(node, ast.ClassDef) and node.name == "FusedCE").body
+    docs = [node.value.value for node in body if isinstance(node, ast.Expr)]
+    assert len(docs) == len(FusedCE.__dataclass_fields__)
+    assert all("\n" not in doc for doc in docs), [doc for doc in docs if "\n" in doc]
 
 
 def _head(vocab=1000, dim=8, **cfg):
