@@ -48,7 +48,9 @@ containing ``cpu_rss``, then the rest in alphabetical order (the names are
 each run uses its own first tag and the ratio is "n/a". The table always names the tag it used.
 
 Warnings (stderr and the table): a run folder that holds several event files, i.e. several
-runs written into one folder (their steps are merged, the last write of a step wins).
+runs written into one folder (their steps are merged, the last write of a step wins); and runs
+whose seeds differ or were not set or recorded (the trainer records ``debug.seed`` as the text tag
+``job/seed``): their losses then differ from step 1 for that alone.
 
 Numbers are printed by ``fmt`` with 4 significant digits, in plain notation for
 magnitudes between 1e-3 and 1e4. Values from 1e4 to 1e12 are printed as integers,
@@ -78,6 +80,7 @@ from parallel.metrics import (
     MAX_ACTIVE_TAG,
     MAX_RESERVED_TAG,
     MEMORY_PREFIX,
+    SEED_TAG,
     TPS_TAG,
     Z_LOSS_TAG,
 )
@@ -96,6 +99,7 @@ class Run:
     folder: str  # the folder holding the event files
     scalars: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # tag -> sorted (step, value)
     event_files: int = 1
+    seed: str | None = None  # debug.seed as the trainer recorded it ("None": unset); None: not recorded
 
     def series(self, tag: str) -> list[tuple[int, float]]:
         return self.scalars.get(tag, [])
@@ -131,7 +135,8 @@ def _memory_priority(tag: str) -> tuple[int, str]:
 def load_run(arg: str, label: str) -> Run:
     folder = tb_events.run_folder(arg)
     scalars = tb_events.load_scalars(folder)
-    run = Run(label, arg, folder, scalars, len(tb_events.event_files(folder)))
+    run = Run(label, arg, folder, scalars, len(tb_events.event_files(folder)),
+              tb_events.load_texts(folder).get(SEED_TAG))
     missing = [t for t in (LOSS_TAG, TPS_TAG) if not run.series(t)]
     if not memory_tags(run):
         missing.append(f"memory/* (e.g. {MAX_RESERVED_TAG} or {CPU_RSS_PEAK_TAG}, with values > 0)")
@@ -151,6 +156,20 @@ def several_runs_warnings(runs: list[Run]) -> list[str]:
         for r in runs
         if r.event_files > 1
     ]
+
+
+def seed_warnings(runs: list[Run]) -> list[str]:
+    """Runs trained from different or unknown seeds differ from step 1 for that alone."""
+    advice = ("their losses differ from step 1 for that alone: compare runs trained with the same "
+              "--debug.seed (e.g. --debug.seed 42 on each)")
+    unseeded = [r.label for r in runs if r.seed in (None, "None")]
+    if unseeded:
+        return [f"run(s) {', '.join(repr(label) for label in unseeded)} set no seed (debug.seed), or did not "
+                f"record it; {advice}"]
+    if len({r.seed for r in runs}) > 1:
+        seeds = ", ".join(f"{r.label!r} {r.seed}" for r in runs)
+        return [f"the runs were trained with different seeds ({seeds}); {advice}"]
+    return []
 
 
 # ---------------------------------------------------------------- statistics
@@ -228,7 +247,7 @@ def summarize(runs: list[Run]) -> dict:
         row["median_tps_ratio_noisy"] = row is not base and is_noisy(
             row["median_tps_ratio"], row["tps_spread"], base["tps_spread"])
     return {"baseline": base["label"], "memory_tags_comparable": comparable, "runs": rows,
-            "warnings": several_runs_warnings(runs)}
+            "warnings": several_runs_warnings(runs), "seed_warnings": seed_warnings(runs)}
 
 
 # ---------------------------------------------------------------- output
@@ -258,7 +277,7 @@ def render_markdown(summary: dict) -> str:
         f"Median tps is the median of `{TPS_TAG}` over all logged steps.",
         "",
     ]
-    for warning in summary["warnings"]:
+    for warning in summary["warnings"] + summary["seed_warnings"]:
         lines += [f"**Warning:** {_md_escape(warning)}", ""]
     if not summary["memory_tags_comparable"]:
         lines += [
@@ -492,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     summary = summarize(runs)
-    for warning in summary["warnings"]:
+    for warning in summary["warnings"] + summary["seed_warnings"]:
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)
     md_path = os.path.join(args.out, "report.md")

@@ -4,7 +4,8 @@ A *run folder* holds event files (``events.out.tfevents.*``); torchtitan writes 
 ``{dump_folder}/tb/<time stamp>``. ``run_folder(path)`` accepts that folder or any parent of
 exactly one such folder. ``load_scalars(folder)`` returns every scalar series, sorted by step;
 where a step was written more than once (a restart into the same folder, or two runs sharing
-one folder) the last write wins. ``event_files(folder)`` says how many files (runs) it holds.
+one folder) the last write wins. ``load_texts(folder)`` returns every text summary (tag -> its last
+value). ``event_files(folder)`` says how many files (runs) it holds.
 """
 
 from __future__ import annotations
@@ -76,6 +77,27 @@ def load_scalars(folder: str | os.PathLike) -> dict[str, Series]:
     except Exception as e:  # a corrupt or unreadable event file
         raise EventsError(f"{folder}: cannot read TensorBoard events: {type(e).__name__}: {e}") from e
     return out
+
+
+def load_texts(folder: str | os.PathLike) -> dict[str, str]:
+    """tag -> the last value of every text summary (``SummaryWriter.add_text``) in ``folder``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
+
+    suffix = "/text_summary"  # what add_text appends to the tag
+    try:
+        acc = EventAccumulator(str(folder), size_guidance={"tensors": 0})
+        acc.Reload()
+        texts = {}
+        for tag in acc.Tags().get("tensors", []):
+            events = acc.Tensors(tag)
+            array = tensor_util.make_ndarray(events[-1].tensor_proto) if events else None
+            if array is not None and array.dtype.kind in "SO" and array.size == 1:
+                value = array.reshape(()).item()
+                texts[tag.removesuffix(suffix)] = value.decode() if isinstance(value, bytes) else str(value)
+    except Exception as e:  # a corrupt or unreadable event file
+        raise EventsError(f"{folder}: cannot read TensorBoard events: {type(e).__name__}: {e}") from e
+    return texts
 
 
 def scalar_series(path: str | os.PathLike, tag: str) -> Series:

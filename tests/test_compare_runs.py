@@ -380,7 +380,7 @@ def test_warns_when_a_folder_holds_several_runs(tmp_path, report_inproc):
     # one run per folder: no warning
     res = report_inproc(str(tmp_path / "other"), str(tmp_path / "other"), "--out", str(tmp_path / "rep2"),
                         "--labels", "a,b")
-    assert res.returncode == 0 and "warning" not in res.stderr
+    assert res.returncode == 0 and "event files" not in res.stderr
 
 
 def _noisy_series(tps: list[float]) -> dict[str, list[float]]:
@@ -409,6 +409,40 @@ def test_noisy_tps_ratio_is_flagged_not_reported(tmp_path, report_inproc):
         [f32(50.0 * (1 + 0.001 * i)) for i in range(len(STEPS))]) / statistics.median(
         [f32(100.0 * (1 + 0.001 * i)) for i in range(len(STEPS))]))
     assert "Noisy" not in md
+
+
+def _seeded_run(folder: Path, seed: str | None, tps: float) -> None:
+    """A run as the trainer writes it: the scalars plus, unless None, debug.seed as a text tag."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from parallel.metrics import SEED_TAG
+
+    with SummaryWriter(str(folder)) as writer:  # one writer, one event file: one run
+        if seed is not None:
+            writer.add_text(SEED_TAG, seed, 0)
+        for i, step in enumerate(STEPS):
+            for tag, values in gpu_series(10.0, 8.0, tps, 11.0).items():
+                writer.add_scalar(tag, values[i], step)
+
+
+@pytest.mark.parametrize("seeds, warning", [
+    (("42", "42"), None),
+    (("42", "7"), "different seeds ('baseline' 42, 'fused' 7)"),
+    (("None", "None"), "run(s) 'baseline', 'fused' set no seed (debug.seed)"),
+    ((None, "42"), "run(s) 'baseline' set no seed (debug.seed), or did not record it"),
+], ids=["same", "different", "unset", "not-recorded"])
+def test_warns_unless_the_runs_share_a_seed(tmp_path, report_inproc, seeds, warning):
+    for name, seed in zip(("a", "b"), seeds):
+        _seeded_run(tmp_path / name, seed, 40000.0)
+    res = report_inproc(str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "rep"),
+                        "--labels", "baseline,fused")
+    assert res.returncode == 0, res.stderr
+    md = (tmp_path / "rep" / "report.md").read_text()
+    if warning is None:
+        assert "warning" not in res.stderr and "**Warning:**" not in md
+    else:
+        assert warning in res.stderr and "same --debug.seed" in res.stderr
+        assert "**Warning:**" in md and warning in md
 
 
 def test_picture(two_runs, tmp_path):
