@@ -48,9 +48,7 @@ class FusedCE:
     """Carry the weight gradient across chunks in fp32 (eager's accuracy, V_local*D*2 bytes more); off: bf16, faster, leaner."""
 
     fp32_statistics: bool = False
-    """Take the loss statistics and gradient rows from the fp32 product of the 16-bit inputs,
-    not from 16-bit logits: ~4x (loss) and ~2x (gradients) more accurate than eager on LM-like
-    logits; on a GPU the Triton GEMM epilogue, today slower than the default cuBLAS path."""
+    """Statistics and gradient rows from the fp32 product, not 16-bit logits: ~4x (loss), ~2x (gradients) more accurate than eager on LM-like logits; on GPU a Triton GEMM epilogue, slower than cuBLAS today."""
 
 
 @dataclass

@@ -167,9 +167,7 @@ class FusedCETrainer(Trainer):
         if hint := cpu_precision_hint(job_config, self.parallel_dims, self.device):
             logger.warning(hint)
         self.fused_head = None
-        if not isinstance(self.loss_fn, FusedCELoss):
-            logger.info(HEAD_OFF)
-        else:
+        if isinstance(self.loss_fn, FusedCELoss):
             self.fused_head = head = self.model_parts[0].output
             self.post_dataloading_process = _handing_labels_to(head, self.post_dataloading_process)
             validator = getattr(self, "validator", None)
@@ -181,6 +179,8 @@ class FusedCETrainer(Trainer):
             loss_mesh = self.parallel_dims.get_optional_mesh("loss")
             head.stats.reduce_group = loss_mesh.get_group() if loss_mesh is not None else None
             logger.info(describe_head(job_config, head, self.parallel_dims))
+        else:
+            logger.info(HEAD_OFF)
 
     def forward_backward_step(self, *, input_dict, labels, global_valid_tokens):
         # torchtitan backpropagates loss_sum / global_valid_tokens: the head folds that

@@ -59,7 +59,7 @@ def test_help_shows_the_fused_options_first():
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("usage: run_train.sh")
-    first_screen = "\n".join(lines[:40])
+    first_screen = "\n".join(lines[:45])
     from parallel.config import FusedCE
 
     for name in FusedCE.__dataclass_fields__:
