@@ -1,14 +1,15 @@
 """Kill a rank of a training job between two checkpoints; compare it with an uninterrupted run.
 
-    python benchmarks/kill_resume.py --out DIR [--config train_configs/debug_model.toml] [--ngpu 2]
+    python benchmarks/kill_resume.py --out DIR [--dump-root DUMPS] [--config CFG] [--ngpu 2]
         [--steps 12] [--interval 4] [--kill-after 6] [--kill-rank 1] [--tol 0] [--timeout 600]
         [-- more run_train.sh options]
 
-Runs `./run_train.sh` twice with the same options and seed: into DIR/uninterrupted without
-checkpoints, then into DIR/killed with a checkpoint every --interval steps and MAX_RESTARTS=1,
+Runs `./run_train.sh` twice with the same options and seed: into DUMPS/uninterrupted without
+checkpoints, then into DUMPS/killed with a checkpoint every --interval steps and MAX_RESTARTS=1,
 SIGKILLing rank --kill-rank as soon as rank 0 has logged step --kill-after (so inside the step
 after it). torchrun restarts the group; the restarted job resumes from the last complete
-checkpoint and finishes. Each job's output goes to DIR/<name>.log. Prints a row per step (the
+checkpoint and finishes. Each job's output goes to DIR/<name>.log; DUMPS (the dump folders:
+checkpoints, TensorBoard) defaults to DIR. Prints a row per step (the
 two runs' losses) and, last, a table of checks: the restart happened and said its step; the
 killed job's TensorBoard run is one folder that shows each step the uninterrupted run logged
 once (the loss, grad_norm and, with --fused_ce.enable, each fused_ce/* tag); and those values
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -113,6 +115,8 @@ def run_job(dump: Path, args: list[str], env: dict, log: Path, timeout: float,
         job.returncode = proc.wait()
     finally:
         timer.cancel()
+        if proc.poll() is None:  # interrupted here (SIGTERM: see main): no rank outlives it
+            os.killpg(proc.pid, signal.SIGKILL)
     job.output, job.seconds = "".join(lines), time.monotonic() - start
     log.write_text(job.output)
     return job
@@ -180,22 +184,25 @@ def report(cmp: Comparison) -> str:
 
 
 def run(out: Path, config: str, ngpu: int, steps: int, interval: int, kill_after: int,
-        kill_rank: int, tol: float, extra: list[str], timeout: float, env: dict | None = None) -> Comparison:
+        kill_rank: int, tol: float, extra: list[str], timeout: float, dump_root: Path | None = None) -> Comparison:
     if not interval <= kill_after < steps or kill_after % interval == 0:
         raise ValueError(f"--kill-after {kill_after} must fall between two checkpoints "
                          f"(every --interval {interval} steps) before the last step {steps}")
     out.mkdir(parents=True, exist_ok=True)
-    env = {"NGPU": str(ngpu), "CONFIG_FILE": str(Path(config).resolve()), **(env or {})}
+    dumps = dump_root or out
+    for name in ("uninterrupted", "killed"):
+        shutil.rmtree(dumps / name, ignore_errors=True)  # an old checkpoint there would be resumed
+    env = {"NGPU": str(ngpu), "CONFIG_FILE": str(Path(config).resolve())}
     args = ["--training.steps", str(steps), *extra]
     ckpt = ["--checkpoint.enable", "--checkpoint.interval", str(interval)]
-    reference = run_job(out / "uninterrupted", [*args, "--checkpoint.no-enable"], env,
+    reference = run_job(dumps / "uninterrupted", [*args, "--checkpoint.no-enable"], env,
                         out / "uninterrupted.log", timeout)
     if reference.returncode != 0:
         raise RuntimeError(f"the uninterrupted run failed (exit {reference.returncode}): "
                            f"{out / 'uninterrupted.log'}\n{reference.output[-3000:]}")
-    killed = run_job(out / "killed", [*args, *ckpt], {**env, "MAX_RESTARTS": "1"}, out / "killed.log",
+    killed = run_job(dumps / "killed", [*args, *ckpt], {**env, "MAX_RESTARTS": "1"}, out / "killed.log",
                      timeout, kill_after=kill_after, kill_rank=kill_rank)
-    cmp = compare(out / "uninterrupted", out / "killed", killed, tol, "--fused_ce.enable" in extra,
+    cmp = compare(dumps / "uninterrupted", dumps / "killed", killed, tol, "--fused_ce.enable" in extra,
                   kill_after, interval)
     cmp.seconds = (reference.seconds, killed.seconds)
     return cmp
@@ -203,7 +210,8 @@ def run(out: Path, config: str, ngpu: int, steps: int, interval: int, kill_after
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="the two jobs' logs")
+    p.add_argument("--dump-root", type=Path, help="their dump folders (default: --out)")
     p.add_argument("--config", default=os.path.join(ROOT, "train_configs", "debug_model.toml"))
     p.add_argument("--ngpu", type=int, default=2)
     p.add_argument("--steps", type=int, default=12)
@@ -214,8 +222,10 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=600, help="seconds per job")
     p.add_argument("extra", nargs="*", help="more run_train.sh options (after --)")
     opts = p.parse_args(argv)
+    # a timeout's SIGTERM unwinds run_job, which then ends the job's ranks (their own session)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cmp = run(opts.out, opts.config, opts.ngpu, opts.steps, opts.interval, opts.kill_after,
-              opts.kill_rank, opts.tol, opts.extra, opts.timeout)
+              opts.kill_rank, opts.tol, opts.extra, opts.timeout, opts.dump_root)
     print(report(cmp))
     return 0 if cmp.ok else 1
 

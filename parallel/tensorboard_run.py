@@ -4,9 +4,9 @@ torchrun restarts a failed group from the same launcher, so the restarted proces
 run's folder name ($FUSED_CE_RUN, parallel/launch.py) and write a new event file into the same
 folder. torchtitan's TensorBoardLogger needs two more things for that to read as one run:
 
-- It keeps up to 1000 events in memory (SummaryWriter's max_queue; written every 2 minutes): a
-  killed rank 0 loses them, and with them steps before the checkpoint, which the restarted job
-  does not run again. Here each log call is written through.
+- Its SummaryWriter hands the events to a thread that writes them when it gets to them: a rank 0
+  killed right after a log step loses them, and with them steps the checkpoint covers, which the
+  restarted job does not run again. Here each log call returns once its events are written.
 - The restarted job logs again the steps after its checkpoint that the killed attempt had logged
   already. The first event of each process marks a restart at its step (TensorBoard's purge
   step, as `SummaryWriter(purge_step=...)` writes it): TensorBoard drops the earlier attempts'
@@ -20,7 +20,8 @@ from torchtitan.components import metrics
 
 
 class ContinuedTensorBoardLogger(metrics.TensorBoardLogger):
-    """torchtitan's TensorBoard logger, written through, marking where this process starts."""
+    """torchtitan's TensorBoard logger, each log written before it returns, marking where this
+    process starts."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
