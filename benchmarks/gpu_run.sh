@@ -35,6 +35,7 @@
 #                   pairs). Per-run dump folders (tb, traces) go to /tmp/e2e_dumps on the device, not $OUT
 #                   (too many files to bring back).
 #   RESUME_ARGS     more run_train.sh options for resume (default seq_len 4096; e.g. "--training.seq_len 8192")
+#   RESUME_CONFIG   resume's config (default train_configs/llama3_1b.toml; the debug model tries the mode on CPU)
 #   NO_APPEND=1     do not append to benchmarks/log/results.md (the raw log; RESULTS.md is the curated page)
 #   GIT_COMMIT      the commit the results blocks name (the device copy may have no .git)
 set -u
@@ -261,7 +262,7 @@ resume)
     # one at step 6: on the device's disk, not under $OUT
     # shellcheck disable=SC2086
     run_step kill_resume "$(left)" python3 benchmarks/kill_resume.py --out "$OUT/kill_resume" \
-        --dump-root /tmp/kill_resume --config train_configs/llama3_1b.toml --ngpu 1 --kill-rank 0 \
+        --dump-root /tmp/kill_resume --config "${RESUME_CONFIG:-train_configs/llama3_1b.toml}" --ngpu 1 --kill-rank 0 \
         --steps 6 --interval 3 --kill-after 4 --tol 1e-5 --timeout "${E2E_TIMEOUT:-200}" -- \
         --fused_ce.enable --metrics.log_freq 1 --debug.deterministic --debug.seed 42 \
         --training.seq_len 4096 ${RESUME_ARGS:-}

@@ -20,6 +20,7 @@ import tempfile
 import torch
 from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.protocols.train_spec import get_train_spec
+from torchtitan.tools.logging import logger
 
 from parallel.specs import JobRefused
 
@@ -48,14 +49,21 @@ def _check_writable(path: str, setting: str) -> None:
 
 def _n_params(job_config) -> int | None:
     """The model's parameter count (shared ones once), or None for a model torchtitan will
-    refuse itself (an unknown name or flavor: its own message says which)."""
+    refuse itself (an unknown name or flavor: its own message says which) or one that cannot
+    be built from its args alone (a warning says the space check is skipped)."""
     try:
         spec = get_train_spec(job_config.model.name)
         args = spec.model_args[job_config.model.flavor]
     except (ValueError, KeyError, ImportError):
         return None
-    with torch.device("meta"):
-        model = spec.model_cls(args)
+    try:
+        with torch.device("meta"):
+            model = spec.model_cls(args)
+    except Exception as e:
+        logger.warning(f"[checkpoint] the free-space check for the first checkpoint is skipped: "
+                       f"building model.name={job_config.model.name!r} on the meta device to count "
+                       f"its parameters failed ({type(e).__name__}: {e})")
+        return None
     return sum(p.numel() for p in model.parameters())
 
 
