@@ -36,16 +36,21 @@ def _unstable_batch():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_per_token_loss_is_non_finite_where_eagers_is(backend):
-    hidden, weight, labels = _unstable_batch()
-    eager = F.cross_entropy(hidden @ weight.T, labels, reduction="none")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_per_token_loss_is_non_finite_where_eagers_is(backend, dtype):
+    """Also from 16-bit inputs, whose statistics the kernels take their own way (in fp16,
+    token 4's hidden state is inf already)."""
+    hidden, weight, labels = (t.to(dtype) if t.is_floating_point() else t for t in _unstable_batch())
+    eager = F.cross_entropy(hidden.float() @ weight.float().T, labels, reduction="none")
     fused = fused_linear_cross_entropy(hidden, weight, labels, reduction="none", backend=backend,
                                        chunk_size=4)
     finite = torch.isfinite(eager)
-    assert finite.tolist() == [True, False, False, False, True, False, True, True, False]
+    assert finite.tolist() == [True, False, False, False, dtype != torch.float16, False, True, True,
+                               False]
     assert torch.isfinite(fused).tolist() == finite.tolist()
-    torch.testing.assert_close(fused[finite], eager[finite], rtol=1e-5, atol=1e-5)
     assert fused[6] == 0  # the ignored token
+    if dtype == torch.float32:
+        torch.testing.assert_close(fused[finite], eager[finite], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
