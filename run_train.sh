@@ -31,6 +31,10 @@ COMM_MODE=${COMM_MODE:-}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MAX_RESTARTS=${MAX_RESTARTS:-0}
+if ! [[ "$MAX_RESTARTS" =~ ^[0-9]+$ ]]; then
+    echo "run_train.sh: MAX_RESTARTS=$MAX_RESTARTS must be a whole number (torchrun --max-restarts)" >&2
+    exit 2
+fi
 RDZV_ID=${RDZV_ID:-fused_ce}
 if (( NNODES > 1 )) && [[ -z "${RDZV_ENDPOINT:-}" ]]; then
     echo "run_train.sh: NNODES=$NNODES needs RDZV_ENDPOINT=host:port of node 0" >&2

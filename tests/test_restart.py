@@ -105,3 +105,10 @@ def test_unwritable_dump_folder_is_refused_at_start_up(tmp_path, case):
     assert_refused(proc, message)
     assert not re.search(r"step:\s+1\b", proc.stdout + proc.stderr)
     assert not os.path.exists(dump)
+
+
+def test_max_restarts_must_be_a_whole_number(tmp_path):
+    proc, _ = run_train(tmp_path, env={"MAX_RESTARTS": "three"}, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("run_train.sh: MAX_RESTARTS=three must be a whole number "
+                                   "(torchrun --max-restarts)")
