@@ -13,6 +13,8 @@
 # FUSED_CE_RUN  name of this run's TensorBoard folder under <dump_folder>/tb, to which -fused or
 #               -baseline is added (default: start time to the second + the launcher's pid, so runs
 #               never share one; give every node the same)
+# MAX_RESTARTS  times torchrun restarts the whole group after a rank fails (default 0, torchrun's own);
+#               with [checkpoint] enable each restart resumes from the last complete checkpoint
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -36,6 +38,11 @@ TRAIN_FILE=${TRAIN_FILE:-parallel.train}
 COMM_MODE=${COMM_MODE:-}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
+MAX_RESTARTS=${MAX_RESTARTS:-0}
+if ! [[ "$MAX_RESTARTS" =~ ^[0-9]+$ ]]; then
+    echo "run_train.sh: MAX_RESTARTS=$MAX_RESTARTS must be a whole number (torchrun --max-restarts)" >&2
+    exit 2
+fi
 RDZV_ID=${RDZV_ID:-fused_ce}
 if (( NNODES > 1 )) && [[ -z "${RDZV_ENDPOINT:-}" ]]; then
     echo "run_train.sh: NNODES=$NNODES needs RDZV_ENDPOINT=host:port of node 0" >&2
@@ -79,8 +86,15 @@ if [[ -n "$COMM_MODE" ]]; then
         --comm.mode="$COMM_MODE" --training.steps=1
 fi
 
+if (( MAX_RESTARTS > 0 )); then
+    # torchrun's agent keeps one TCPStore for all restarts, and the restarted ranks read the
+    # killed ranks' stale addresses from it ("Gloo connectFullMesh failed ... Connection refused";
+    # NCCL alike: pytorch/pytorch#135712). Unshared, each attempt's rank 0 hosts a fresh store.
+    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+fi
+
 # torchrun, except that a refused job ends with its one message and exit code 2 (parallel/launch.py).
 exec python3 -m parallel.launch --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$NGPU" \
-    --rdzv_backend c10d --rdzv_endpoint="$RDZV_ENDPOINT" --rdzv_id="$RDZV_ID" \
+    --rdzv_backend c10d --rdzv_endpoint="$RDZV_ENDPOINT" --rdzv_id="$RDZV_ID" --max-restarts="$MAX_RESTARTS" \
     --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
     -m "$TRAIN_FILE" "${config_args[@]}" "$@"

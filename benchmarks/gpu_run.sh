@@ -11,6 +11,9 @@
 #   bash benchmarks/gpu_run.sh families # 1 GPU : pytest -m gpu, then each family's real-vocabulary config (issue 14):
 #                                       #         e2e.py --cases single per config in FAMILY_CONFIGS
 #   bash benchmarks/gpu_run.sh search   # 1 GPU : e2e.py --search (issue 19), narrowed by SEARCH_ARGS
+#   bash benchmarks/gpu_run.sh resume   # 1 GPU : kill_resume.py, llama3_1b fused: the rank SIGKILLed in step 5, torchrun
+#                                       #         restarts it from the step-3 checkpoint; losses vs an uninterrupted run
+#                                       #         within 1e-5 (~4 min; dump folders in /tmp/kill_resume, logs in $OUT)
 #
 # Every step's output is tee'd to $OUT/<step>.log; a failing step never aborts the script; a table of
 # return codes and the benchmark tables are printed last; the per-run folders under $OUT are packed
@@ -31,6 +34,8 @@
 #                   "--seqs 32768,65536,131072" for maxseq, "--pairs 3" for alternating baseline/fused
 #                   pairs). Per-run dump folders (tb, traces) go to /tmp/e2e_dumps on the device, not $OUT
 #                   (too many files to bring back).
+#   RESUME_ARGS     more run_train.sh options for resume (default seq_len 4096; e.g. "--training.seq_len 8192")
+#   RESUME_CONFIG   resume's config (default train_configs/llama3_1b.toml; the debug model tries the mode on CPU)
 #   NO_APPEND=1     do not append to benchmarks/log/results.md (the raw log; RESULTS.md is the curated page)
 #   GIT_COMMIT      the commit the results blocks name (the device copy may have no .git)
 set -u
@@ -252,8 +257,19 @@ search)
         --out "$OUT/e2e_search" --dump-root /tmp/e2e_dumps $APPEND ${SEARCH_ARGS:-} ${E2E_ARGS:-}
     summary e2e_search
     ;;
+resume)
+    # a 15 GB checkpoint (fp32 weights + AdamW moments of 1.24B parameters) at step 3, a model-only
+    # one at step 6: on the device's disk, not under $OUT
+    # shellcheck disable=SC2086
+    run_step kill_resume "$(left)" python3 benchmarks/kill_resume.py --out "$OUT/kill_resume" \
+        --dump-root /tmp/kill_resume --config "${RESUME_CONFIG:-train_configs/llama3_1b.toml}" --ngpu 1 --kill-rank 0 \
+        --steps 6 --interval 3 --kill-after 4 --tol 1e-5 --timeout "${E2E_TIMEOUT:-200}" -- \
+        --fused_ce.enable --metrics.log_freq 1 --debug.deterministic --debug.seed 42 \
+        --training.seq_len 4096 ${RESUME_ARGS:-}
+    summary kill_resume
+    ;;
 *)
-    echo "usage: $0 kernel|multi|e2e|maxseq|multi4|families|search" >&2
+    echo "usage: $0 kernel|multi|e2e|maxseq|multi4|families|search|resume" >&2
     exit 2
     ;;
 esac

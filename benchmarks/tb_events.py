@@ -100,6 +100,17 @@ def load_texts(folder: str | os.PathLike) -> dict[str, str]:
     return texts
 
 
+def shown_steps(path: str | os.PathLike, tag: str) -> list[int]:
+    """The steps of one tag of the one run under ``path`` as TensorBoard shows them, in file
+    order: the events a restart marked as superseded (its purge step) are gone, any other step
+    written twice is there twice."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(run_folder(path), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
 def scalar_series(path: str | os.PathLike, tag: str) -> Series:
     """One tag of the one run under ``path``; EventsError naming the tags present if it is missing."""
     folder = run_folder(path)

@@ -30,6 +30,10 @@ The trainer (``parallel/train.py``, through ``FusedLMHead.stats``) uses this mod
     the device of the first tensor passed. ``update`` never reads a value back to the host, so it
     adds no sync to the step.
 
+``FusedCEStats.state_dict()`` / ``load_state_dict(sd)``
+    The buffer under this process's rank, so that a checkpoint keeps each rank's window
+    (``parallel/resume.py`` adds the stats to the trainer's checkpoint).
+
 ``FusedCEStats.flush(logger, step) -> dict``
     Reads the buffer to the host with one ``.tolist()``. Logs
     ``{"fused_ce/lse_mean": sum_lse / tokens, "fused_ce/z_loss": sum_z / tokens}``, plus
@@ -150,6 +154,20 @@ class FusedCEStats:
     def reset(self) -> None:
         if self._buf is not None:
             self._buf.zero_()
+
+    def _checkpoint_key(self) -> str:
+        import torch.distributed as dist
+
+        # The sums differ across data-parallel ranks: each rank keeps its own (a 6-element
+        # tensor under one shared key would be saved from one rank only).
+        return f"rank_{dist.get_rank() if dist.is_initialized() else 0}"
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The sums since the last flush (torch.distributed.checkpoint's Stateful protocol)."""
+        return {self._checkpoint_key(): self._buffer_for()}
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self._buffer_for().copy_(state_dict[self._checkpoint_key()])
 
     def flush(self, logger: _Logger, step: int) -> dict[str, float]:
         """Sync once, log the per-token means, reset. Call only on log steps."""

@@ -24,7 +24,8 @@ from torchtitan.train import main, Trainer  # noqa: E402
 from fused_loss import check_label_range, group_v_local, pick_backend, plan_chunks  # noqa: E402
 from fused_loss.plan import LOGITS_PATHS, logits_path  # noqa: E402
 
-from parallel import config  # noqa: E402
+from parallel import config, resume, tensorboard_run  # noqa: E402
+from parallel.dump_folder import check_dump_folder  # noqa: E402
 from parallel.embedded_data import resolve_data  # noqa: E402
 from parallel.fused_head import FusedCELoss  # noqa: E402
 from parallel.specs import JobRefused, model_args_of, PP_REFUSAL, served_model_args  # noqa: E402
@@ -161,7 +162,9 @@ def _handing_labels_to(head, post_dataloading_process):
 
 class FusedCETrainer(Trainer):
     def __init__(self, job_config):
+        tensorboard_run.install()
         check_job(job_config)
+        check_dump_folder(job_config)
         super().__init__(job_config)
         logger.info(describe_job(job_config, self.parallel_dims, self.device))
         if hint := cpu_precision_hint(job_config, self.parallel_dims, self.device):
@@ -178,9 +181,11 @@ class FusedCETrainer(Trainer):
             # Token statistics differ across data-parallel and CP ranks, not across TP ranks.
             loss_mesh = self.parallel_dims.get_optional_mesh("loss")
             head.stats.reduce_group = loss_mesh.get_group() if loss_mesh is not None else None
+            head.stats.device = self.device  # where a resume loads the sums into
             logger.info(describe_head(job_config, head, self.parallel_dims))
         else:
             logger.info(HEAD_OFF)
+        resume.attach(self)
 
     def forward_backward_step(self, *, input_dict, labels, global_valid_tokens):
         # torchtitan backpropagates loss_sum / global_valid_tokens: the head folds that

@@ -62,8 +62,11 @@ def test_resume_is_bit_identical(fused, tmp_path):
 def _model_keys(checkpoint):
     from torch.distributed.checkpoint import FileSystemReader
 
+    from parallel.resume import STATS_KEY
+
     keys = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
-    return {k for k in keys if not k.startswith(("optimizer", "lr_scheduler", "dataloader", "train_state"))}
+    return {k for k in keys
+            if not k.startswith(("optimizer", "lr_scheduler", "dataloader", "train_state", STATS_KEY))}
 
 
 @pytest.mark.parametrize("save, resume", [("baseline", "fused"), ("fused", "baseline")])
