@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from fused_loss import epilogue_triton, rows_triton
+from fused_loss import epilogue_gluon, epilogue_triton, rows_triton
 from fused_loss.options import LossOptions
 
 # chunk shapes (rows, D, V) of the plan at the default cap for the sweep's heads
@@ -110,6 +110,12 @@ def main() -> int:
                 line.append(f"{type(e).__name__}")
             print(" | ".join(line), flush=True)
         epilogue_triton.GEMM_CONFIG = default
+        gemm = timed(lambda: epilogue_gluon.logits(h, w, None, y, buf, opts), args.warmup_s,
+                     args.reps)
+        path = timed(lambda: epilogue_triton.row_stats_and_grad_(
+            epilogue_gluon.logits(h, w, None, y, buf, opts), y, one, opts), args.warmup_s, args.reps)
+        line.append(f"{gemm:.3f} ({gemm / mm:.3f}x) / {path:.3f} ({path / vendor:.3f}x)")
+        print(" | ".join(line), flush=True)
         rows.append(line)
         del h, w, buf
         torch.cuda.empty_cache()
@@ -121,10 +127,11 @@ def main() -> int:
         epilogue_triton.GEMM_CONFIG = cfg
         acc_line.append(accuracy_probe())
     epilogue_triton.GEMM_CONFIG = default
+    acc_line.append("(GPU tests: = the Triton GEMM's)")
     rows.append(acc_line)
     head = ["chunk CxDxV", "cuBLAS mm ms", "vendor path ms"] + [
         "BM{BM} BN{BN} BK{BK} G{GROUP_M} w{num_warps} s{num_stages}: GEMM / path ms".format(**c)
-        for c in configs]
+        for c in configs] + ["Gluon warp-specialized: GEMM / path ms"]
     print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for line in rows:
         print("| " + " | ".join(line) + " |")

@@ -68,10 +68,14 @@ def path_of(backend: str, hidden: torch.Tensor, weight: torch.Tensor, opts: Loss
                                                    and opts.label_smoothing))
 
 
-def path_ops(path: str, backend: str):
-    """(logits, rows) on `path`: the chunk's GEMM, and the module of its row passes."""
+def path_ops(path: str, backend: str, device: torch.device):
+    """(logits, rows) on `path`: the chunk's GEMM, and the module of its row passes. The
+    "epilogue" GEMM is the warp-specialized Gluon kernel on Hopper (epilogue_gluon), the plain
+    Triton one elsewhere (and in the interpreter); both leave epilogue_triton's format."""
     if path == "epilogue":
-        from . import epilogue_triton
+        from . import epilogue_gluon, epilogue_triton
+        if epilogue_gluon.runs_here(device):
+            return epilogue_gluon.logits, epilogue_triton
         return epilogue_triton.logits, epilogue_triton
     if path == "fp32":
         return rows_torch.logits, rows_torch
@@ -224,7 +228,7 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
     statistics and the collective, and return only (dh, dW, db) scaled per row by grad_rows.
     """
     chunk_logits, rows = path_ops(path_of(backend, hidden, weight, opts, fp32_statistics),
-                                  backend)
+                                  backend, hidden.device)
     group = resolve_group(group_name) if group_name else None
     if group is not None:
         check_tiling(group_name, opts.vocab_start, weight.shape[0], opts.vocab_size)

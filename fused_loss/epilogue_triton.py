@@ -66,7 +66,7 @@ class Chunk(NamedTuple):
     bn: int
 
 
-def _n_partials(opts: LossOptions, token_stats: bool) -> int:
+def n_partials(opts: LossOptions, token_stats: bool) -> int:
     if token_stats:
         return 5
     return 3 if opts.label_smoothing else 2
@@ -261,7 +261,7 @@ def logits(h_c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     cfg = GEMM_CONFIG
     m, k = h_c.shape
     v = weight.shape[0]
-    p = _n_partials(opts, token_stats)
+    p = n_partials(opts, token_stats)
     n_tiles = triton.cdiv(v, cfg["BN"])
     partials = torch.empty(m, n_tiles, p, dtype=torch.float32, device=h_c.device)
     target = torch.empty(m, dtype=torch.float32, device=h_c.device)

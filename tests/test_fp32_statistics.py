@@ -351,3 +351,44 @@ def test_gpu_epilogue_matches_the_fp32_oracle(options):
     if aux_t is not None:
         torch.testing.assert_close(aux_t.entropy, aux_o.entropy, rtol=1e-4, atol=1e-5)
         assert (aux_t.predicted == aux_o.predicted).float().mean() >= 0.999
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 300), (300, 1024, 50001 + 7), (2049, 2048, 32768)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1}, {"logit_softcap": 30.0},
+                                     {"token_stats": True}, {"bias": True}],
+                         ids=lambda o: ",".join(o) or "plain")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_gluon_gemm_writes_the_triton_gemms_format(shape, options, dtype):
+    # the Hopper GEMM (warp-specialized Gluon) against the plain Triton one: same E, partials
+    # and target logits, so the row passes serve both
+    from fused_loss import epilogue_gluon, epilogue_triton
+    if not epilogue_gluon.runs_here(torch.device("cuda")):
+        pytest.skip("the Gluon GEMM runs on Hopper only")
+    m, d, v = shape
+    hidden, weight, labels = lm_inputs(m, d, v, dtype, seed=int(torch.seed() % 2**31),
+                                       device="cuda")
+    kw = dict(options)
+    token_stats = kw.pop("token_stats", False)
+    bias = (torch.randn(v, device="cuda") * 2).to(dtype) if kw.pop("bias", False) else None
+    opts = LossOptions(vocab_size=v, **kw)
+    chunks = []
+    for gemm in (epilogue_triton, epilogue_gluon):
+        out = torch.full((m, v), float("nan"), device="cuda", dtype=dtype)
+        chunks.append(gemm.logits(hidden, weight, bias, labels, out, opts, token_stats))
+    want, got = chunks
+    assert got.bn == want.bn and got.partials.shape == want.partials.shape
+    e_want, e_got = want.out.view(torch.float16).float(), got.out.view(torch.float16).float()
+    assert torch.isfinite(e_got).all()
+    torch.testing.assert_close(e_got, e_want, rtol=2e-3, atol=1e-3)
+    on = (labels >= 0) & (labels < v)  # the target logit is written where the label is
+    torch.testing.assert_close(got.target[on], want.target[on], rtol=1e-5, atol=1e-5)
+    cols = got.partials.shape[2]
+    real = slice(0, min(cols, 4))
+    torch.testing.assert_close(got.partials[..., real], want.partials[..., real],
+                               rtol=1e-5, atol=1e-5)
+    if token_stats:  # the argmax, as int32 bits
+        assert (got.partials[..., 4].view(torch.int32)
+                == want.partials[..., 4].view(torch.int32)).float().mean() > 0.999

@@ -1,0 +1,239 @@
+"""The epilogue GEMM of epilogue_triton, for Hopper (sm_90) in Gluon: persistent and
+warp-specialized, so that one tile's epilogue runs under the next tile's MMAs.
+
+epilogue_triton's plain Triton GEMM runs at 1.15-1.28x cuBLAS's time on an H200 with its
+statistics epilogue (benchmarks/NOTES.md, attempt 22): the epilogue (an exponential, two row
+reductions and a 16-bit store per logit, ~20% of a tile's main loop at D = 2048) stalls the
+tensor cores, since nothing else is ready to issue. Here each program holds one multiprocessor
+and three partitions share it:
+
+  loader      1 warp: TMA loads of h and W blocks into one ring of STAGES shared-memory slots,
+              in the order the tiles are consumed (an mbarrier pair per slot: ready / empty)
+  consumer 0  4 warps (the default partition): the program's tiles 0, 2, 4, ...
+  consumer 1  4 warps: tiles 1, 3, 5, ...
+
+A consumer runs its tile's main loop (async wgmma, one in flight), then its epilogue, while the
+other consumer's main loop takes the following slots of the ring: the tensor cores stay busy
+whenever one of the two is in its main loop (CUTLASS's "ping-pong" schedule).
+
+The epilogue writes exactly what epilogue_triton's does, in its format (E = fp16(2^15 exp(y -
+m_t)) [* sech^2], the per-(row, tile) partials, the fp32 target logit), so its row passes
+(row_stats, row_grad_, row_stats_and_grad_) read either GEMM's output. Gluon does not run in
+Triton's interpreter: the CPU tests prove the format on epilogue_triton, the GPU tests prove
+this kernel equal to it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from .epilogue_triton import E_SCALE, Chunk, n_partials
+from .options import LossOptions
+
+# constexpr: the kernels read them (host code takes .value)
+BM, BN, BK = gl.constexpr(128), gl.constexpr(128), gl.constexpr(64)  # BN: the partials' tile
+STAGES = gl.constexpr(6)  # 32 KB a slot: 192 KB of the 227 KB
+GROUP_M = gl.constexpr(16)
+# registers per thread: the consumers hold a 128 x 128 fp32 accumulator (128 registers) and
+# the epilogue's temporaries; the loader only addresses
+_CONSUMER_REGS, _LOADER_REGS = gl.constexpr(232), gl.constexpr(40)
+_MAXNREG = 168
+_COL_MAX, _COL_SUM, _COL_LOGIT_SUM, _COL_SPREAD, _COL_ARGMAX = (gl.constexpr(i) for i in range(5))
+
+
+@gluon.jit
+def _tile_origin(tile, n_m, n_n, GROUP: gl.constexpr):
+    """Grouped order (GROUP token tiles walk the vocabulary together: L2 reuse of W)."""
+    in_group = GROUP * n_n
+    first_m = (tile // in_group) * GROUP
+    size_m = gl.minimum(n_m - first_m, GROUP)
+    pid_m = first_m + (tile % in_group) % size_m
+    pid_n = (tile % in_group) // size_m
+    return pid_m * BM, pid_n
+
+
+@gluon.jit
+def _tanh(x):
+    # tanh(x) = 1 - 2 / (exp(2x) + 1): exact limits at +-inf, as rows_triton's
+    return 1.0 - 2.0 / (gl.exp(2.0 * x) + 1.0)
+
+
+@gluon.jit
+def _capped(z, cap, HAS_CAP: gl.constexpr):
+    if HAS_CAP:
+        return cap * _tanh(z / cap)
+    else:
+        return z
+
+
+@gluon.jit
+def _sech2(u, t):
+    # as rows_triton._sech2: 1 - t^2 cancels as |t| nears 1
+    a = gl.abs(u)
+    e = gl.exp(-2.0 * a)
+    r = 1.0 / (1.0 + e)
+    return gl.where(a < 0.625, 1.0 - t * t, 4.0 * e * r * r)
+
+
+@gluon.jit
+def _loader(p, ROLE: gl.constexpr):
+    (h_desc, w_desc, a_bufs, b_bufs, ready, empty, turn, e_ptr, stride_e, part_ptr, target_ptr,
+     bias_ptr, labels_ptr, M, V, K, vocab_start, cap, e_scale) = p
+    n_m = gl.cdiv(M, BM)
+    n_n = gl.cdiv(V, BN)
+    n_k = gl.cdiv(K, BK)
+    step = 0
+    for tile in range(gl.program_id(0), n_m * n_n, gl.num_programs(0)):
+        m0, pid_n = _tile_origin(tile, n_m, n_n, GROUP_M)
+        for kk in range(n_k):
+            s = step % STAGES
+            mbarrier.wait(empty.index(s), ((step // STAGES) & 1) ^ 1)
+            bar = ready.index(s)
+            mbarrier.expect(bar, h_desc.block_type.nbytes + w_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(h_desc, [m0, kk * BK], bar, a_bufs.index(s))
+            tma.async_copy_global_to_shared(w_desc, [pid_n * BN, kk * BK], bar, b_bufs.index(s))
+            step += 1
+
+
+@gluon.jit
+def _consumer(p, ROLE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_CAP: gl.constexpr,
+              NEED_SUM: gl.constexpr, TOKEN_STATS: gl.constexpr, P: gl.constexpr):
+    (h_desc, w_desc, a_bufs, b_bufs, ready, empty, turn, e_ptr, stride_e, part_ptr, target_ptr,
+     bias_ptr, labels_ptr, M, V, K, vocab_start, cap, e_scale) = p
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                  instr_shape=[16, BN, 16])
+    row_l: gl.constexpr = gl.SliceLayout(1, mma)
+    col_l: gl.constexpr = gl.SliceLayout(0, mma)
+    n_m = gl.cdiv(M, BM)
+    n_n = gl.cdiv(V, BN)
+    n_k = gl.cdiv(K, BK)
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    n_local = gl.cdiv(n_m * n_n - pid, nprog)  # this program's tiles
+    for idx in range(ROLE, n_local, 2):
+        m0, pid_n = _tile_origin(pid + idx * nprog, n_m, n_n, GROUP_M)
+        n0 = pid_n * BN
+        step = idx * n_k  # the ring is filled in tile order: this tile's first slot
+        acc = gl.zeros((BM, BN), gl.float32, mma)
+        # consumer 0's first turn is free (a fresh barrier passes a wait on parity 1)
+        mbarrier.wait(turn.index(ROLE), ((idx // 2) & 1) ^ (1 - ROLE))
+        for kk in range(n_k):
+            s = step % STAGES
+            mbarrier.wait(ready.index(s), (step // STAGES) & 1)
+            acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc,
+                                use_acc=kk > 0, is_async=True)
+            acc = warpgroup_mma_wait(1, deps=(acc,))
+            # the MMA one step back has completed: its slot is free
+            mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES), pred=kk > 0)
+            step += 1
+        mbarrier.arrive(turn.index(1 - ROLE))  # all slots of this tile are in: the other's turn
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+        mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES))
+
+        rows = m0 + gl.arange(0, BM, layout=row_l)
+        cols = n0 + gl.arange(0, BN, layout=col_l)
+        row_ok = rows < M
+        col_ok = cols < V
+        z = acc
+        if HAS_BIAS:
+            z += gl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(gl.float32)[None, :]
+        # the target logit first: z is dead after y (register room for the epilogue)
+        label = gl.load(labels_ptr + rows, mask=row_ok, other=-1)
+        local = label - vocab_start - n0
+        here = row_ok & (local >= 0) & (local < BN) & (n0 + local < V)
+        if gl.max(here.to(gl.int32), 0) > 0:  # most tiles hold no row's label: skip the search
+            at = gl.arange(0, BN, layout=col_l)[None, :] == local[:, None]
+            gl.store(target_ptr + rows, gl.sum(gl.where(at, z, 0.0), 1), mask=here)
+        y = gl.where(col_ok[None, :], _capped(z, cap, HAS_CAP), -float("inf"))
+        m_t = gl.max(y, 1)
+        d = y - m_t[:, None]
+        e = gl.exp(d)  # 0 past the vocabulary's end
+        out = e * e_scale
+        if HAS_CAP:
+            out = out * _sech2(z / cap, y / cap)
+        rows64 = rows.to(gl.int64)
+        gl.store(e_ptr + rows64[:, None] * stride_e + cols[None, :], out.to(gl.float16),
+                 mask=row_ok[:, None] & col_ok[None, :])
+        part = part_ptr + (rows64 * n_n + pid_n) * P
+        gl.store(part + _COL_MAX, m_t, mask=row_ok)
+        gl.store(part + _COL_SUM, gl.sum(e, 1), mask=row_ok)
+        if NEED_SUM:
+            gl.store(part + _COL_LOGIT_SUM, gl.sum(gl.where(col_ok[None, :], y, 0.0), 1),
+                     mask=row_ok)
+        if TOKEN_STATS:
+            gl.store(part + _COL_SPREAD, gl.sum(gl.where(e > 0, d, 0.0) * e, 1), mask=row_ok)
+            # first of ties: the smallest column at the row's max
+            first = gl.min(gl.where(y == m_t[:, None], cols[None, :], 2147483647), 1)
+            best = first + vocab_start
+            gl.store(part + _COL_ARGMAX, best.to(gl.int32).to(gl.float32, bitcast=True),
+                     mask=row_ok)
+
+
+@gluon.jit
+def _logits_kernel(h_desc, w_desc, e_ptr, stride_e, part_ptr, target_ptr, bias_ptr, labels_ptr,
+                   M, V, K, vocab_start, cap, e_scale, HAS_BIAS: gl.constexpr,
+                   HAS_CAP: gl.constexpr, NEED_SUM: gl.constexpr, TOKEN_STATS: gl.constexpr,
+                   P: gl.constexpr):
+    dtype: gl.constexpr = h_desc.dtype
+    a_bufs = gl.allocate_shared_memory(dtype, [STAGES, BM, BK], h_desc.layout)
+    b_bufs = gl.allocate_shared_memory(dtype, [STAGES, BN, BK], w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    # the consumers' main loops take turns (turn[c]: consumer c's), so the one waiting on the
+    # ring is never a round ahead of the loader: an mbarrier's phase is known by parity only
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(turn.index(i), count=1)
+    p = (h_desc, w_desc, a_bufs, b_bufs, ready, empty, turn, e_ptr, stride_e, part_ptr,
+         target_ptr, bias_ptr, labels_ptr, M, V, K, vocab_start, cap, e_scale)
+    gl.warp_specialize([
+        (_consumer, (p, 0, HAS_BIAS, HAS_CAP, NEED_SUM, TOKEN_STATS, P)),
+        (_consumer, (p, 1, HAS_BIAS, HAS_CAP, NEED_SUM, TOKEN_STATS, P)),
+        (_loader, (p, 2)),
+    ], [4, 1], [_CONSUMER_REGS, _LOADER_REGS])
+
+
+_GL_DTYPE = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+
+
+def runs_here(device: torch.device) -> bool:
+    """Hopper only (wgmma, 192 KB of shared memory), and not in Triton's interpreter."""
+    return (device.type == "cuda" and not triton.knobs.runtime.interpret
+            and torch.cuda.get_device_capability(device)[0] == 9)
+
+
+def logits(h_c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           labels: torch.Tensor, out: torch.Tensor, opts: LossOptions,
+           token_stats: bool = False) -> Chunk:
+    """epilogue_triton.logits' contract: E into `out`, the partials and target logits beside."""
+    m, k = h_c.shape
+    v = weight.shape[0]
+    p = n_partials(opts, token_stats)
+    n_tiles = triton.cdiv(v, BN.value)
+    partials = torch.empty(m, n_tiles, p, dtype=torch.float32, device=h_c.device)
+    target = torch.empty(m, dtype=torch.float32, device=h_c.device)
+    dtype = _GL_DTYPE[h_c.dtype]
+    h_desc = TensorDescriptor.from_tensor(
+        h_c, [BM.value, BK.value], gl.NVMMASharedLayout.get_default_for([BM.value, BK.value], dtype))
+    w_desc = TensorDescriptor.from_tensor(
+        weight, [BN.value, BK.value],
+        gl.NVMMASharedLayout.get_default_for([BN.value, BK.value], dtype))
+    sms = torch.cuda.get_device_properties(h_c.device).multi_processor_count
+    grid = (min(sms, triton.cdiv(m, BM.value) * n_tiles),)
+    _logits_kernel[grid](
+        h_desc, w_desc, out.view(torch.float16), out.stride(0), partials, target,
+        bias if bias is not None else target, labels, m, v, k, opts.vocab_start,
+        1.0 if opts.logit_softcap is None else opts.logit_softcap, E_SCALE,
+        HAS_BIAS=bias is not None, HAS_CAP=opts.logit_softcap is not None,
+        NEED_SUM=bool(opts.label_smoothing), TOKEN_STATS=token_stats, P=p,
+        num_warps=4, maxnreg=_MAXNREG)
+    return Chunk(out, partials, target, BN.value)
