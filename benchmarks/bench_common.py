@@ -92,14 +92,19 @@ def commit() -> str:
     return os.environ.get("GIT_COMMIT", "unknown (no git; set GIT_COMMIT)")
 
 
-def device_name() -> str:
+def cpu_name() -> str:
     import platform
 
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} threads)"
+
+
+def device_name() -> str:
+    """The machine's GPUs (count and name), else its CPU."""
     import torch
 
     if torch.cuda.is_available():
         return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} threads)"
+    return cpu_name()
 
 
 def command_line() -> str:

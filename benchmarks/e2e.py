@@ -68,7 +68,7 @@ RETRIES_RE = re.compile(r"(\d+) \w+ memory allocation retries")
 OOM_PATTERNS = ("CUDA out of memory", "OutOfMemoryError", "CUDA error: out of memory", "torch.OutOfMemoryError")
 
 # name -> (ngpu, extra args, precision of the loss/logits: "bf16" or "fp32")
-# {dp}: data-parallel degree for global-batch computation
+# {accum2_gbs}: the global batch of two gradient-accumulation steps (2 x local batch x data-parallel degree 2)
 CASES = {
     "fsdp2": (2, ["--parallelism.data_parallel_shard_degree", "2"], "bf16"),
     "tp2": (2, ["--parallelism.data_parallel_shard_degree", "1", "--parallelism.tensor_parallel_degree", "2"], "fp32"),
@@ -365,8 +365,7 @@ def failure_details(failures) -> str:
             if r.ok:
                 continue
             out.append(f"{case}/{r.mode}: {r.status} (log {os.path.relpath(r.log_path, ROOT)})")
-            if not r.ok:
-                out += [f"    {l[:220]}" for l in r.tail[-10:]]
+            out += [f"    {l[:220]}" for l in r.tail[-10:]]
         if verdict in ("FAIL", "NOISE"):
             common = sorted(set(base.steps) & set(fused.steps))
             diffs = [f"{s}:{base.steps[s].loss:.5f}/{fused.steps[s].loss:.5f}" for s in common]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bench_common import ROOT, cell, emit, header
+from bench_common import ROOT, cell, cpu_name, emit, header
 
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # fused_loss without an install
@@ -76,11 +76,7 @@ class Dev:
         return torch.cuda.max_memory_allocated(self.device) if self.cuda else 0
 
     def name(self):
-        if self.cuda:
-            return torch.cuda.get_device_name(self.device)
-        import platform
-
-        return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} threads)"
+        return torch.cuda.get_device_name(self.device) if self.cuda else cpu_name()
 
     def emit(self, args, title: str, table: str, notes=()) -> None:
         """Print the results block (table last); append it to --results unless --no-append."""

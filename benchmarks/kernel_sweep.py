@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from bench_common import cell, md_table
+from bench_common import cell, md_table, ratio
 from kernel_common import (
     NotAvailable, Row, accuracy_of, inputs_or_none, log, print_row, reference_or_none, run_one,
 )
@@ -100,10 +100,6 @@ def lm_accuracy(shape, subject, args, dev) -> dict:
     return acc
 
 
-def _ratio(a, b):
-    return a / b if (a is not None and b) else None
-
-
 def sweep(args, dev) -> tuple[str, float]:
     """(the table in Markdown, wall seconds)."""
     t0 = time.perf_counter()
@@ -148,7 +144,7 @@ def sweep_table(table_rows, impls) -> str:
             plan, r = t[2]["plan"], row_of(t[2], subject)
             if r is None:
                 return ""
-            return cell(_ratio(getattr(r, attr), getattr(plan, plan_attr) / scale), ".2f")
+            return cell(ratio(getattr(r, attr), getattr(plan, plan_attr) / scale), ".2f")
         return get
 
     def err(name, i):
@@ -178,15 +174,15 @@ def sweep_table(table_rows, impls) -> str:
     ]
     cols += [(f"{n} ms", ms(n)) for n in impls]
     if anchor:
-        cols.append((f"{subject}/{anchor} ms", lambda t: cell(_ratio(
+        cols.append((f"{subject}/{anchor} ms", lambda t: cell(ratio(
             getattr(row_of(t[2], subject), "ms", None), getattr(row_of(t[2], anchor), "ms", None)), ".3f")))
     if "floor" in impls and subject != "floor":
-        cols.append((f"{subject}/floor ms", lambda t: cell(_ratio(
+        cols.append((f"{subject}/floor ms", lambda t: cell(ratio(
             getattr(row_of(t[2], subject), "ms", None), getattr(row_of(t[2], "floor"), "ms", None)),
             ".3f")))
     cols += [(f"{n} peak GiB", peak(n)) for n in impls if n != "floor"]
     if anchor:
-        cols.append((f"{subject}/{anchor} peak", lambda t: cell(_ratio(
+        cols.append((f"{subject}/{anchor} peak", lambda t: cell(ratio(
             getattr(row_of(t[2], subject), "peak_gib", None), getattr(row_of(t[2], anchor), "peak_gib", None)),
             ".2f")))
     cols += [

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fused_loss import (DEFAULT_CHUNK_BUDGET_BYTES, LossOptions, check_chunk_budget,
-                        pick_backend)
+                        group_v_local, pick_backend)
 
 
 @dataclass
@@ -93,7 +93,7 @@ def validate(cfg: FusedCE, vocab_size: int, tp_degree: int) -> None:
     except ValueError as e:  # the kernel's message starts with the option's name
         raise ValueError(f"fused_ce.{e}") from None
     if options["chunk_size"] is None:
-        v_local = -(-vocab_size // tp_degree)  # the largest TP shard of the vocabulary
+        v_local = group_v_local(vocab_size, vocab_size, tp_degree)  # what every TP rank plans with
         try:
             check_chunk_budget(options["chunk_budget_bytes"], v_local)
         except ValueError as e:

@@ -157,16 +157,32 @@ def _flex_attention_eager(set_determinism):
     return wrapped
 
 
+ROUTER_BIAS_NOTE = ("router gate bias zeroed at init: torchtitan 0.2.2 leaves it uninitialized (torch.empty), "
+                    "as later torchtitan no longer does (pytorch/torchtitan#2450)")
+
+
 def _router_bias_initialized(init_weights):
+    said = []
+
     def wrapped(self, init_std):
         init_weights(self, init_std)
         # torchtitan 0.2.2 leaves a router's gate bias (gpt_oss: gate_bias=True) as torch.empty:
         # NaN under debug.deterministic (which fills uninitialized memory), garbage otherwise.
-        # Later torchtitan zeroes it; so does this. Not CPU-specific: GPU runs need it as much.
+        # Later torchtitan zeroes it; so does this, on every device.
         if self.gate.bias is not None:
             torch.nn.init.zeros_(self.gate.bias)
+            if not said:  # one start-up line, not one per layer
+                said.append(True)
+                logging.getLogger().info(ROUTER_BIAS_NOTE)
 
     return wrapped
+
+
+def _zero_router_bias() -> None:
+    """gpt_oss's router bias starts at zero, not uninitialized memory (see _router_bias_initialized)."""
+    from torchtitan.models.moe import moe
+
+    moe.TokenChoiceTopKRouter.init_weights = _router_bias_initialized(moe.TokenChoiceTopKRouter.init_weights)
 
 
 def _experts_for_loop(update_from_config):
@@ -287,13 +303,16 @@ def applied() -> bool:
 
 
 def apply() -> None:
-    """Patch torchtitan for a CPU-only machine; where an accelerator exists, only `_tidy_logs`."""
+    """Patch torchtitan for a CPU-only machine; where an accelerator exists, only what every device
+    needs: the log tidying (`_tidy_logs`), one TensorBoard folder per run (`_one_folder_per_run`) and
+    the router bias fix (`_zero_router_bias`)."""
     device = torch._utils._get_available_device_type()
     if device == "cpu":
         return  # applied already (torch itself says None on a CPU-only machine)
     if device is not None:
         _tidy_logs(cpu=False)
         _one_folder_per_run()
+        _zero_router_bias()
         return
     if "torchtitan" in sys.modules:
         raise RuntimeError("parallel.cpu_shims.apply() must run before torchtitan is imported")
@@ -306,12 +325,12 @@ def apply() -> None:
     from torch.nn.attention import flex_attention as flex_attention_module
     from torchtitan.models.llama3.infra import parallelize as llama3_parallelize
     from torchtitan.models.llama4.infra import parallelize as llama4_parallelize
-    from torchtitan.models.moe import moe
     from torchtitan.models.qwen3.model import args as qwen3_args
     from torchtitan.tools import utils as titan_utils
 
     _tidy_logs(cpu=True)
     _one_folder_per_run()
+    _zero_router_bias()
 
     # torch.cpu has no memory_stats / get_device_properties / reset_peak_memory_stats.
     metrics.build_device_memory_monitor = CpuRssMonitor
@@ -336,8 +355,6 @@ def apply() -> None:
     torch.autocast.__init__ = _cpu_autocast_accepting_fp32(torch.autocast.__init__)
     # qwen3 MoE experts run as a for-loop, as the other MoE families do here (see _experts_for_loop).
     qwen3_args.Qwen3ModelArgs.update_from_config = _experts_for_loop(qwen3_args.Qwen3ModelArgs.update_from_config)
-    # gpt_oss's router bias starts at zero, not uninitialized memory (see _router_bias_initialized).
-    moe.TokenChoiceTopKRouter.init_weights = _router_bias_initialized(moe.TokenChoiceTopKRouter.init_weights)
     # FlexAttention (gpt_oss; attn_type "flex" elsewhere) runs eagerly: see _flex_attention_eager and
     # _allow_flex_attention_backward_on_cpu; its warning that eager is unfused is the point here.
     dist_utils.set_determinism = _flex_attention_eager(dist_utils.set_determinism)

@@ -26,7 +26,7 @@ The trainer (``parallel/train.py``, through ``FusedLMHead.stats``) uses this mod
       ignored positions already). Their ``valid_tokens`` are counted apart, so micro-batches
       without them do not dilute the means.
     Python numbers work too. The values are added in place into one float64 device
-    buffer (float32 on MPS). The buffer is on ``FusedCEStats(device=...)``, or else on
+    buffer, on ``stats.device`` where set (the trainer sets its device), or else on
     the device of the first tensor passed. ``update`` never reads a value back to the host, so it
     adds no sync to the step.
 
@@ -110,9 +110,9 @@ class FusedCEStats:
     # Buffer slots: the sums, then the token statistics' sums and their own token count.
     _LSE, _Z, _N, _CORRECT, _ENTROPY, _N_TOKEN_STATS = range(6)
 
-    def __init__(self, reduce_group: Any = None, device: Any = None) -> None:
+    def __init__(self, reduce_group: Any = None) -> None:
         self.reduce_group = reduce_group
-        self.device = torch.device(device) if device is not None else None
+        self.device: torch.device | None = None  # the trainer sets it: where a resume loads the sums
         self._buf: torch.Tensor | None = None  # [6]: see the slots above
 
     def _buffer_for(self, *values: Any) -> torch.Tensor:
@@ -121,8 +121,7 @@ class FusedCEStats:
                 (v.device for v in values if isinstance(v, torch.Tensor)),
                 torch.device("cpu"),
             )
-            dtype = torch.float32 if device.type == "mps" else torch.float64
-            self._buf = torch.zeros(6, dtype=dtype, device=device)
+            self._buf = torch.zeros(6, dtype=torch.float64, device=device)
         return self._buf
 
     @staticmethod

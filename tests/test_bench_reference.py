@@ -89,3 +89,12 @@ def test_chunk_budget_reaches_the_fused_op(monkeypatch, name, budget_mib, expect
                               chunk_budget_mib=budget_mib)
     kernel_impls.build_impl(name, args, kc.Dev(torch.device("cpu")))(None, None, None)
     assert seen.get("chunk_budget_bytes") == expected
+
+
+def test_device_names_share_one_cpu_name():
+    """A CPU device's name in a kernel block is the machine's CPU, as in any block's header."""
+    import bench_common
+
+    assert kc.Dev(torch.device("cpu")).name() == bench_common.cpu_name()
+    if not torch.cuda.is_available():
+        assert bench_common.device_name() == bench_common.cpu_name()

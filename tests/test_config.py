@@ -135,3 +135,16 @@ def test_check_labels_names_count_and_value():
     check_labels(torch.tensor([[0, 5, -100]]), vocab_size=6)
     with pytest.raises(ValueError, match=r"check_labels: labels: 2 value\(s\) outside \[0, 6\) .* e.g. 7"):
         check_labels(torch.tensor([[0, 7, 9, -100]]), vocab_size=6)
+
+
+def test_budget_check_plans_with_the_kernel_librarys_vocab_slice(monkeypatch):
+    """validate() asks fused_loss.plan.group_v_local for the slice every TP rank plans with (an
+    uneven split of 11 rows over 2 ranks: 6), as the head's own plan does, not a copy of its rule."""
+    from fused_loss import plan
+    from parallel import config
+    from parallel.config import FusedCE
+
+    asked = []
+    monkeypatch.setattr(config, "group_v_local", lambda *a: asked.append(a) or plan.group_v_local(*a))
+    config.validate(FusedCE(enable=True, backend="torch"), vocab_size=11, tp_degree=2)
+    assert asked == [(11, 11, 2)] and plan.group_v_local(11, 11, 2) == 6

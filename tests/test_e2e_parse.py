@@ -3,6 +3,7 @@ driver loop against a fake launcher (no torchtitan, no GPU)."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import stat
 import subprocess
@@ -489,3 +490,25 @@ def test_search_skips_a_run_that_would_end_past_the_budget(monkeypatch):
     # runs at 1000 (ends 1100) and 1100 (ends 1200); one at 1200 would end at 1300 > 1250
     assert [r.status for _, r in runs] == ["ok", "ok", "skipped (budget)"]
     assert longest == [100.0]
+
+
+def test_case_placeholders_are_the_documented_ones():
+    """Every {placeholder} in a case's arguments is documented above CASES and filled in by
+    resolve_case, and no documented one is missing from the cases."""
+    import re
+
+    source = (ROOT / "benchmarks" / "e2e.py").read_text()
+    documented = set(re.findall(r"^# \{(\w+)\}:", source, re.M))
+    used = {m for _, args, _ in e2e.CASES.values() for a in args for m in re.findall(r"\{(\w+)\}", a)}
+    assert documented == used
+    opts = argparse.Namespace(local_batch=3, config_local_batch=2)
+    for name in e2e.CASES:
+        assert not any("{" in a for a in e2e.resolve_case(name, opts)[2]), name
+    assert e2e.resolve_case("fsdp2_accum2", opts)[2][-1] == "12"  # 2 steps x local batch 3 x dp 2
+
+
+def test_failure_details_show_each_failed_runs_last_lines():
+    ok, failed = _res("baseline", [1, 1]), _res("fused", [1], status="OOM")
+    failed.log_path, failed.tail = str(ROOT / "f.log"), ["a", "CUDA out of memory"]
+    text = e2e.failure_details([("fsdp2", "n/a", ok, failed)])
+    assert text.splitlines() == ["fsdp2/fused: OOM (log f.log)", "    a", "    CUDA out of memory"]

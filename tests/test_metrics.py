@@ -235,3 +235,18 @@ def test_fused_head_logs_token_accuracy_and_entropy_in_training_only():
     assert out[metrics.ENTROPY_TAG] == pytest.approx(float(entropy[valid].mean()), rel=1e-5)
     assert out[metrics.LSE_MEAN_TAG] == pytest.approx(
         float(torch.logsumexp(logits, -1)[valid].mean()), rel=1e-6)
+
+
+def test_stats_buffer_is_float64_on_the_first_values_device_or_the_one_set():
+    """The buffer's device is the trainer's (stats.device) or the first tensor's; always float64.
+    There is no device= argument: the trainer sets the attribute once the device is known."""
+    import inspect
+
+    assert list(inspect.signature(FusedCEStats).parameters) == ["reduce_group"]
+    stats = FusedCEStats()
+    stats.update(torch.tensor(2.0), torch.tensor(0.5), torch.tensor(4))
+    assert stats._buf.dtype == torch.float64 and stats._buf.device.type == "cpu"
+    stats = FusedCEStats()
+    stats.device = torch.device("cpu")
+    stats.update(1.0, 0.0, 2)
+    assert stats._buf.dtype == torch.float64 and stats._buf.device == torch.device("cpu")
