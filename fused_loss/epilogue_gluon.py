@@ -16,9 +16,9 @@ A consumer runs its tile's main loop (async wgmma, one in flight), then its epil
 other consumer's main loop takes the following slots of the ring: the tensor cores stay busy
 whenever one of the two is in its main loop (CUTLASS's "ping-pong" schedule).
 
-The epilogue writes exactly what epilogue_triton's does, in its format (E = fp16(2^15 exp(y -
-m_t)) [* sech^2], the per-(row, tile) partials, the fp32 target logit), so its row passes
-(row_stats, row_grad_, row_stats_and_grad_) read either GEMM's output. Gluon does not run in
+The epilogue is epilogue_triton's own (`tile_epilogue`, a Triton function called on this
+kernel's accumulator layout): E, the per-(row, tile) partials and the fp32 target logit in its
+format, so its row passes (row_stats, row_grad_, row_stats_and_grad_) read either GEMM's output. Gluon does not run in
 Triton's interpreter: the CPU tests prove the format on epilogue_triton, the GPU tests prove
 this kernel equal to it.
 """
@@ -33,7 +33,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .epilogue_triton import E_SCALE, Chunk, n_partials
+from .epilogue_triton import E_SCALE, Chunk, n_partials, tile_epilogue
 from .options import LossOptions
 
 # constexpr: the kernels read them (host code takes .value)
@@ -44,7 +44,6 @@ GROUP_M = gl.constexpr(16)
 # the epilogue's temporaries; the loader only addresses
 _CONSUMER_REGS, _LOADER_REGS = gl.constexpr(232), gl.constexpr(40)
 _MAXNREG = 168
-_COL_MAX, _COL_SUM, _COL_LOGIT_SUM, _COL_SPREAD, _COL_ARGMAX = (gl.constexpr(i) for i in range(5))
 
 
 @gluon.jit
@@ -56,29 +55,6 @@ def _tile_origin(tile, n_m, n_n, GROUP: gl.constexpr):
     pid_m = first_m + (tile % in_group) % size_m
     pid_n = (tile % in_group) // size_m
     return pid_m * BM, pid_n
-
-
-@gluon.jit
-def _tanh(x):
-    # tanh(x) = 1 - 2 / (exp(2x) + 1): exact limits at +-inf, as rows_triton's
-    return 1.0 - 2.0 / (gl.exp(2.0 * x) + 1.0)
-
-
-@gluon.jit
-def _capped(z, cap, HAS_CAP: gl.constexpr):
-    if HAS_CAP:
-        return cap * _tanh(z / cap)
-    else:
-        return z
-
-
-@gluon.jit
-def _sech2(u, t):
-    # as rows_triton._sech2: 1 - t^2 cancels as |t| nears 1
-    a = gl.abs(u)
-    e = gl.exp(-2.0 * a)
-    r = 1.0 / (1.0 + e)
-    return gl.where(a < 0.625, 1.0 - t * t, 4.0 * e * r * r)
 
 
 @gluon.jit
@@ -118,7 +94,6 @@ def _consumer(p, ROLE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_CAP: gl.constex
     n_local = gl.cdiv(n_m * n_n - pid, nprog)  # this program's tiles
     for idx in range(ROLE, n_local, 2):
         m0, pid_n = _tile_origin(pid + idx * nprog, n_m, n_n, GROUP_M)
-        n0 = pid_n * BN
         step = idx * n_k  # the ring is filled in tile order: this tile's first slot
         acc = gl.zeros((BM, BN), gl.float32, mma)
         # consumer 0's first turn is free (a fresh barrier passes a wait on parity 1)
@@ -136,43 +111,10 @@ def _consumer(p, ROLE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_CAP: gl.constex
         acc = warpgroup_mma_wait(0, deps=(acc,))
         mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES))
 
-        rows = m0 + gl.arange(0, BM, layout=row_l)
-        cols = n0 + gl.arange(0, BN, layout=col_l)
-        row_ok = rows < M
-        col_ok = cols < V
-        z = acc
-        if HAS_BIAS:
-            z += gl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(gl.float32)[None, :]
-        # the target logit first: z is dead after y (register room for the epilogue)
-        label = gl.load(labels_ptr + rows, mask=row_ok, other=-1)
-        local = label - vocab_start - n0
-        here = row_ok & (local >= 0) & (local < BN) & (n0 + local < V)
-        if gl.max(here.to(gl.int32), 0) > 0:  # most tiles hold no row's label: skip the search
-            at = gl.arange(0, BN, layout=col_l)[None, :] == local[:, None]
-            gl.store(target_ptr + rows, gl.sum(gl.where(at, z, 0.0), 1), mask=here)
-        y = gl.where(col_ok[None, :], _capped(z, cap, HAS_CAP), -float("inf"))
-        m_t = gl.max(y, 1)
-        d = y - m_t[:, None]
-        e = gl.exp(d)  # 0 past the vocabulary's end
-        out = e * e_scale
-        if HAS_CAP:
-            out = out * _sech2(z / cap, y / cap)
-        rows64 = rows.to(gl.int64)
-        gl.store(e_ptr + rows64[:, None] * stride_e + cols[None, :], out.to(gl.float16),
-                 mask=row_ok[:, None] & col_ok[None, :])
-        part = part_ptr + (rows64 * n_n + pid_n) * P
-        gl.store(part + _COL_MAX, m_t, mask=row_ok)
-        gl.store(part + _COL_SUM, gl.sum(e, 1), mask=row_ok)
-        if NEED_SUM:
-            gl.store(part + _COL_LOGIT_SUM, gl.sum(gl.where(col_ok[None, :], y, 0.0), 1),
-                     mask=row_ok)
-        if TOKEN_STATS:
-            gl.store(part + _COL_SPREAD, gl.sum(gl.where(e > 0, d, 0.0) * e, 1), mask=row_ok)
-            # first of ties: the smallest column at the row's max
-            first = gl.min(gl.where(y == m_t[:, None], cols[None, :], 2147483647), 1)
-            best = first + vocab_start
-            gl.store(part + _COL_ARGMAX, best.to(gl.int32).to(gl.float32, bitcast=True),
-                     mask=row_ok)
+        tile_epilogue(acc, m0 + gl.arange(0, BM, layout=row_l), gl.arange(0, BN, layout=col_l),
+                      pid_n, n_n, bias_ptr, labels_ptr, e_ptr, stride_e, part_ptr, target_ptr, M,
+                      V, vocab_start, cap, e_scale, HAS_BIAS, HAS_CAP, NEED_SUM, TOKEN_STATS, P,
+                      BN)
 
 
 @gluon.jit

@@ -97,13 +97,33 @@ def _logits_kernel(h_desc, w_desc, bias_ptr, labels_ptr, e_ptr, stride_e, part_p
             b = b.to(tl.float32)
         acc = tl.dot(a, b.T, acc)
 
-    rows = m0 + tl.arange(0, BM)
-    cols = n0 + tl.arange(0, BN)
+    tile_epilogue(acc, m0 + tl.arange(0, BM), tl.arange(0, BN), pid_n, n_n, bias_ptr, labels_ptr,
+                  e_ptr, stride_e, part_ptr, target_ptr, M, V, vocab_start, cap, e_scale,
+                  HAS_BIAS, HAS_CAP, NEED_SUM, TOKEN_STATS, P, BN)
+
+
+@triton.jit
+def tile_epilogue(acc, rows, offs_n, pid_n, n_n, bias_ptr, labels_ptr, e_ptr, stride_e,
+                  part_ptr, target_ptr, M, V, vocab_start, cap, e_scale, HAS_BIAS: tl.constexpr,
+                  HAS_CAP: tl.constexpr, NEED_SUM: tl.constexpr, TOKEN_STATS: tl.constexpr,
+                  P: tl.constexpr, BN: tl.constexpr):
+    """One tile's epilogue from its fp32 accumulator [len(rows), BN]: E, the partials and the
+    target logits (the module docstring). Shared by this module's GEMM and epilogue_gluon's:
+    rows and offs_n (0..BN-1) come in the caller's layouts (Gluon's aranges carry one)."""
+    n0 = pid_n * BN
+    cols = n0 + offs_n
     row_ok = rows < M
     col_ok = cols < V
     z = acc
     if HAS_BIAS:
         z += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    # the target logit first: without a softcap z is dead after y (registers for the rest)
+    label = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
+    local = label - vocab_start - n0
+    here = row_ok & (local >= 0) & (local < BN) & (n0 + local < V)
+    if tl.max(here.to(tl.int32), 0) > 0:  # most tiles hold no row's label: skip the search
+        z_t = tl.sum(tl.where(offs_n[None, :] == local[:, None], z, 0.0), 1)
+        tl.store(target_ptr + rows, z_t, mask=here)
     y = tl.where(col_ok[None, :], _cap(z, cap, HAS_CAP), -float("inf"))
     m_t = tl.max(y, 1)
     d = y - m_t[:, None]
@@ -121,14 +141,10 @@ def _logits_kernel(h_desc, w_desc, bias_ptr, labels_ptr, e_ptr, stride_e, part_p
         tl.store(part + _COL_LOGIT_SUM, tl.sum(tl.where(col_ok[None, :], y, 0.0), 1), mask=row_ok)
     if TOKEN_STATS:
         tl.store(part + _COL_SPREAD, tl.sum(tl.where(e > 0, d, 0.0) * e, 1), mask=row_ok)
-        best = n0 + tl.argmax(y, 1, tie_break_left=True) + vocab_start
+        # the first column at the row's max (tl.argmax would need a layout-free arange)
+        first = tl.min(tl.where(y == m_t[:, None], offs_n[None, :], BN), 1)
+        best = n0 + first + vocab_start
         tl.store(part + _COL_ARGMAX, best.to(tl.int32).to(tl.float32, bitcast=True), mask=row_ok)
-    label = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
-    local = label - vocab_start - n0
-    here = row_ok & (local >= 0) & (local < BN) & (n0 + local < V)
-    if tl.max(here.to(tl.int32), 0) > 0:  # most tiles hold no row's label: skip the search
-        z_t = tl.sum(tl.where(tl.arange(0, BN)[None, :] == local[:, None], z, 0.0), 1)
-        tl.store(target_ptr + rows, z_t, mask=here)
 
 
 @triton.jit
