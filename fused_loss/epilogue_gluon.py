@@ -17,10 +17,13 @@ other consumer's main loop takes the following slots of the ring: the tensor cor
 whenever one of the two is in its main loop (CUTLASS's "ping-pong" schedule).
 
 The epilogue is epilogue_triton's own (`tile_epilogue`, a Triton function called on this
-kernel's accumulator layout): E, the per-(row, tile) partials and the fp32 target logit in its
-format, so its row passes (row_stats, row_grad_, row_stats_and_grad_) read either GEMM's output. Gluon does not run in
-Triton's interpreter: the CPU tests prove the format on epilogue_triton, the GPU tests prove
-this kernel equal to it.
+kernel's accumulator layout): the per-(row, tile) partials and the fp32 target logit in its
+format, and the tile of E, which leaves through the consumer's shared-memory tile and one TMA
+store (with plain stores from the registers, the epilogue cost 10-14% of the GEMM's time
+despite the ping-pong: benchmarks/NOTES.md, attempt 25). So its row passes (row_stats,
+row_grad_, row_stats_and_grad_) read either GEMM's output. Gluon does not run in Triton's
+interpreter: the CPU tests prove the format on epilogue_triton, the GPU tests prove this kernel
+equal to it.
 """
 
 from __future__ import annotations
@@ -30,15 +33,18 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
-    mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+    fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .epilogue_triton import E_SCALE, Chunk, n_partials, tile_epilogue
+from .epilogue_triton import Chunk, n_partials, store_tile, tile_epilogue
 from .options import LossOptions
 
 # constexpr: the kernels read them (host code takes .value)
 BM, BN, BK = gl.constexpr(128), gl.constexpr(128), gl.constexpr(64)  # BN: the partials' tile
-STAGES = gl.constexpr(6)  # 32 KB a slot: 192 KB of the 227 KB
+# 32 KB a slot, and a 32 KB tile of E per consumer for its TMA store: 192 KB of the 227 KB.
+# Four slots, not five: the shared memory left to the L1 cache serves the epilogue's loads and
+# the partials' stores (five slots and the E tiles leave ~30 KB: the GEMM ran 9-10% slower).
+STAGES = gl.constexpr(4)
 GROUP_M = gl.constexpr(16)
 # registers per thread: the consumers hold a 128 x 128 fp32 accumulator (128 registers) and
 # the epilogue's temporaries; the loader only addresses
@@ -60,7 +66,7 @@ def _tile_origin(tile, n_m, n_n, GROUP: gl.constexpr):
 @gluon.jit
 def _loader(p, ROLE: gl.constexpr):
     (h_desc, w_desc, a_bufs, b_bufs, ready, empty, turn, e_ptr, stride_e, part_ptr, target_ptr,
-     bias_ptr, labels_ptr, M, V, K, vocab_start, cap, e_scale) = p
+     bias_ptr, labels_ptr, M, V, K, vocab_start, cap, e_desc, e_bufs) = p
     n_m = gl.cdiv(M, BM)
     n_n = gl.cdiv(V, BN)
     n_k = gl.cdiv(K, BK)
@@ -79,9 +85,10 @@ def _loader(p, ROLE: gl.constexpr):
 
 @gluon.jit
 def _consumer(p, ROLE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_CAP: gl.constexpr,
-              NEED_SUM: gl.constexpr, TOKEN_STATS: gl.constexpr, P: gl.constexpr):
+              NEED_SUM: gl.constexpr, TOKEN_STATS: gl.constexpr, P: gl.constexpr,
+              TMA_STORE: gl.constexpr):
     (h_desc, w_desc, a_bufs, b_bufs, ready, empty, turn, e_ptr, stride_e, part_ptr, target_ptr,
-     bias_ptr, labels_ptr, M, V, K, vocab_start, cap, e_scale) = p
+     bias_ptr, labels_ptr, M, V, K, vocab_start, cap, e_desc, e_bufs) = p
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                   instr_shape=[16, BN, 16])
     row_l: gl.constexpr = gl.SliceLayout(1, mma)
@@ -111,17 +118,28 @@ def _consumer(p, ROLE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_CAP: gl.constex
         acc = warpgroup_mma_wait(0, deps=(acc,))
         mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES))
 
-        tile_epilogue(acc, m0 + gl.arange(0, BM, layout=row_l), gl.arange(0, BN, layout=col_l),
-                      pid_n, n_n, bias_ptr, labels_ptr, e_ptr, stride_e, part_ptr, target_ptr, M,
-                      V, vocab_start, cap, e_scale, HAS_BIAS, HAS_CAP, NEED_SUM, TOKEN_STATS, P,
-                      BN)
+        rows = m0 + gl.arange(0, BM, layout=row_l)
+        offs_n = gl.arange(0, BN, layout=col_l)
+        e = tile_epilogue(acc, rows, offs_n, pid_n, n_n, bias_ptr, labels_ptr, part_ptr,
+                          target_ptr, M, V, vocab_start, cap, HAS_BIAS, HAS_CAP, NEED_SUM,
+                          TOKEN_STATS, P, BN)
+        if TMA_STORE:  # E through shared memory: one bulk store, the edges clipped by TMA
+            e_smem = e_bufs.index(ROLE)
+            tma.store_wait(0)  # this consumer's previous tile has left the buffer
+            e_smem.store(e)
+            fence_async_shared()
+            tma.async_copy_shared_to_global(e_desc, [m0, pid_n * BN], e_smem)
+        else:
+            store_tile(e_ptr, stride_e, rows, offs_n, pid_n, e, M, V, BN)
+    if TMA_STORE:
+        tma.store_wait(0)
 
 
 @gluon.jit
-def _logits_kernel(h_desc, w_desc, e_ptr, stride_e, part_ptr, target_ptr, bias_ptr, labels_ptr,
-                   M, V, K, vocab_start, cap, e_scale, HAS_BIAS: gl.constexpr,
+def _logits_kernel(h_desc, w_desc, e_desc, e_ptr, stride_e, part_ptr, target_ptr, bias_ptr,
+                   labels_ptr, M, V, K, vocab_start, cap, HAS_BIAS: gl.constexpr,
                    HAS_CAP: gl.constexpr, NEED_SUM: gl.constexpr, TOKEN_STATS: gl.constexpr,
-                   P: gl.constexpr):
+                   P: gl.constexpr, TMA_STORE: gl.constexpr):
     dtype: gl.constexpr = h_desc.dtype
     a_bufs = gl.allocate_shared_memory(dtype, [STAGES, BM, BK], h_desc.layout)
     b_bufs = gl.allocate_shared_memory(dtype, [STAGES, BN, BK], w_desc.layout)
@@ -135,11 +153,13 @@ def _logits_kernel(h_desc, w_desc, e_ptr, stride_e, part_ptr, target_ptr, bias_p
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(2):
         mbarrier.init(turn.index(i), count=1)
+    # each consumer's tile of E on its way out (a stub where the rows take plain stores)
+    e_bufs = gl.allocate_shared_memory(gl.float16, [2] + e_desc.block_type.shape, e_desc.layout)
     p = (h_desc, w_desc, a_bufs, b_bufs, ready, empty, turn, e_ptr, stride_e, part_ptr,
-         target_ptr, bias_ptr, labels_ptr, M, V, K, vocab_start, cap, e_scale)
+         target_ptr, bias_ptr, labels_ptr, M, V, K, vocab_start, cap, e_desc, e_bufs)
     gl.warp_specialize([
-        (_consumer, (p, 0, HAS_BIAS, HAS_CAP, NEED_SUM, TOKEN_STATS, P)),
-        (_consumer, (p, 1, HAS_BIAS, HAS_CAP, NEED_SUM, TOKEN_STATS, P)),
+        (_consumer, (p, 0, HAS_BIAS, HAS_CAP, NEED_SUM, TOKEN_STATS, P, TMA_STORE)),
+        (_consumer, (p, 1, HAS_BIAS, HAS_CAP, NEED_SUM, TOKEN_STATS, P, TMA_STORE)),
         (_loader, (p, 2)),
     ], [4, 1], [_CONSUMER_REGS, _LOADER_REGS])
 
@@ -169,13 +189,20 @@ def logits(h_c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     w_desc = TensorDescriptor.from_tensor(
         weight, [BN.value, BK.value],
         gl.NVMMASharedLayout.get_default_for([BN.value, BK.value], dtype))
+    e = out.view(torch.float16)
+    # a TMA store needs 16-byte aligned rows (V_local a multiple of 8); else plain stores
+    tma_store = e.stride(1) == 1 and e.stride(0) % 8 == 0 and e.data_ptr() % 16 == 0
+    e_block = [BM.value, BN.value] if tma_store else [1, 8]
+    e_desc = TensorDescriptor.from_tensor(
+        e if tma_store else torch.empty(1, 8, dtype=torch.float16, device=e.device), e_block,
+        gl.NVMMASharedLayout.get_default_for(e_block, gl.float16))
     sms = torch.cuda.get_device_properties(h_c.device).multi_processor_count
     grid = (min(sms, triton.cdiv(m, BM.value) * n_tiles),)
     _logits_kernel[grid](
-        h_desc, w_desc, out.view(torch.float16), out.stride(0), partials, target,
+        h_desc, w_desc, e_desc, e, out.stride(0), partials, target,
         bias if bias is not None else target, labels, m, v, k, opts.vocab_start,
-        1.0 if opts.logit_softcap is None else opts.logit_softcap, E_SCALE,
+        1.0 if opts.logit_softcap is None else opts.logit_softcap,
         HAS_BIAS=bias is not None, HAS_CAP=opts.logit_softcap is not None,
-        NEED_SUM=bool(opts.label_smoothing), TOKEN_STATS=token_stats, P=p,
+        NEED_SUM=bool(opts.label_smoothing), TOKEN_STATS=token_stats, P=p, TMA_STORE=tma_store,
         num_warps=4, maxnreg=_MAXNREG)
     return Chunk(out, partials, target, BN.value)

@@ -48,7 +48,9 @@ from .rows_triton import _cap, _row_target, _sech2, _store_stats
 GEMM_CONFIG = dict(BM=128, BN=128, BK=64, GROUP_M=16, num_warps=4, num_stages=3)
 _ROW_BLOCK = 4096  # elements per step of the row passes (whole tiles of BN)
 _ROW_WARPS = 8
-E_SCALE = 32768.0  # 2^15: E's largest element, exact in fp16 (max 65504)
+E_LOG2 = tl.constexpr(15)  # E's largest element 2^15: exact in fp16 (max 65504)
+_E_UNSCALE = tl.constexpr(2.0 ** -15)  # 2^-E_LOG2, exact
+_LOG2E = tl.constexpr(1.4426950408889634)
 # the partials' columns (constexpr: read inside the kernels)
 _COL_MAX, _COL_SUM, _COL_LOGIT_SUM, _COL_SPREAD, _COL_ARGMAX = (tl.constexpr(i) for i in range(5))
 # The interpreter's 16-bit bf16 dot is broken (triton 3.6): there the tiles go to fp32 first
@@ -74,7 +76,7 @@ def n_partials(opts: LossOptions, token_stats: bool) -> int:
 
 @triton.jit
 def _logits_kernel(h_desc, w_desc, bias_ptr, labels_ptr, e_ptr, stride_e, part_ptr, target_ptr,
-                   M, V, K, vocab_start, cap, e_scale,
+                   M, V, K, vocab_start, cap,
                    HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, NEED_SUM: tl.constexpr,
                    TOKEN_STATS: tl.constexpr, P: tl.constexpr, BM: tl.constexpr,
                    BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
@@ -97,26 +99,29 @@ def _logits_kernel(h_desc, w_desc, bias_ptr, labels_ptr, e_ptr, stride_e, part_p
             b = b.to(tl.float32)
         acc = tl.dot(a, b.T, acc)
 
-    tile_epilogue(acc, m0 + tl.arange(0, BM), tl.arange(0, BN), pid_n, n_n, bias_ptr, labels_ptr,
-                  e_ptr, stride_e, part_ptr, target_ptr, M, V, vocab_start, cap, e_scale,
-                  HAS_BIAS, HAS_CAP, NEED_SUM, TOKEN_STATS, P, BN)
+    rows = m0 + tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    e = tile_epilogue(acc, rows, offs_n, pid_n, n_n, bias_ptr, labels_ptr, part_ptr, target_ptr,
+                      M, V, vocab_start, cap, HAS_BIAS, HAS_CAP, NEED_SUM, TOKEN_STATS, P, BN)
+    store_tile(e_ptr, stride_e, rows, offs_n, pid_n, e, M, V, BN)
 
 
 @triton.jit
-def tile_epilogue(acc, rows, offs_n, pid_n, n_n, bias_ptr, labels_ptr, e_ptr, stride_e,
-                  part_ptr, target_ptr, M, V, vocab_start, cap, e_scale, HAS_BIAS: tl.constexpr,
-                  HAS_CAP: tl.constexpr, NEED_SUM: tl.constexpr, TOKEN_STATS: tl.constexpr,
-                  P: tl.constexpr, BN: tl.constexpr):
-    """One tile's epilogue from its fp32 accumulator [len(rows), BN]: E, the partials and the
-    target logits (the module docstring). Shared by this module's GEMM and epilogue_gluon's:
-    rows and offs_n (0..BN-1) come in the caller's layouts (Gluon's aranges carry one)."""
+def tile_epilogue(acc, rows, offs_n, pid_n, n_n, bias_ptr, labels_ptr, part_ptr, target_ptr, M, V,
+                  vocab_start, cap, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
+                  NEED_SUM: tl.constexpr, TOKEN_STATS: tl.constexpr, P: tl.constexpr,
+                  BN: tl.constexpr):
+    """One tile's epilogue from its fp32 accumulator [len(rows), BN]: stores the partials and
+    the target logits (the module docstring) and returns the tile of E in fp16, for the
+    caller's store (`store_tile`, or epilogue_gluon's TMA store). Shared by this module's GEMM
+    and epilogue_gluon's: rows and offs_n (0..BN-1) come in the caller's layouts (Gluon's
+    aranges carry one)."""
     n0 = pid_n * BN
     cols = n0 + offs_n
     row_ok = rows < M
-    col_ok = cols < V
     z = acc
     if HAS_BIAS:
-        z += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        z += tl.load(bias_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)[None, :]
     # the target logit first: without a softcap z is dead after y (registers for the rest)
     label = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
     local = label - vocab_start - n0
@@ -124,27 +129,38 @@ def tile_epilogue(acc, rows, offs_n, pid_n, n_n, bias_ptr, labels_ptr, e_ptr, st
     if tl.max(here.to(tl.int32), 0) > 0:  # most tiles hold no row's label: skip the search
         z_t = tl.sum(tl.where(offs_n[None, :] == local[:, None], z, 0.0), 1)
         tl.store(target_ptr + rows, z_t, mask=here)
-    y = tl.where(col_ok[None, :], _cap(z, cap, HAS_CAP), -float("inf"))
+    y = _cap(z, cap, HAS_CAP)
+    if n0 + BN > V:  # the last tile: the columns past the vocabulary take no part
+        y = tl.where((cols < V)[None, :], y, -float("inf"))
     m_t = tl.max(y, 1)
-    d = y - m_t[:, None]
-    e = tl.exp(d)  # 0 past the vocabulary's end
-    out = e * e_scale
-    if HAS_CAP:
-        out = out * _sech2(z / cap, y / cap)
-    rows64 = rows.to(tl.int64)
-    tl.store(e_ptr + rows64[:, None] * stride_e + cols[None, :], out.to(tl.float16),
-             mask=row_ok[:, None] & col_ok[None, :])
-    part = part_ptr + (rows64 * n_n + pid_n) * P
+    # e = 2^15 exp(y - m_t) by one FMA and one ex2 per element (0 past the vocabulary's end);
+    # the partials take it back by the exact power of two
+    e = tl.exp2(y * _LOG2E - (m_t * _LOG2E - E_LOG2)[:, None])
+    part = part_ptr + (rows.to(tl.int64) * n_n + pid_n) * P
     tl.store(part + _COL_MAX, m_t, mask=row_ok)
-    tl.store(part + _COL_SUM, tl.sum(e, 1), mask=row_ok)
+    tl.store(part + _COL_SUM, tl.sum(e, 1) * _E_UNSCALE, mask=row_ok)
     if NEED_SUM:
-        tl.store(part + _COL_LOGIT_SUM, tl.sum(tl.where(col_ok[None, :], y, 0.0), 1), mask=row_ok)
+        tl.store(part + _COL_LOGIT_SUM, tl.sum(tl.where(cols[None, :] < V, y, 0.0), 1),
+                 mask=row_ok)
     if TOKEN_STATS:
-        tl.store(part + _COL_SPREAD, tl.sum(tl.where(e > 0, d, 0.0) * e, 1), mask=row_ok)
+        d = y - m_t[:, None]
+        tl.store(part + _COL_SPREAD, tl.sum(tl.where(e > 0, d, 0.0) * e, 1) * _E_UNSCALE,
+                 mask=row_ok)
         # the first column at the row's max (tl.argmax would need a layout-free arange)
         first = tl.min(tl.where(y == m_t[:, None], offs_n[None, :], BN), 1)
         best = n0 + first + vocab_start
         tl.store(part + _COL_ARGMAX, best.to(tl.int32).to(tl.float32, bitcast=True), mask=row_ok)
+    if HAS_CAP:
+        e = e * _sech2(z / cap, y / cap)
+    return e.to(tl.float16)
+
+
+@triton.jit
+def store_tile(e_ptr, stride_e, rows, offs_n, pid_n, e, M, V, BN: tl.constexpr):
+    """E's tile into the chunk buffer by plain stores (int64 offsets)."""
+    cols = pid_n * BN + offs_n
+    tl.store(e_ptr + rows.to(tl.int64)[:, None] * stride_e + cols[None, :], e,
+             mask=(rows < M)[:, None] & (cols < V)[None, :])
 
 
 @triton.jit
@@ -199,7 +215,7 @@ def _grad(e_row, out_row, part_row, n_tiles, V_local, lse, scale, z_t, local, on
     if HAS_CAP:
         g_t = g_t * _sech2(z_t / cap, y_t / cap)
     g_t = tl.where(valid, g_t * scale, 0.0)
-    factor_coef = p_coef * scale / 32768.0  # E's 2^15 (E_SCALE) out again
+    factor_coef = p_coef * scale * _E_UNSCALE  # E's 2^15 out again
     for t0 in range(0, n_tiles, TPB):
         t = t0 + tl.arange(0, TPB)
         m_t = tl.load(part_row + t * P + _COL_MAX, mask=t < n_tiles, other=0.0)
@@ -287,7 +303,7 @@ def logits(h_c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     _logits_kernel[grid](
         h_desc, w_desc, bias if bias is not None else target, labels, out.view(torch.float16),
         out.stride(0), partials, target, m, v, k, opts.vocab_start,
-        1.0 if opts.logit_softcap is None else opts.logit_softcap, E_SCALE,
+        1.0 if opts.logit_softcap is None else opts.logit_softcap,
         HAS_BIAS=bias is not None, HAS_CAP=opts.logit_softcap is not None,
         NEED_SUM=bool(opts.label_smoothing), TOKEN_STATS=token_stats, P=p, **cfg)
     return Chunk(out, partials, target, cfg["BN"])
