@@ -9,7 +9,7 @@ import os
 import torch
 
 from bench_common import cell
-from kernel_common import Dev, Inputs, NotAvailable, log, make_inputs, parse_shapes, rel_l2, run_one, shape_label
+from kernel_common import Dev, Inputs, NotAvailable, log, make_inputs, parse_shapes, rel_err, run_one, shape_label
 from kernel_impls import build_impl
 
 
@@ -91,8 +91,8 @@ def main(args) -> None:
             dist.all_reduce(dh)
             errs = (
                 abs(float(lp.detach().double().item()) - float(loss_single.item())) / max(abs(float(loss_single.item())), 1e-30),
-                rel_l2(dh, dh_single),
-                rel_l2(pinp.W.grad, dW_single),
+                rel_err(dh, dh_single),
+                rel_err(pinp.W.grad, dW_single),
             )
         except Exception as e:
             say(f"  parallel correctness check failed: {type(e).__name__}: {e}")
