@@ -1,28 +1,22 @@
-"""What the kernel benchmark's modes share (bench_kernel.py, kernel_sweep.py,
-kernel_vocab_parallel.py): inputs (random and LM-like) and the fp64 reference, the device, one
+"""What the kernel benchmark's modes share (kernel/bench.py, kernel/sweep.py,
+kernel/vocab_parallel.py): inputs (random and LM-like) and the fp64 reference, the device, one
 timed implementation (``run_one`` -> ``Row``), one accuracy-only call (``accuracy_of``), the
 table columns and the block header. The definitions of the
-measured numbers are in bench_kernel.py's docstring.
+measured numbers are in kernel/bench.py's docstring.
 """
 from __future__ import annotations
 
 import gc
 import math
-import os
 import statistics
-import sys
 import time
 import traceback
 from dataclasses import dataclass, field
 
 import torch
 
-from bench_common import ROOT, cell, cpu_name, emit, header
-
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)  # fused_loss without an install
-
-from benchmarks.reference import Reference, reference_loss, rel_err  # noqa: E402
+from benchmarks.bench_common import cell, cpu_name, emit, header
+from benchmarks.reference import Reference, reference_loss, rel_err
 
 IGNORE = -100
 SHAPE_NAMES = {
