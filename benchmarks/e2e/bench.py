@@ -10,15 +10,6 @@ every mode shares), and prints (and appends to benchmarks/log/results.md) a tabl
 loss at steps 1/10/20, the max relative loss difference fused vs baseline over all steps,
 max_reserved GiB (max over the logged steps), median tps (excluding step 1), ratios.
 
-The per-step line comes from torchtitan 0.2.2 components/metrics.py (MetricsProcessor.log):
-    f"{color.red}step: {step:2}  {color.green}loss: {global_avg_loss:8.5f}  "
-    f"{color.orange}grad_norm: {grad_norm:7.4f}  "
-    f"{color.turquoise}memory: {max_reserved_gib:5.2f}GiB({max_reserved_pct:.2f}%)  "
-    f"{color.blue}tps: {round(tps):,}  {color.cyan}tflops: {tflops:,.2f}  "
-    f"{color.magenta}mfu: {mfu:.2f}%{color.reset}"
-behind the logger prefix "[titan] <asctime> - root - INFO - ", and behind "[rank0]:" when
-torchrun tees with --local-ranks-filter.
-
 Exit status: 0 all parity checks passed; 1 a parity check failed; 2 a run failed so a
 parity check could not be made, or a check came out NOISE (and no parity check failed).
 --noise-ref reruns each baseline: bf16 training is not bitwise reproducible here (on 2x H200,
