@@ -3,7 +3,7 @@
 
 Usage::
 
-    python benchmarks/compare_runs.py RUN_A RUN_B [RUN_C ...] --out report/ [--labels a,b,c]
+    fused-ce-compare RUN_A RUN_B [RUN_C ...] --out report/ [--labels a,b,c]
 
 Each RUN is a folder that holds TensorBoard event files (``events.out.tfevents.*``), or a
 parent of exactly one such folder: pass torchtitan's ``{dump_folder}`` or ``{dump_folder}/tb``
@@ -70,8 +70,8 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 
-import tb_events  # benchmarks/tb_events.py
-from bench_common import fmt, ratio
+from benchmarks import tb_events
+from benchmarks.bench_common import fmt, ratio
 from parallel.metrics import (
     CPU_RSS_CURRENT_TAG,
     CPU_RSS_PEAK_TAG,
@@ -324,7 +324,7 @@ def render_markdown(summary: dict) -> str:
             f"**Noisy throughput:** the tps ratio of {', '.join(_md_escape(r['label']) for r in noisy)} is within "
             f"the runs' step-to-step tps spread (interquartile range / median after the first step: {spreads}): "
             "not a finding. Measure on an idle machine, with more steps, or as alternating pairs "
-            "(`benchmarks/e2e.py --pairs N`).",
+            "(`benchmarks/e2e/bench.py --pairs N`).",
         ]
 
     if any(r["final_lse_mean"] is not None or r["final_z_loss"] is not None for r in rows):
@@ -489,7 +489,7 @@ def _labels(args_runs: list[str], labels_opt: str | None) -> list[str]:
     return labels
 
 
-PROG = "benchmarks/compare_runs.py"
+PROG = "fused-ce-compare"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # The ONE command to run on the device machine (run from the repository root, .gpu-wheels carried).
 #
-#   bash benchmarks/gpu_run.sh kernel   # 1 GPU : pytest -m gpu, bench_kernel.py (4 shapes), --options, --sweep, --profile
-#                                       #         (SKIP_GEMM=0 first: kernel_gemm.py, the epilogue GEMM's configurations)
+#   bash benchmarks/gpu_run.sh kernel   # 1 GPU : pytest -m gpu, kernel/bench.py (4 shapes), --options, --sweep, --profile
+#                                       #         (SKIP_GEMM=0 first: kernel/gemm.py, the epilogue GEMM's configurations)
 #                                       #         (steps bounded to 120+170+70+180+90 s; expected ~50+120+35+105+40 s)
-#   bash benchmarks/gpu_run.sh multi    # 2 GPUs: pytest -m multigpu, vocab-parallel bench (torchrun), e2e.py
-#   bash benchmarks/gpu_run.sh e2e      # 2 GPUs: e2e.py only, the three cases multi leaves out (multi + e2e = all six)
-#   bash benchmarks/gpu_run.sh maxseq   # 1 GPU : e2e.py --max-seq (longest seq_len, baseline vs fused)
-#   bash benchmarks/gpu_run.sh multi4   # 4 GPUs (nvidia-h200-x4): e2e.py fsdp2_tp2,fsdp2_cp2,tp2_cp2,hsdp (issue 8)
+#   bash benchmarks/gpu_run.sh multi    # 2 GPUs: pytest -m multigpu, vocab-parallel bench (torchrun), e2e/bench.py
+#   bash benchmarks/gpu_run.sh e2e      # 2 GPUs: e2e/bench.py only, the three cases multi leaves out (multi + e2e = all six)
+#   bash benchmarks/gpu_run.sh maxseq   # 1 GPU : e2e/bench.py --max-seq (longest seq_len, baseline vs fused)
+#   bash benchmarks/gpu_run.sh multi4   # 4 GPUs (nvidia-h200-x4): e2e/bench.py fsdp2_tp2,fsdp2_cp2,tp2_cp2,hsdp (issue 8)
 #   bash benchmarks/gpu_run.sh families # 1 GPU : pytest -m gpu, then each family's real-vocabulary config (issue 14):
-#                                       #         e2e.py --cases single per config in FAMILY_CONFIGS
-#   bash benchmarks/gpu_run.sh search   # 1 GPU : e2e.py --search (issue 19), narrowed by SEARCH_ARGS
-#   bash benchmarks/gpu_run.sh resume   # 1 GPU : kill_resume.py, llama3_1b fused: the rank SIGKILLed in step 5, torchrun
+#                                       #         e2e/bench.py --cases single per config in FAMILY_CONFIGS
+#   bash benchmarks/gpu_run.sh search   # 1 GPU : e2e/bench.py --search (issue 19), narrowed by SEARCH_ARGS
+#   bash benchmarks/gpu_run.sh resume   # 1 GPU : e2e/kill_resume.py, llama3_1b fused: the rank SIGKILLed in step 5, torchrun
 #                                       #         restarts it from the step-3 checkpoint; losses vs an uninterrupted run
 #                                       #         within 1e-5 (~4 min; dump folders in /tmp/kill_resume, logs in $OUT)
 #
@@ -20,17 +20,17 @@
 # into $OUT/run_logs.tgz at the end (few files come back from the device). Knobs (environment variables):
 #   BUDGET_S        whole-script budget in seconds (default 540 = 9 min); later steps get what is left
 #   PYTEST_TIMEOUT  per pytest step (default 150; kernel mode: PYTEST_TIMEOUT_KERNEL, default 120)      PYTEST_MULTI_MARK (multi: -m expression, default multigpu)      SKIP_PYTEST=1 / SKIP_BENCH=1 / SKIP_OPTIONS=1 / SKIP_SWEEP=1 / SKIP_PROFILE=1 / SKIP_E2E=1
-#   BENCH_ARGS      extra args for bench_kernel.py default run (e.g. "--impls fused,compile,floor --reps 5", "--inputs random")
-#   OPTIONS_ARGS    extra args for bench_kernel.py --options (e.g. "--shapes 8192x2304x256000")
-#   SWEEP_ARGS      extra args for bench_kernel.py --sweep (e.g. "--sweep-impls fused,compile,liger")
-#   PROFILE_ARGS    extra args for bench_kernel.py --profile (e.g. "--shapes 8192x4096x128256 --reps 3")
+#   BENCH_ARGS      extra args for kernel/bench.py default run (e.g. "--impls fused,compile,floor --reps 5", "--inputs random")
+#   OPTIONS_ARGS    extra args for kernel/bench.py --options (e.g. "--shapes 8192x2304x256000")
+#   SWEEP_ARGS      extra args for kernel/bench.py --sweep (e.g. "--sweep-impls fused,compile,liger")
+#   PROFILE_ARGS    extra args for kernel/bench.py --profile (e.g. "--shapes 8192x4096x128256 --reps 3")
 #   BENCH_TIMEOUT / OPTIONS_TIMEOUT / SWEEP_TIMEOUT / PROFILE_TIMEOUT  kernel mode's step bounds (170 / 70 / 180 / 90)
 #   VP_ARGS         extra args for the vocab-parallel run (e.g. "--vp-shapes 8192x4096x128256")
 #   E2E_CASES       (multi default: fsdp2,tp2,cp2; e2e default: fsdp2_reshard_always,fsdp2_accum2,fsdp2_compile;
 #                   multi4 default: fsdp2_tp2,fsdp2_cp2,tp2_cp2,hsdp = 8 runs: if 9 min is not enough for all,
 #                   split: E2E_CASES=fsdp2_tp2,fsdp2_cp2 then E2E_CASES=tp2_cp2,hsdp)
 #   E2E_STEPS       (default 20)
-#   E2E_TIMEOUT     per training run (default 300)     E2E_ARGS extra args for e2e.py (e.g. "--noise-ref",
+#   E2E_TIMEOUT     per training run (default 300)     E2E_ARGS extra args for e2e/bench.py (e.g. "--noise-ref",
 #                   "--seqs 32768,65536,131072" for maxseq, "--pairs 3" for alternating baseline/fused
 #                   pairs). Per-run dump folders (tb, traces) go to /tmp/e2e_dumps on the device, not $OUT
 #                   (too many files to bring back).
@@ -161,7 +161,7 @@ kernel)
     if [ "${SKIP_GEMM:-1}" != "1" ]; then
         # one chunk, path against path: the epilogue GEMM's tile configurations against cuBLAS
         # shellcheck disable=SC2086
-        run_step bench_gemm "${GEMM_TIMEOUT:-150}" python3 benchmarks/kernel_gemm.py ${GEMM_ARGS:-}
+        run_step bench_gemm "${GEMM_TIMEOUT:-150}" python3 -m benchmarks.kernel.gemm ${GEMM_ARGS:-}
     fi
     if [ "${SKIP_PYTEST:-0}" != "1" ]; then
         run_step pytest_gpu "${PYTEST_TIMEOUT_KERNEL:-120}" python3 -m pytest -m gpu tests -q --maxfail=5 \
@@ -170,22 +170,22 @@ kernel)
     if [ "${SKIP_BENCH:-0}" != "1" ]; then
         # the 4 shapes x 9 impls, errors vs fp64 on random and LM-like inputs
         # shellcheck disable=SC2086
-        run_step bench_kernel "${BENCH_TIMEOUT:-170}" python3 benchmarks/bench_kernel.py $APPEND ${BENCH_ARGS:-}
+        run_step bench_kernel "${BENCH_TIMEOUT:-170}" python3 -m benchmarks.kernel.bench $APPEND ${BENCH_ARGS:-}
     fi
     if [ "${SKIP_OPTIONS:-0}" != "1" ]; then
         # issue 17: each option's cost at the 8B head, off and on
         # shellcheck disable=SC2086
-        run_step bench_options "${OPTIONS_TIMEOUT:-70}" python3 benchmarks/bench_kernel.py --options $APPEND ${OPTIONS_ARGS:-}
+        run_step bench_options "${OPTIONS_TIMEOUT:-70}" python3 -m benchmarks.kernel.bench --options $APPEND ${OPTIONS_ARGS:-}
     fi
     if [ "${SKIP_SWEEP:-0}" != "1" ]; then
         # issue 18: 13 points, fused vs compile, the plan's prediction, fp64 errors of fused and eager
         # shellcheck disable=SC2086
-        run_step bench_sweep "${SWEEP_TIMEOUT:-180}" python3 benchmarks/bench_kernel.py --sweep $APPEND ${SWEEP_ARGS:-}
+        run_step bench_sweep "${SWEEP_TIMEOUT:-180}" python3 -m benchmarks.kernel.bench --sweep $APPEND ${SWEEP_ARGS:-}
     fi
     if [ "${SKIP_PROFILE:-0}" != "1" ]; then
         # where the time goes at the sweep's points slower than torch.compile (or PROFILE_ARGS="--shapes ...")
         # shellcheck disable=SC2086
-        run_step bench_profile "${PROFILE_TIMEOUT:-90}" python3 benchmarks/bench_kernel.py --profile $APPEND ${PROFILE_ARGS:-}
+        run_step bench_profile "${PROFILE_TIMEOUT:-90}" python3 -m benchmarks.kernel.bench --profile $APPEND ${PROFILE_ARGS:-}
     fi
     summary bench_gemm bench_kernel bench_options bench_sweep bench_profile
     ;;
@@ -197,11 +197,11 @@ multi)
     if [ "${SKIP_BENCH:-0}" != "1" ]; then
         # shellcheck disable=SC2086
         run_step bench_vocab_parallel 180 torchrun --standalone --nproc_per_node 2 \
-            benchmarks/bench_kernel.py --vocab-parallel $APPEND ${VP_ARGS:-}
+            -m benchmarks.kernel.bench --vocab-parallel $APPEND ${VP_ARGS:-}
     fi
     if [ "${SKIP_E2E:-0}" != "1" ]; then
         # shellcheck disable=SC2086
-        run_step e2e "$(left)" python3 benchmarks/e2e.py --cases "${E2E_CASES:-fsdp2,tp2,cp2}" \
+        run_step e2e "$(left)" python3 -m benchmarks.e2e.bench --cases "${E2E_CASES:-fsdp2,tp2,cp2}" \
             --steps "${E2E_STEPS:-20}" --timeout "${E2E_TIMEOUT:-300}" --budget "$(( $(left) - 60 ))" \
             --out "$OUT/e2e" --dump-root /tmp/e2e_dumps $APPEND ${E2E_ARGS:-}
     fi
@@ -209,7 +209,7 @@ multi)
     ;;
 e2e)
     # shellcheck disable=SC2086
-    run_step e2e "$(left)" python3 benchmarks/e2e.py \
+    run_step e2e "$(left)" python3 -m benchmarks.e2e.bench \
         --cases "${E2E_CASES:-fsdp2_reshard_always,fsdp2_accum2,fsdp2_compile}" \
         --steps "${E2E_STEPS:-20}" --timeout "${E2E_TIMEOUT:-300}" --budget "$(( $(left) - 60 ))" \
         --out "$OUT/e2e" --dump-root /tmp/e2e_dumps $APPEND ${E2E_ARGS:-}
@@ -221,14 +221,14 @@ multi4)
         echo "WARNING: multi4 needs 4 GPUs (nvidia-h200-x4); this machine shows ${ngpus:-0}: the runs will fail"
     fi
     # shellcheck disable=SC2086
-    run_step e2e "$(left)" python3 benchmarks/e2e.py --cases "${E2E_CASES:-fsdp2_tp2,fsdp2_cp2,tp2_cp2,hsdp}" \
+    run_step e2e "$(left)" python3 -m benchmarks.e2e.bench --cases "${E2E_CASES:-fsdp2_tp2,fsdp2_cp2,tp2_cp2,hsdp}" \
         --steps "${E2E_STEPS:-20}" --timeout "${E2E_TIMEOUT:-300}" --budget "$(( $(left) - 60 ))" \
         --out "$OUT/e2e" --dump-root /tmp/e2e_dumps $APPEND ${E2E_ARGS:-}
     summary e2e
     ;;
 maxseq)
     # shellcheck disable=SC2086
-    run_step e2e_maxseq "$(left)" python3 benchmarks/e2e.py --max-seq --timeout "${E2E_TIMEOUT:-240}" \
+    run_step e2e_maxseq "$(left)" python3 -m benchmarks.e2e.bench --max-seq --timeout "${E2E_TIMEOUT:-240}" \
         --budget "$(( $(left) - 60 ))" \
         --out "$OUT/e2e_maxseq" --dump-root /tmp/e2e_dumps $APPEND ${E2E_ARGS:-}
     summary e2e_maxseq
@@ -241,7 +241,7 @@ families)
     fi
     for cfg in ${FAMILY_CONFIGS:-llama3_1b qwen3_1.7b llama4_1bx8e deepseek_v3_1b gpt_oss_1b}; do
         # shellcheck disable=SC2086
-        run_step "e2e_$cfg" "$(left)" python3 benchmarks/e2e.py --cases single \
+        run_step "e2e_$cfg" "$(left)" python3 -m benchmarks.e2e.bench --cases single \
             --config "train_configs/$cfg.toml" --steps "${E2E_STEPS:-20}" \
             --timeout "${E2E_TIMEOUT:-240}" --budget "$(( $(left) - 30 ))" \
             --out "$OUT/e2e_$cfg" --dump-root /tmp/e2e_dumps $APPEND ${E2E_ARGS:-}
@@ -252,7 +252,7 @@ search)
     # issue 19: the fastest setting under each memory cap, baseline vs fused (split across calls:
     # a full sweep is up to 120 runs; e.g. SEARCH_ARGS="--caps 80 --search-compile on --search-batches 1,2,4")
     # shellcheck disable=SC2086
-    run_step e2e_search "$(left)" python3 benchmarks/e2e.py --search --steps "${E2E_STEPS:-15}" \
+    run_step e2e_search "$(left)" python3 -m benchmarks.e2e.bench --search --steps "${E2E_STEPS:-15}" \
         --timeout "${E2E_TIMEOUT:-240}" --budget "$(( $(left) - 30 ))" \
         --out "$OUT/e2e_search" --dump-root /tmp/e2e_dumps $APPEND ${SEARCH_ARGS:-} ${E2E_ARGS:-}
     summary e2e_search
@@ -261,7 +261,7 @@ resume)
     # a 15 GB checkpoint (fp32 weights + AdamW moments of 1.24B parameters) at step 3, a model-only
     # one at step 6: on the device's disk, not under $OUT
     # shellcheck disable=SC2086
-    run_step kill_resume "$(left)" python3 benchmarks/kill_resume.py --out "$OUT/kill_resume" \
+    run_step kill_resume "$(left)" python3 -m benchmarks.e2e.kill_resume --out "$OUT/kill_resume" \
         --dump-root /tmp/kill_resume --config "${RESUME_CONFIG:-train_configs/llama3_1b.toml}" --ngpu 1 --kill-rank 0 \
         --steps 6 --interval 3 --kill-after 4 --tol 1e-5 --timeout "${E2E_TIMEOUT:-200}" -- \
         --fused_ce.enable --metrics.log_freq 1 --debug.deterministic --debug.seed 42 \

@@ -7,7 +7,7 @@ then: the allocations made inside the trace window, grouped by their first torch
 fused_loss / parallel / torch.optim / DTensor frame, largest first. Allocations older than the
 trace window (parameters, optimizer states) show up only as a total.
 
-    python3 benchmarks/snapshot_peak.py <dump>/memory_snapshot/iteration_1/rank0_memory_snapshot.pickle
+    python3 -m benchmarks.snapshot_peak <dump>/memory_snapshot/iteration_1/rank0_memory_snapshot.pickle
 
 Used for the TP=2 memory question in benchmarks/NOTES.md.
 """

@@ -55,7 +55,7 @@ repository writes or reads: the fused head's own, torchtitan 0.2.2's (``componen
 and the CPU memory tags (``CPU_MEMORY_RENAMES``: on a machine without an accelerator
 ``parallel/cpu_shims.py`` reports the process's resident set under torchtitan's memory tags
 renamed, so that a CPU curve cannot be mistaken for GPU memory).
-``benchmarks/compare_runs.py`` and ``benchmarks/soak.py`` read them from here.
+``benchmarks/compare_runs.py`` and ``benchmarks/e2e/soak.py`` read them from here.
 """
 
 from __future__ import annotations

@@ -69,11 +69,7 @@ def _aborted_after_last_step(proc, args) -> bool:
 
 def scalars(dump: Path, tag: str, tb_folder: str = "tb") -> dict[int, float]:
     """{step: value} of one TensorBoard tag written by rank 0 of the job in `dump` (its one run)."""
-    import sys
-
-    if str(ROOT / "benchmarks") not in sys.path:
-        sys.path.insert(0, str(ROOT / "benchmarks"))  # the repository's one event reader
-    from tb_events import scalar_series
+    from benchmarks.tb_events import scalar_series  # the repository's one event reader
 
     return dict(scalar_series(dump / tb_folder, tag))
 

@@ -1,47 +1,9 @@
-"""An independent fp64 reference for the fused loss: materialize the logits, use torch's CE."""
+"""The tests' helpers beside the fp64 reference of the loss (benchmarks.reference): the token
+statistics in fp64, the predicted-token check, fp32 ulps, capped logits."""
 
 import math
 
 import torch
-import torch.nn.functional as F
-
-
-def reference_loss(hidden, weight, labels, *, ignore_index=-100, reduction="sum",
-                   label_smoothing=0.0, z_loss=0.0, logit_softcap=None, upstream=None,
-                   bias=None, class_weight=None):
-    """Loss and (dh, dW) in float64, and db with a bias. `upstream` weights per-token losses
-    for reduction='none'."""
-    h = hidden.detach().double().requires_grad_()
-    w = weight.detach().double().requires_grad_()
-    z = h.reshape(-1, h.shape[-1]) @ w.t()
-    if bias is not None:
-        b = bias.detach().double().requires_grad_()
-        z = z + b
-    if logit_softcap:
-        z = logit_softcap * torch.tanh(z / logit_softcap)
-    y = labels.reshape(-1)
-    cw = None if class_weight is None else class_weight.double()
-    per_token = F.cross_entropy(z, y, reduction="none", ignore_index=ignore_index,
-                                label_smoothing=label_smoothing, weight=cw)
-    valid = y != ignore_index
-    token_weight = valid.double()
-    if cw is not None:  # the z-loss is weighted like the token's cross-entropy
-        token_weight = torch.where(valid, cw[y.clamp(min=0)], 0.0)
-    per_token = per_token + z_loss * torch.logsumexp(z, dim=1) ** 2 * token_weight
-    if reduction == "sum":
-        loss = per_token.sum()
-    elif reduction == "mean" and cw is not None:  # torch: divided by the summed weights
-        total = token_weight.sum()
-        loss = per_token.sum() / (total if total != 0 else 1.0)
-    elif reduction == "mean":
-        loss = per_token.sum() / valid.sum().clamp(min=1)
-    else:
-        loss = per_token.reshape(labels.shape)
-    out = (loss * upstream.double()).sum() if upstream is not None else loss.sum()
-    out.backward()
-    if bias is not None:
-        return loss.detach(), h.grad, w.grad, b.grad
-    return loss.detach(), h.grad, w.grad
 
 
 def reference_token_stats(hidden, weight, labels, *, ignore_index=-100, logit_softcap=None):
@@ -68,12 +30,6 @@ def assert_predicted(predicted, logits, labels, correct, ignore_index=-100, slac
     assert bool(((predicted >= 0) & (predicted < logits.shape[1])).all()), predicted
     assert bool((top - picked <= slack * top.abs().clamp(min=1)).all()), (top - picked).max()
     assert torch.equal(correct, (predicted == labels) & (labels != ignore_index))
-
-
-def rel_err(got, want):
-    got, want = got.detach().double().cpu(), want.detach().double().cpu()
-    denom = want.norm()
-    return float((got - want).norm() / denom) if denom > 0 else float((got - want).norm())
 
 
 def ulps(got, want):

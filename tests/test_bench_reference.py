@@ -1,19 +1,14 @@
 """The kernel benchmark's fp64 reference against an independent fp64 computation of CE, and
-its LM-like inputs (a peaked softmax) against their aimed range (benchmarks/kernel_common.py)."""
+its LM-like inputs (a peaked softmax) against their aimed range (benchmarks/kernel/common.py)."""
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import kernel_common as kc  # noqa: E402
+from benchmarks.kernel import common as kc
+from benchmarks.reference import rel_err
 
 
 def _autograd_fp64(inp, reduction):
@@ -51,7 +46,7 @@ def test_fp64_reference_is_more_exact_than_fp32():
     h = inp.h.detach().float().requires_grad_(True)
     W = inp.W.detach().float()
     F.cross_entropy(h @ W.T, inp.y, reduction="sum", ignore_index=kc.IGNORE).backward()
-    err32 = kc.rel_l2(h.grad, ref.dh)
+    err32 = rel_err(h.grad, ref.dh)
     assert 1e-9 < err32 < 1e-4
 
 
@@ -81,7 +76,7 @@ def test_lm_inputs_are_peaked():
 def test_chunk_budget_reaches_the_fused_op(monkeypatch, name, budget_mib, expected):
     import argparse
 
-    import kernel_impls
+    from benchmarks.kernel import impls as kernel_impls
     seen = {}
     monkeypatch.setattr(kernel_impls, "_fused_entry",
                         lambda: lambda h, W, y, **kw: seen.update(kw))
@@ -93,7 +88,7 @@ def test_chunk_budget_reaches_the_fused_op(monkeypatch, name, budget_mib, expect
 
 def test_device_names_share_one_cpu_name():
     """A CPU device's name in a kernel block is the machine's CPU, as in any block's header."""
-    import bench_common
+    from benchmarks import bench_common
 
     assert kc.Dev(torch.device("cpu")).name() == bench_common.cpu_name()
     if not torch.cuda.is_available():

@@ -10,7 +10,7 @@ import fused_loss.chunked
 from fused_loss import fused_linear_cross_entropy
 from fused_loss.plan import HBM_BYTES_PER_S, ChunkPlan, group_v_local, plan_chunks
 
-from fused_ce_reference import reference_loss, rel_err
+from benchmarks.reference import reference_loss, rel_err
 
 GIB = 2**30
 

@@ -19,11 +19,9 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO / "benchmarks") not in sys.path:
-    sys.path.insert(0, str(REPO / "benchmarks"))
 
-import compare_runs  # noqa: E402
-from compare_runs import fmt  # noqa: E402  (the formatting the table promises)
+from benchmarks import compare_runs
+from benchmarks.compare_runs import fmt  # the formatting the table promises
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STEPS = [1, 10, 20, 30, 40, 50, 60, 70, 80]  # log_freq=10, as torchtitan logs
@@ -71,10 +69,9 @@ def gpu_series(mem_base: float, loss0: float, tps_base: float, lse0: float) -> d
 
 def run_report(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["MPLBACKEND"] = "Agg"
     return subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "compare_runs.py"), *args],
+        [sys.executable, "-m", "benchmarks.compare_runs", *args],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )
 
@@ -341,7 +338,7 @@ def test_refuses_bad_labels(two_runs, tmp_path, report_inproc):
 
 def test_duplicate_steps_last_write_wins(tmp_path):
     """A restart into the same folder rewrites steps: the report uses the last value written."""
-    from tb_events import load_scalars
+    from benchmarks.tb_events import load_scalars
     from torch.utils.tensorboard import SummaryWriter
 
     w = SummaryWriter(str(tmp_path))

@@ -1,6 +1,6 @@
 """Every torchtitan decoder family on 2 ranks (issue 20, what CPUs allow): each family's debug config
 (train_configs/<family>_debug.toml; llama3's is debug_model.toml) under FSDP=2, TP=2 and CP=2
-(benchmarks/e2e.py cases fsdp2, tp2, cp2), fused head off and on, as a one-process dry run on
+(benchmarks/e2e/cases.py: fsdp2, tp2, cp2), fused head off and on, as a one-process dry run on
 torchtitan's fake backend (what `COMM_MODE=fake_backend NGPU=2 ./run_train.sh` does), 1 step.
 
 The machinery is test_dry_run_layouts.py's: all thirty runs share ONE subprocess and one fake
@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_dry_run_layouts import (check_step, dry_run_args, e2e, Limit, MODES, run_dry_runs, SDPA_CP_LIMIT,
+from test_dry_run_layouts import (cases, check_step, dry_run_args, Limit, MODES, run_dry_runs, SDPA_CP_LIMIT,
                                   worker_main)
 
 pytestmark = pytest.mark.slow  # torchtitan jobs (in a subprocess); `pytest -m "not slow"` skips it
@@ -86,7 +86,7 @@ SHORTER = ("--training.seq_len", "64")
 BATCH_1 = ("--training.local_batch_size", "1")
 def job_args(family: str, layout: str, mode: str, dump: Path) -> list[str]:
     batch_1 = layout.endswith("_batch1")  # the layout with local_batch_size 1
-    ngpu, case_args, _ = e2e.CASES[layout.removesuffix("_batch1")]
+    ngpu, case_args, _ = cases.CASES[layout.removesuffix("_batch1")]
     assert ngpu == 2, layout
     return dry_run_args(CONFIGS[family], [*SHORTER, *(BATCH_1 if batch_1 else ()), *case_args], mode,
                         dump / f"{family}_{layout}_{mode}")

@@ -1,4 +1,4 @@
-"""The 4-GPU layouts of issue 8 (benchmarks/e2e.py cases fsdp2_tp2, fsdp2_cp2, tp2_cp2, hsdp),
+"""The 4-GPU layouts of issue 8 (benchmarks/e2e/cases.py: fsdp2_tp2, fsdp2_cp2, tp2_cp2, hsdp),
 fused head off and on, as a one-process dry run on torchtitan's fake backend (what
 `COMM_MODE=fake_backend NGPU=4 ./run_train.sh` does): the debug model, the case's parallelism
 flags, 1 step.
@@ -28,12 +28,11 @@ from typing import NamedTuple
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import e2e  # noqa: E402
+from benchmarks.e2e import cases
 
 pytestmark = pytest.mark.slow  # a torchtitan job (in a subprocess); `pytest -m "not slow"` skips it
 
-LAYOUTS = e2e.MULTI4_CASES.split(",")
+LAYOUTS = cases.MULTI4_CASES.split(",")
 MODES = ("off", "on")
 FAST = ("--training.seq_len", "128", "--training.local_batch_size", "2", "--metrics.log_freq", "1",
         "--validation.no-enable")
@@ -77,7 +76,7 @@ def dry_run_args(config: str, case_args, mode: str, dump: Path) -> list[str]:
 
 
 def job_args(layout: str, mode: str, dump: Path) -> list[str]:
-    ngpu, case_args, _ = e2e.CASES[layout]
+    ngpu, case_args, _ = cases.CASES[layout]
     assert ngpu == 4, layout
     return dry_run_args("debug_model", case_args, mode, dump / f"{layout}_{mode}")
 
@@ -116,7 +115,6 @@ def worker(dump: Path, combos: list[tuple[str, ...]], args_for) -> None:
     import traceback
     from unittest import mock
 
-    sys.path.insert(0, str(ROOT))
     from parallel.train import FusedCETrainer  # applies parallel.cpu_shims first
     from torchtitan.config import ConfigManager
     from torchtitan.tools.logging import init_logger

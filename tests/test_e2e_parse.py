@@ -1,9 +1,10 @@
-"""CPU tests of benchmarks/e2e.py: torchtitan log-line parsing, parity, table, and the
+"""CPU tests of the end-to-end benchmark (benchmarks/e2e/): torchtitan log-line parsing, parity, table, and the
 driver loop against a fake launcher (no torchtitan, no GPU)."""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import stat
 import subprocess
@@ -13,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.e2e import bench, cases
+from benchmarks.e2e import runs as e2e_runs
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import e2e  # noqa: E402
 
 # torchtitan 0.2.2 components/metrics.py, MetricsProcessor.log (with tools/utils.py Color codes)
 RED, GREEN, ORANGE, TURQ, BLUE, CYAN, MAGENTA, RESET = (
@@ -46,7 +48,7 @@ SAMPLE = ("[rank0]:[titan] 2026-11-22 02:40:01,123 - root - INFO - \x1b[31mstep:
 
 def test_sample_line():
     assert titan_line(1, 12.25442, 15.031, 52.19, 36.5, 1234, 71.8, 7.26) == SAMPLE
-    sm = e2e.parse_line(SAMPLE)
+    sm = e2e_runs.parse_line(SAMPLE)
     assert sm is not None
     assert (sm.step, sm.loss, sm.grad_norm, sm.mem_gib, sm.mem_pct, sm.tps, sm.tflops, sm.mfu, sm.rank) == (
         1, 12.25442, 15.031, 52.19, 36.5, 1234.0, 71.8, 7.26, 0)
@@ -56,7 +58,7 @@ def test_sample_line():
 @pytest.mark.parametrize("prefix", ["", "[titan] 2026-11-22 02:40:01,123 - root - INFO - ", "[rank1]:[titan] x - root - INFO - "])
 def test_variants(color, prefix):
     line = titan_line(123, 2.5, tps=1234567, mem=121.94, pct=85.02, color=color, prefix=prefix)
-    sm = e2e.parse_line(line)
+    sm = e2e_runs.parse_line(line)
     assert sm.step == 123 and sm.loss == 2.5 and sm.tps == 1234567 and sm.mem_gib == 121.94
     assert sm.rank == (1 if prefix.startswith("[rank1]") else None)
 
@@ -64,9 +66,9 @@ def test_variants(color, prefix):
 def test_non_step_lines_ignored():
     val = ("[titan] t - root - INFO - \x1b[33mvalidate step:  5  \x1b[32mloss:  2.1234  "
            "\x1b[38;2;54;234;195mmemory: 10.00GiB(5.00%)  \x1b[34mtps: 1,000\x1b[39m")
-    assert e2e.parse_line(val) is None
-    assert e2e.parse_line("[titan] t - root - INFO - Training starts at step 1") is None
-    assert e2e.parse_line("warmup_steps: 200") is None
+    assert e2e_runs.parse_line(val) is None
+    assert e2e_runs.parse_line("[titan] t - root - INFO - Training starts at step 1") is None
+    assert e2e_runs.parse_line("warmup_steps: 200") is None
 
 
 def test_parse_log_lowest_rank_and_nan():
@@ -74,27 +76,27 @@ def test_parse_log_lowest_rank_and_nan():
         titan_line(1, 10.0, prefix="[rank1]:"), titan_line(1, 11.0, prefix="[rank0]:"),
         "some noise", titan_line(2, float("nan")), titan_line(3, 9.0, tps=5000),
     ])
-    steps = e2e.parse_log(text)
+    steps = e2e_runs.parse_log(text)
     assert sorted(steps) == [1, 2, 3]
     assert steps[1].loss == 11.0 and steps[1].rank == 0
     assert steps[2].loss != steps[2].loss  # nan
 
 
 def _res(mode, losses, mem=10.0, tps=(100, 200, 300), status="ok"):
-    r = e2e.RunResult("c", mode, [], "x.log", status=status, expected_steps=len(losses))
+    r = e2e_runs.RunResult("c", mode, [], "x.log", status=status, expected_steps=len(losses))
     for i, l in enumerate(losses, 1):
-        r.steps[i] = e2e.StepMetrics(i, l, 1.0, mem + i * 0.1, 10.0, tps[(i - 1) % len(tps)])
+        r.steps[i] = e2e_runs.StepMetrics(i, l, 1.0, mem + i * 0.1, 10.0, tps[(i - 1) % len(tps)])
     return r
 
 
 def test_parity_and_table():
     base = _res("baseline", [10.0, 9.0, 8.0], mem=50.0)
     fused = _res("fused", [10.0, 9.0, 8.004], mem=40.0)
-    v, d, tol = e2e.parity(base, fused, "bf16")
+    v, d, tol = cases.parity(base, fused, "bf16")
     assert v == "PASS" and abs(d - 0.004 / 8.0) < 1e-12 and tol == 1e-3
-    assert e2e.parity(base, fused, "fp32")[0] == "FAIL"
+    assert cases.parity(base, fused, "fp32")[0] == "FAIL"
     assert base.max_mem == pytest.approx(50.3) and base.median_tps == 250  # steps 2,3: 200,300
-    table, failures = e2e.make_table([("fsdp2", "bf16", base, fused)], (1, 3))
+    table, failures = cases.make_table([("fsdp2", "bf16", base, fused)], (1, 3))
     lines = table.splitlines()
     assert lines[0].startswith("| case | mode | status | loss@1 | loss@3 |")
     assert len(lines) == 4 and not failures
@@ -102,7 +104,7 @@ def test_parity_and_table():
     assert cells[1] == "fused" and cells[4] == "8.00400" and cells[6].startswith("PASS")
     assert float(cells[9]) == pytest.approx(40.3 / 50.3, abs=1e-3)
     bad = _res("fused", [10.0], status="OOM")
-    _, failures = e2e.make_table([("x", "bf16", base, bad)])
+    _, failures = cases.make_table([("x", "bf16", base, bad)])
     assert failures and failures[0][1] == "n/a"
 
 
@@ -110,17 +112,17 @@ def test_noise_verdict():
     base = _res("baseline", [10.0, 9.0, 8.0])
     fused = _res("fused", [10.0, 9.0, 8.016])  # 2e-3 > 1e-3
     base2 = _res("baseline2", [10.0, 9.0, 8.010])  # noise 1.25e-3
-    assert e2e.parity(base, fused, "bf16")[0] == "FAIL"
-    assert e2e.parity(base, fused, "bf16", base2)[0] == "NOISE"
-    assert e2e.parity(base, _res("fused", [10.0, 9.0, 8.03]), "bf16", base2)[0] == "FAIL"
-    table, failures = e2e.make_table([("fsdp2", "bf16", base, fused, base2)], (1, 3))
+    assert cases.parity(base, fused, "bf16")[0] == "FAIL"
+    assert cases.parity(base, fused, "bf16", base2)[0] == "NOISE"
+    assert cases.parity(base, _res("fused", [10.0, 9.0, 8.03]), "bf16", base2)[0] == "FAIL"
+    table, failures = cases.make_table([("fsdp2", "bf16", base, fused, base2)], (1, 3))
     assert "| baseline2 | ok |" in table and "run-to-run noise" in table and "NOISE (1e-03, bf16)" in table
     assert failures[0][1] == "NOISE"
 
 
 def test_run_order_alternates():
-    assert e2e.run_order(1, False) == [("baseline", 0), ("fused", 0)]
-    assert e2e.run_order(4, True) == [("baseline", 0), ("fused", 0), ("baseline2", 0), ("fused", 1), ("baseline", 1),
+    assert cases.run_order(1, False) == [("baseline", 0), ("fused", 0)]
+    assert cases.run_order(4, True) == [("baseline", 0), ("fused", 0), ("baseline2", 0), ("fused", 1), ("baseline", 1),
                                       ("baseline", 2), ("fused", 2), ("fused", 3), ("baseline", 3)]
 
 
@@ -128,7 +130,7 @@ def test_pairs_table():
     runs = [(0, _res("baseline", [1, 1, 1], tps=(0, 100, 100)), _res("fused", [1, 1, 1], tps=(0, 90, 90))),
             (1, _res("baseline", [1, 1, 1], tps=(0, 80, 80)), _res("fused", [1, 1, 1], tps=(0, 88, 88))),
             (2, _res("baseline", [1, 1, 1], tps=(0, 100, 100)), _res("fused", [1], status="OOM"))]
-    lines = e2e.pairs_table([("tp2_cp2", runs)]).splitlines()
+    lines = cases.pairs_table([("tp2_cp2", runs)]).splitlines()
     rows = [[c.strip() for c in l.split("|")[1:-1]] for l in lines[2:]]
     assert rows[0] == ["tp2_cp2", "0", "baseline", "100", "90", "0.900"]
     assert rows[1] == ["", "1", "fused", "80", "88", "1.100"]
@@ -136,12 +138,16 @@ def test_pairs_table():
     assert rows[3] == ["", "median of 2", "", "", "", "1.000 (0.900-1.100)"]
 
 
+def _helpers(*functions) -> str:
+    """The fake launchers' helpers from this file, as source (the launcher is a script of its own)."""
+    colors = f"RED, GREEN, ORANGE, TURQ, BLUE, CYAN, MAGENTA, RESET = {(RED, GREEN, ORANGE, TURQ, BLUE, CYAN, MAGENTA, RESET)!r}"
+    return "\n".join([colors, *(inspect.getsource(f) for f in functions)])
+
+
 FAKE = textwrap.dedent('''\
     #!/usr/bin/env python3
     import os, sys
-    sys.path.insert(0, {bench!r})
-    sys.path.insert(0, {tests!r})
-    from test_e2e_parse import titan_line
+    {helpers}
     a = sys.argv[1:]
     steps = int(a[a.index("--training.steps") + 1])
     fused = "--fused_ce.enable" in a
@@ -163,13 +169,13 @@ FAKE = textwrap.dedent('''\
 @pytest.fixture
 def fake_launcher(tmp_path):
     p = tmp_path / "fake_run_train.sh"
-    p.write_text(FAKE.format(bench=str(ROOT / "benchmarks"), tests=str(ROOT / "tests")))
+    p.write_text(FAKE.format(helpers=_helpers(titan_line)))
     p.chmod(p.stat().st_mode | stat.S_IEXEC)
     return p
 
 
 def test_driver_with_fake_launcher(tmp_path, fake_launcher, capsys):
-    rc = e2e.main(["--launcher", str(fake_launcher), "--cases", "fsdp2,tp2,cp2,fsdp2_accum2", "--steps", "12",
+    rc = bench.main(["--launcher", str(fake_launcher), "--cases", "fsdp2,tp2,cp2,fsdp2_accum2", "--steps", "12",
                    "--out", str(tmp_path / "out"), "--results", str(tmp_path / "R.md"), "--timeout", "60"])
     out = capsys.readouterr().out
     assert rc == 1  # tp2 parity fails
@@ -185,7 +191,7 @@ def test_driver_with_fake_launcher(tmp_path, fake_launcher, capsys):
 
 
 def test_driver_noise_ref(tmp_path, fake_launcher):
-    rc = e2e.main(["--launcher", str(fake_launcher), "--cases", "fsdp2", "--steps", "3", "--noise-ref",
+    rc = bench.main(["--launcher", str(fake_launcher), "--cases", "fsdp2", "--steps", "3", "--noise-ref",
                    "--out", str(tmp_path / "out"), "--dump-root", str(tmp_path / "dumps"), "--no-append"])
     assert rc == 0
     log = (tmp_path / "out" / "fsdp2_baseline2.log").read_text()
@@ -193,7 +199,7 @@ def test_driver_noise_ref(tmp_path, fake_launcher):
 
 
 def test_driver_pairs(tmp_path, fake_launcher, capsys):
-    rc = e2e.main(["--launcher", str(fake_launcher), "--cases", "fsdp2", "--steps", "3", "--pairs", "3",
+    rc = bench.main(["--launcher", str(fake_launcher), "--cases", "fsdp2", "--steps", "3", "--pairs", "3",
                    "--out", str(tmp_path / "out"), "--results", str(tmp_path / "R.md")])
     assert rc == 0
     logs = sorted((tmp_path / "out").glob("*.log"), key=lambda f: f.stat().st_mtime_ns)
@@ -203,12 +209,12 @@ def test_driver_pairs(tmp_path, fake_launcher, capsys):
     assert "| fsdp2 | 0 | baseline |" in text and "| | median of 3 | | | | 1.000 (1.000-1.000) |" in text
     assert text.rstrip().splitlines()[-1].startswith("|  | fused | ok |")  # the parity table stays last
     with pytest.raises(SystemExit):
-        e2e.main(["--pairs", "0", "--dry-run"])
+        bench.main(["--pairs", "0", "--dry-run"])
     assert "--pairs must be >= 1" in capsys.readouterr().err
 
 
 def test_max_seq_with_fake_launcher(tmp_path, fake_launcher):
-    rc = e2e.main(["--launcher", str(fake_launcher), "--max-seq", "--seq-max", "131072",
+    rc = bench.main(["--launcher", str(fake_launcher), "--max-seq", "--seq-max", "131072",
                    "--out", str(tmp_path / "out"), "--results", str(tmp_path / "R.md"), "--timeout", "60"])
     assert rc == 0
     text = (tmp_path / "R.md").read_text()
@@ -220,7 +226,7 @@ def test_timeout_kills_run(tmp_path):
     p = tmp_path / "slow.sh"
     p.write_text("#!/bin/sh\necho started\nsleep 60\n")
     p.chmod(0o755)
-    rc = e2e.main(["--launcher", str(p), "--cases", "fsdp2", "--steps", "2", "--timeout", "1",
+    rc = bench.main(["--launcher", str(p), "--cases", "fsdp2", "--steps", "2", "--timeout", "1",
                    "--out", str(tmp_path / "o"), "--no-append"])
     assert rc == 2
 
@@ -249,12 +255,12 @@ def _degrees(args):
     return out
 
 
-@pytest.mark.parametrize("case", list(e2e.CASES))
+@pytest.mark.parametrize("case", list(cases.CASES))
 def test_case_degrees_fill_the_gpus(case):
     """Every case that names degrees names all the non-trivial ones: their product is its NGPU
     (debug/1B configs leave dp_shard = -1, which torchtitan would otherwise stretch over the rest)."""
-    ngpu, args, prec = e2e.CASES[case]
-    assert prec in e2e.TOL
+    ngpu, args, prec = cases.CASES[case]
+    assert prec in cases.TOL
     d = _degrees(args)
     if ngpu > 1:
         assert d, case
@@ -265,8 +271,8 @@ def test_case_degrees_fill_the_gpus(case):
 
 
 def test_multi4_cases_command_lines(capsys, tmp_path):
-    assert e2e.MULTI4_CASES.split(",") == list(MULTI4)
-    rc = e2e.main(["--cases", e2e.MULTI4_CASES, "--steps", "20", "--dry-run", "--out", str(tmp_path)])
+    assert cases.MULTI4_CASES.split(",") == list(MULTI4)
+    rc = bench.main(["--cases", cases.MULTI4_CASES, "--steps", "20", "--dry-run", "--out", str(tmp_path)])
     assert rc == 2  # dry run: no parity can be checked
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("[e2e] ") and ": NGPU=" in l]
     assert len(lines) == 2 * len(MULTI4)
@@ -287,11 +293,11 @@ def test_multi4_cases_command_lines(capsys, tmp_path):
 
 
 def test_gpu_run_multi4_mode():
-    """gpu_run.sh multi4 runs exactly e2e.MULTI4_CASES, 20 steps, and the other modes are still there."""
+    """gpu_run.sh multi4 runs exactly cases.MULTI4_CASES, 20 steps, and the other modes are still there."""
     script = (ROOT / "benchmarks" / "gpu_run.sh").read_text()
     body = script.split("\nmulti4)\n", 1)[1].split("\n    ;;\n", 1)[0]
-    assert f'--cases "${{E2E_CASES:-{e2e.MULTI4_CASES}}}"' in body
-    assert '--steps "${E2E_STEPS:-20}"' in body and "benchmarks/e2e.py" in body
+    assert f'--cases "${{E2E_CASES:-{cases.MULTI4_CASES}}}"' in body
+    assert '--steps "${E2E_STEPS:-20}"' in body and "python3 -m benchmarks.e2e.bench" in body
     for mode in ("kernel", "multi", "e2e", "maxseq", "multi4"):
         assert f"\n{mode})\n" in script, mode
     assert "kernel|multi|e2e|maxseq|multi4" in script
@@ -334,10 +340,9 @@ def fake_tps(ac, lb, compiled, fused):
 FAKE_SEARCH = textwrap.dedent('''\
     #!/usr/bin/env python3
     import os, sys
-    sys.path.insert(0, {tests!r})
-    from test_e2e_parse import fake_memory, fake_tps, titan_line
+    {helpers}
     a = sys.argv[1:]
-    assert os.environ["TRAIN_FILE"] == "benchmarks.memory_cap", os.environ.get("TRAIN_FILE")
+    assert os.environ["TRAIN_FILE"] == "benchmarks.e2e.memory_cap", os.environ.get("TRAIN_FILE")
     cap = float(os.environ["MEMORY_CAP_GIB"])
     setting = (a[a.index("--activation_checkpoint.mode") + 1], int(a[a.index("--training.local_batch_size") + 1]),
                "--compile.enable" in a, "--fused_ce.enable" in a)
@@ -356,7 +361,7 @@ FAKE_SEARCH = textwrap.dedent('''\
 @pytest.fixture
 def fake_search_launcher(tmp_path):
     p = tmp_path / "fake_search.sh"
-    p.write_text(FAKE_SEARCH.format(tests=str(ROOT / "tests")))
+    p.write_text(FAKE_SEARCH.format(helpers=_helpers(fake_memory, fake_tps, titan_line)))
     p.chmod(p.stat().st_mode | stat.S_IEXEC)
     return p
 
@@ -398,7 +403,7 @@ def _expected_search(caps, fused, batches=(1, 2, 4, 8, 16, 32, 64)):
 
 def test_search_with_fake_launcher(tmp_path, fake_search_launcher):
     out = tmp_path / "out"
-    rc = e2e.main(["--launcher", str(fake_search_launcher), "--search", "--caps", "80,40", "--steps", "3",
+    rc = bench.main(["--launcher", str(fake_search_launcher), "--search", "--caps", "80,40", "--steps", "3",
                    "--out", str(out), "--results", str(tmp_path / "R.md"), "--timeout", "60"])
     assert rc == 0
     text = (tmp_path / "R.md").read_text()
@@ -437,21 +442,21 @@ def test_search_with_fake_launcher(tmp_path, fake_search_launcher):
     # the fused head's freed memory buys a larger batch, hence more tps
     assert float(best["40", "fused"][6]) > 1.0 and float(best["80", "fused"][6]) > 1.0
     log = (out / "cap40_eager_ac-none_lb1_baseline.log").read_text()
-    assert "TRAIN_FILE=benchmarks.memory_cap MEMORY_CAP_GIB=40" in log
+    assert "TRAIN_FILE=benchmarks.e2e.memory_cap MEMORY_CAP_GIB=40" in log
 
 
 def test_search_refuses_local_batch_and_unknown_ac(tmp_path):
     with pytest.raises(SystemExit, match="local batch"):
-        e2e.main(["--search", "--local-batch", "4", "--dry-run", "--out", str(tmp_path)])
+        bench.main(["--search", "--local-batch", "4", "--dry-run", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="unknown mode"):
-        e2e.main(["--search", "--search-ac", "some", "--dry-run", "--out", str(tmp_path)])
+        bench.main(["--search", "--search-ac", "some", "--dry-run", "--out", str(tmp_path)])
 
 
 def test_memory_cap_hook(tmp_path, monkeypatch):
     """The hook caps the rank's device at the fraction cap / total, then runs the trainer module."""
     import torch
 
-    import memory_cap
+    from benchmarks.e2e import memory_cap
 
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -460,7 +465,7 @@ def test_memory_cap_hook(tmp_path, monkeypatch):
     assert memory_cap.apply_cap(80, 3) == pytest.approx(80 / 140) and calls == [(pytest.approx(80 / 140), 3)]
     assert memory_cap.apply_cap(200, 0) == 1.0  # a cap above the card: the whole card
     (tmp_path / "fake_trainer.py").write_text("import sys\nprint('trainer', __name__, sys.argv[1:])\n")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.memory_cap", "--job.x", "1"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.e2e.memory_cap", "--job.x", "1"], cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(tmp_path), "MEMORY_CAP_TRAIN_FILE": "fake_trainer",
                                "MEMORY_CAP_GIB": "40", "CUDA_VISIBLE_DEVICES": ""},
                           capture_output=True, text=True, timeout=120)
@@ -473,14 +478,14 @@ def test_search_skips_a_run_that_would_end_past_the_budget(monkeypatch):
     tables must be printed within the budget (a device call's limit), not cut off with it."""
     import types
 
-    import e2e_search
+    from benchmarks.e2e import search as e2e_search
 
     clock = [1000.0]
     monkeypatch.setattr(e2e_search.time, "time", lambda: clock[0])
 
     def fake_run_job(case, mode, ngpu, a, opts, steps, env_extra=None):
         clock[0] += 100.0  # every run takes 100 s
-        return e2e.RunResult(case, mode, a, "", status="ok", seconds=100.0, extra={"alloc_retries": 0})
+        return e2e_runs.RunResult(case, mode, a, "", status="ok", seconds=100.0, extra={"alloc_retries": 0})
 
     monkeypatch.setattr(e2e_search, "run_job", fake_run_job)
     monkeypatch.setattr(e2e_search, "common_args", lambda opts, steps: [])
@@ -497,18 +502,18 @@ def test_case_placeholders_are_the_documented_ones():
     resolve_case, and no documented one is missing from the cases."""
     import re
 
-    source = (ROOT / "benchmarks" / "e2e.py").read_text()
+    source = (ROOT / "benchmarks" / "e2e" / "cases.py").read_text()
     documented = set(re.findall(r"^# \{(\w+)\}:", source, re.M))
-    used = {m for _, args, _ in e2e.CASES.values() for a in args for m in re.findall(r"\{(\w+)\}", a)}
+    used = {m for _, args, _ in cases.CASES.values() for a in args for m in re.findall(r"\{(\w+)\}", a)}
     assert documented == used
     opts = argparse.Namespace(local_batch=3, config_local_batch=2)
-    for name in e2e.CASES:
-        assert not any("{" in a for a in e2e.resolve_case(name, opts)[2]), name
-    assert e2e.resolve_case("fsdp2_accum2", opts)[2][-1] == "12"  # 2 steps x local batch 3 x dp 2
+    for name in cases.CASES:
+        assert not any("{" in a for a in cases.resolve_case(name, opts)[2]), name
+    assert cases.resolve_case("fsdp2_accum2", opts)[2][-1] == "12"  # 2 steps x local batch 3 x dp 2
 
 
 def test_failure_details_show_each_failed_runs_last_lines():
     ok, failed = _res("baseline", [1, 1]), _res("fused", [1], status="OOM")
     failed.log_path, failed.tail = str(ROOT / "f.log"), ["a", "CUDA out of memory"]
-    text = e2e.failure_details([("fsdp2", "n/a", ok, failed)])
+    text = cases.failure_details([("fsdp2", "n/a", ok, failed)])
     assert text.splitlines() == ["fsdp2/fused: OOM (log f.log)", "    a", "    CUDA out of memory"]

@@ -22,7 +22,7 @@ from fused_loss.chunked import path_of
 from fused_loss.options import LossOptions
 from fused_loss.plan import logits_path
 
-from fused_ce_reference import reference_loss, rel_err
+from benchmarks.reference import reference_loss, rel_err
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

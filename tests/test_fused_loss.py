@@ -13,8 +13,9 @@ from fused_loss import FusedLinearCrossEntropy, fused_linear_cross_entropy
 from fused_loss.options import LossOptions
 from fused_loss.plan import plan_chunks
 
-from fused_ce_reference import (assert_predicted, reference_loss, reference_token_stats,
-                                rel_err, softcap_logits, triton_softcap, ulps)
+from benchmarks.reference import reference_loss, rel_err
+from fused_ce_reference import (assert_predicted, reference_token_stats, softcap_logits,
+                                triton_softcap, ulps)
 
 BACKENDS = ["torch", "triton"]
 TOL = 2e-6  # fp32 kernel vs fp64 reference, relative L2

@@ -16,14 +16,11 @@ import torch.nn.functional as F
 
 from fused_loss import fused_linear_cross_entropy
 
+from benchmarks.reference import reference_loss, rel_err
 from fused_ce_reference import softcap_logits, triton_softcap, ulps
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-
-
-def _rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def _inputs(n, d, v, dtype, seed, ignore_frac=0.1):
@@ -38,27 +35,8 @@ def _inputs(n, d, v, dtype, seed, ignore_frac=0.1):
 def _fp64_reference(hidden, weight, labels, *, label_smoothing=0.0, z_loss=0.0, softcap=None,
                     rows=1024):
     """Sum loss, dh, dW in float64, never holding more than `rows` rows of logits."""
-    h64, w64 = hidden.double(), weight.double()
-    v = weight.shape[0]
-    loss = torch.zeros((), dtype=torch.float64, device="cuda")
-    dh = torch.empty_like(h64)
-    dw = torch.zeros_like(w64)
-    for i in range(0, hidden.shape[0], rows):
-        h, y = h64[i:i + rows], labels[i:i + rows]
-        z = h @ w64.t()
-        y_cap = softcap * torch.tanh(z / softcap) if softcap else z
-        lse = torch.logsumexp(y_cap, dim=1)
-        valid = y != -100
-        ce = F.cross_entropy(y_cap, y, reduction="none", label_smoothing=label_smoothing)
-        loss += (ce + z_loss * lse ** 2 * valid).sum()
-        g = torch.softmax(y_cap, dim=1) * (1 + 2 * z_loss * lse)[:, None] - label_smoothing / v
-        g[valid.nonzero().squeeze(1), y[valid]] -= 1 - label_smoothing
-        if softcap:
-            g *= 1 - (y_cap / softcap) ** 2
-        g *= valid[:, None]
-        dh[i:i + rows] = g @ w64
-        dw += g.t() @ h
-    return loss, dh, dw
+    return reference_loss(hidden, weight, labels, label_smoothing=label_smoothing, z_loss=z_loss,
+                          logit_softcap=softcap, chunk=rows)
 
 
 def _fused(hidden, weight, labels, **kw):
@@ -94,14 +72,14 @@ def test_llama3_8b_head_against_fp64(dtype, record_property):
     hidden, weight, labels = _inputs(n, d, v, dtype, seed=int(torch.seed() % 2**31))
     ref = _fp64_reference(hidden, weight, labels)
     got = _fused(hidden, weight, labels, backend="triton")
-    errors = [_rel(a, b) for a, b in zip(got, ref)]
+    errors = [rel_err(a, b) for a, b in zip(got, ref)]
     record_property("fused_errors", errors)
     print(f"\n{dtype} fused rel err: loss {errors[0]:.2e} dh {errors[1]:.2e} dW {errors[2]:.2e}")
     assert errors[0] <= 1e-5
     if dtype == torch.float32:
         assert max(errors[1:]) <= 1e-4
         return
-    eager = [_rel(a, b) for a, b in zip(_eager(hidden, weight, labels), ref)]
+    eager = [rel_err(a, b) for a, b in zip(_eager(hidden, weight, labels), ref)]
     print(f"{dtype} eager rel err: loss {eager[0]:.2e} dh {eager[1]:.2e} dW {eager[2]:.2e}")
     assert errors[1] <= 1.05 * eager[1] and errors[2] <= 1.05 * eager[2]
 
@@ -135,7 +113,7 @@ def test_known_upstream_rounds_gradients_once_as_eager():
             ("mean", "eager"): _eager(hidden, weight, labels, reduction="mean"),
             ("sum/tokens", "fused"): _divided(fused_sum, tokens),
             ("sum/tokens", "eager"): _divided(eager_sum, tokens)}
-    errors = {k: [_rel(got[i], ref[i] * scale) for i in (1, 2)] for k, got in runs.items()}
+    errors = {k: [rel_err(got[i], ref[i] * scale) for i in (1, 2)] for k, got in runs.items()}
     print(f"\ndh, dW rel err: {errors}")
     for path in ("mean", "sum/tokens"):
         for i in (0, 1):  # dh, dW: no less accurate than eager's
@@ -154,8 +132,8 @@ def test_options_bf16_against_fp64(options):
     ref = _fp64_reference(hidden, weight, labels, **options)
     kw = {("logit_softcap" if k == "softcap" else k): val for k, val in options.items()}
     got = _fused(hidden, weight, labels, backend="triton", chunk_size=700, **kw)
-    errors = [_rel(a, b) for a, b in zip(got, ref)]
-    eager_loss_err = _rel(_eager_loss(hidden, weight, labels, **options), ref[0])
+    errors = [rel_err(a, b) for a, b in zip(got, ref)]
+    eager_loss_err = rel_err(_eager_loss(hidden, weight, labels, **options), ref[0])
     print(f"\n{options}: loss {errors[0]:.2e} (eager {eager_loss_err:.2e}) dh {errors[1]:.2e} "
           f"dW {errors[2]:.2e}")
     # the loss no less accurate than eager's on the same inputs: both take the statistics from
@@ -203,7 +181,7 @@ def test_softcap_fp32_as_accurate_as_the_torch_backend():
     errors = {}
     for backend in ("triton", "torch"):
         got = _fused(hidden, weight, labels, backend=backend, logit_softcap=30.0)
-        errors[backend] = [_rel(a, b) for a, b in zip(got, ref)]
+        errors[backend] = [rel_err(a, b) for a, b in zip(got, ref)]
     print(f"\nsoftcap 30 fp32 rel err (loss, dh, dW): {errors}")
     for fused, torch_backend in zip(errors["triton"], errors["torch"]):
         assert fused <= 1.5 * torch_backend + 1e-7
@@ -216,8 +194,8 @@ def test_offsets_past_2_to_the_31():
     triton_out = _fused(hidden, weight, labels, backend="triton", chunk_size=n)
     torch_out = _fused(hidden, weight, labels, backend="torch", chunk_size=4096)
     for a, b in zip(triton_out, torch_out):
-        assert _rel(a, b) < 1e-2
-    assert _rel(triton_out[0], torch_out[0]) < 1e-5
+        assert rel_err(a, b) < 1e-2
+    assert rel_err(triton_out[0], torch_out[0]) < 1e-5
 
 
 def test_scale_pass_offsets_past_2_to_the_31():
@@ -355,10 +333,10 @@ def test_vocab_parallel_over_nccl():
         ranks = [torch.load(os.path.join(tmp, f"out.{r}")) for r in range(2)]
     split = (weight.shape[0] + 1) // 2
     for rank, (loss, dh, dw) in enumerate(ranks):
-        assert _rel(loss, single[0].cpu()) < 1e-6
-        assert _rel(dh, single[1].cpu()) < 1e-2
+        assert rel_err(loss, single[0].cpu()) < 1e-6
+        assert rel_err(dh, single[1].cpu()) < 1e-2
         want_dw = single[2][:split] if rank == 0 else single[2][split:]
-        assert _rel(dw, want_dw.cpu()) < 1e-2
+        assert rel_err(dw, want_dw.cpu()) < 1e-2
 
 
 # ---- per-token outputs (token_stats): entropy, predicted token, correct (issue 17.6) ----
@@ -544,7 +522,7 @@ def test_vocab_parallel_token_stats_over_nccl():
                                          os.path.join(tmp, "out")), nprocs=2)
         ranks = [torch.load(os.path.join(tmp, f"out.{r}")) for r in range(2)]
     for r_loss, entropy, predicted, correct in ranks:
-        assert _rel(r_loss, loss.cpu()) < 1e-5
+        assert rel_err(r_loss, loss.cpu()) < 1e-5
         torch.testing.assert_close(entropy, single.entropy.cpu(), rtol=1e-5, atol=1e-5)
         assert torch.equal(predicted, single.predicted.cpu())
         assert torch.equal(correct, single.correct.cpu())
@@ -581,7 +559,7 @@ def test_bias_fp32_against_fp64(reduction):
     got = _bias_run(hidden, weight, bias, labels, reduction=reduction, chunk_size=700)
     want = _bias_reference(hidden, weight, bias, labels, reduction)
     for name, a, b in zip(("loss", "dh", "dW", "db"), got, want):
-        assert _rel(a, b) < 1e-5, name
+        assert rel_err(a, b) < 1e-5, name
 
 
 def test_bias_bf16_as_accurate_as_eager():
@@ -592,9 +570,9 @@ def test_bias_bf16_as_accurate_as_eager():
     eager = _bias_run(hidden, weight, bias, labels,
                       fn=lambda h, w, b, y: _eager_bias(h, w, b, y, "mean"))
     assert ours[3].dtype == torch.bfloat16
-    assert _rel(ours[0], want[0]) < 1e-3
+    assert rel_err(ours[0], want[0]) < 1e-3
     for name, a, e, b in zip(("dh", "dW", "db"), ours[1:], eager[1:], want[1:]):
-        assert _rel(a, b) <= 1.05 * _rel(e, b) + 1e-4, (name, _rel(a, b), _rel(e, b))
+        assert rel_err(a, b) <= 1.05 * rel_err(e, b) + 1e-4, (name, rel_err(a, b), rel_err(e, b))
 
 
 def test_bias_none_reduction_and_token_stats():
@@ -612,7 +590,7 @@ def test_bias_none_reduction_and_token_stats():
     (ref * upstream.double()).sum().backward()
     for name, a, r in zip(("loss", "dh", "dW", "db"), (loss, h.grad, w.grad, b.grad),
                           (ref, h64.grad, w64.grad, b64.grad)):
-        assert _rel(a, r) < 1e-5, name
+        assert rel_err(a, r) < 1e-5, name
 
 
 def test_bias_no_host_sync_and_compiled():
@@ -671,10 +649,10 @@ def test_vocab_parallel_bias_over_nccl():
     split = (64001 + 1) // 2
     for rank, (loss, dh, dw, db) in enumerate(ranks):
         sl = slice(0, split) if rank == 0 else slice(split, 64001)
-        assert _rel(loss, single[0].cpu()) < 1e-6
-        assert _rel(dh, single[1].cpu()) < 1e-5
-        assert _rel(dw, single[2][sl].cpu()) < 1e-5
-        assert _rel(db, single[3][sl].cpu()) < 1e-5
+        assert rel_err(loss, single[0].cpu()) < 1e-6
+        assert rel_err(dh, single[1].cpu()) < 1e-5
+        assert rel_err(dw, single[2][sl].cpu()) < 1e-5
+        assert rel_err(db, single[3][sl].cpu()) < 1e-5
 
 
 # ---- per-class weights (issue 17.4): the Triton statistics and gradient passes apart,
@@ -699,7 +677,7 @@ def test_class_weight_fp32_against_fp64(reduction):
     (ref * upstream.double() if reduction == "none" else ref).sum().backward()
     for name, a, r in zip(("loss", "dh", "dW"), (loss, h.grad, w.grad), (ref, h64.grad,
                                                                       w64.grad)):
-        assert _rel(a, r) < 1e-5, name
+        assert rel_err(a, r) < 1e-5, name
 
 
 def test_class_weight_bf16_no_host_sync():
@@ -745,6 +723,6 @@ def test_shift_fp32_against_fp64_no_sync_no_hidden_copy():
     h64, w64 = (x.detach().double().requires_grad_() for x in (hidden, weight))
     ref = F.cross_entropy((h64[:, :-1] @ w64.t()).flatten(0, 1), labels[:, 1:].flatten())
     ref.backward()
-    assert _rel(loss, ref) < 1e-6
-    assert _rel(h.grad, h64.grad) < 1e-5 and _rel(w.grad, w64.grad) < 1e-5
+    assert rel_err(loss, ref) < 1e-6
+    assert rel_err(h.grad, h64.grad) < 1e-5 and rel_err(w.grad, w64.grad) < 1e-5
     assert bool((h.grad[:, -1] == 0).all())

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-from parallel import metrics  # noqa: E402
-from parallel.metrics import FusedCEStats  # noqa: E402
+from parallel import metrics
+from parallel.metrics import FusedCEStats
 
 
 class RecordingLogger:

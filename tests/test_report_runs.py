@@ -13,8 +13,7 @@ from conftest import FAST, ROOT, run_train, scalars
 
 from parallel.metrics import CPU_RSS_PEAK_TAG, LSE_MEAN_TAG, Z_LOSS_TAG
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_common import fmt  # noqa: E402
+from benchmarks.bench_common import fmt
 
 pytestmark = pytest.mark.slow  # two run_train.sh jobs
 
@@ -47,7 +46,7 @@ def test_fused_runs_repeat_bit_for_bit(runs):
 def test_report_matches_the_events(runs, tmp_path):
     out = tmp_path / "report"
     proc = subprocess.run(
-        [sys.executable, "benchmarks/compare_runs.py", str(runs["baseline"]), str(runs["fused"]),
+        [sys.executable, "-m", "benchmarks.compare_runs", str(runs["baseline"]), str(runs["fused"]),
          "--labels", "baseline,fused", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -3,22 +3,20 @@
 torchrun restarts the group (run_train.sh: MAX_RESTARTS); the job resumes from its last
 complete checkpoint, says which, and finishes with the losses, grad norms and fused-CE
 statistics of an uninterrupted run, bit for bit (fp32, debug.deterministic), its TensorBoard
-run continued in the same folder. benchmarks/kill_resume.py does the kill and the comparison.
+run continued in the same folder. benchmarks/e2e/kill_resume.py does the kill and the comparison.
 """
 
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import assert_close, FAST, losses, ROOT, run_train, scalars
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import kill_resume  # noqa: E402
-from tb_events import shown_steps  # noqa: E402
+from benchmarks.e2e import kill_resume
+from benchmarks.tb_events import shown_steps
 
 pytestmark = pytest.mark.slow  # torchrun jobs
 

@@ -2,13 +2,10 @@
 from __future__ import annotations
 
 import random
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import snapshot_peak  # noqa: E402
+from benchmarks import snapshot_peak
 
 TT = [{"filename": "/x/site-packages/torchtitan/models/attention.py", "line": 191, "name": "forward"}]
 FL = [{"filename": "/repo/fused_loss/chunked.py", "line": 110, "name": "run"}]

@@ -6,8 +6,7 @@ import sys
 
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from tb_events import shown_steps  # noqa: E402
+from benchmarks.tb_events import shown_steps
 
 # One process of a job: logs `steps` into `folder`, then is SIGKILLed at once (no teardown).
 _LOG_AND_DIE = """

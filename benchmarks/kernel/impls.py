@@ -10,7 +10,7 @@ import importlib
 import torch
 import torch.nn.functional as F
 
-from kernel_common import IGNORE, Dev, NotAvailable
+from benchmarks.kernel.common import IGNORE, Dev, NotAvailable
 
 ANCHOR_IMPLS = ("eager", "compile", "liger", "cce")
 ALL_IMPLS = ("fused", "fused_fp32stats", "fused_bf16dw", "fused_checked", "fused_lean", "eager", "compile",
@@ -135,7 +135,7 @@ def build_impl(name: str, args, dev: Dev, process_group=None, vocab_start=0, voc
 
 
 # --------------------------------------------------------------------------------------
-# the fused op with each option of issue 17 on, one at a time (bench_kernel.py --options)
+# the fused op with each option of issue 17 on, one at a time (kernel/bench.py --options)
 # --------------------------------------------------------------------------------------
 # name -> what is passed (the table's "arguments" cell); "plain" passes no option argument at all,
 # "all-off" passes every option explicitly at its off value: equal times prove the off path free.

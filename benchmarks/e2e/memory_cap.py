@@ -1,6 +1,6 @@
 """Benchmark-only launch module: the training job under a GPU memory cap (issue 19).
 
-    TRAIN_FILE=benchmarks.memory_cap MEMORY_CAP_GIB=80 ./run_train.sh [arguments...]
+    TRAIN_FILE=benchmarks.e2e.memory_cap MEMORY_CAP_GIB=80 ./run_train.sh [arguments...]
 
 run_train.sh starts ``python -m $TRAIN_FILE`` in every rank. This module caps the process's CUDA
 caching allocator at MEMORY_CAP_GIB on its device (LOCAL_RANK) with

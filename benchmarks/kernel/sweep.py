@@ -1,4 +1,4 @@
-"""Kernel benchmark, sweep mode (``bench_kernel.py --sweep``, issue 18): the fused op against
+"""Kernel benchmark, sweep mode (``kernel/bench.py --sweep``, issue 18): the fused op against
 torch.compile over N (2k..64k), V (32k..262k) and D (2k..8k), plus short batches with the largest
 vocabularies. One row per point: each implementation's time and peak, the fused/compile ratios,
 the chunk plan's prediction (``fused_loss.plan.plan_chunks``) beside the measurement, and the
@@ -13,13 +13,13 @@ import time
 
 import torch
 
-from bench_common import cell, md_table, ratio
-from kernel_common import (
+from benchmarks.bench_common import cell, md_table, ratio
+from benchmarks.kernel.common import (
     NotAvailable, Row, accuracy_of, inputs_or_none, log, print_row, reference_or_none, run_one,
 )
-from kernel_impls import build_impl, eager_fn
+from benchmarks.kernel.impls import build_impl, eager_fn
 
-from fused_loss.plan import plan_chunks  # noqa: E402  (kernel_common puts the repository on sys.path)
+from fused_loss.plan import plan_chunks
 
 # (axis, (N, D, V)); a point on several axes is measured once and shown on each
 FULL_POINTS = (
@@ -83,7 +83,7 @@ def measure_point(shape, impls, args, dev) -> dict:
 
 def lm_accuracy(shape, subject, args, dev) -> dict:
     """{subject, "eager"}: (loss, dh, dW) errors (or a status) on LM-like inputs (a peaked
-    softmax, kernel_common.make_lm_inputs), one untimed call each."""
+    softmax, kernel.common.make_lm_inputs), one untimed call each."""
     dtype = getattr(torch, args.dtype)
     inp = inputs_or_none(shape, dtype, dev, args, kind="lm")
     ref = None if inp is None else reference_or_none(inp, dev, args, " (lm)")
@@ -218,7 +218,7 @@ def main(args, dev) -> int:
         f"warmup {args.warmup} calls and >= {args.warmup_s:g} s per impl, reps {args.reps} (median)",
         "- inputs: random (h ~ N(0,1), W ~ N(0, 0.02^2), labels uniform, 10% ignored), timed; errors: relative "
         f"L2 vs the fp64 reference (no TF32), N <= {args.acc_max_n} only, on those and ('lm' columns) on "
-        "LM-like inputs (a peaked softmax: kernel_common.make_lm_inputs); eager is not timed, only called "
+        "LM-like inputs (a peaked softmax: kernel.common.make_lm_inputs); eager is not timed, only called "
         "once per point for its errors. floor: the three cuBLAS GEMMs alone (--floor-chunk rows per chunk, "
         "bf16 dW by beta=1). peak GiB: as in the default table (beyond inputs and their grads).",
         "- plan: fused_loss.plan.plan_chunks(N, D, V, element_size, want_grad=True, weight_grad_fp32=True) "

@@ -1,26 +1,22 @@
-"""What the kernel benchmark's modes share (bench_kernel.py, kernel_sweep.py,
-kernel_vocab_parallel.py): inputs (random and LM-like) and the fp64 reference, the device, one
+"""What the kernel benchmark's modes share (kernel/bench.py, kernel/sweep.py,
+kernel/vocab_parallel.py): inputs (random and LM-like) and the fp64 reference, the device, one
 timed implementation (``run_one`` -> ``Row``), one accuracy-only call (``accuracy_of``), the
 table columns and the block header. The definitions of the
-measured numbers are in bench_kernel.py's docstring.
+measured numbers are in kernel/bench.py's docstring.
 """
 from __future__ import annotations
 
 import gc
 import math
-import os
 import statistics
-import sys
 import time
 import traceback
 from dataclasses import dataclass, field
 
 import torch
 
-from bench_common import ROOT, cell, cpu_name, emit, header
-
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)  # fused_loss without an install
+from benchmarks.bench_common import cell, cpu_name, emit, header
+from benchmarks.reference import Reference, reference_loss, rel_err
 
 IGNORE = -100
 SHAPE_NAMES = {
@@ -177,78 +173,13 @@ def inputs_or_none(shape, dtype, dev, args, kind="random") -> Inputs | None:
         return None
 
 
-@dataclass
-class Reference:
-    """CE of the inputs as stored, computed in float64 (fp64_reference)."""
-
-    loss: torch.Tensor  # fp64 scalar, reduced like the benchmark (sum or mean)
-    dh: torch.Tensor  # [N, D] fp64
-    dW: torch.Tensor  # [V, D] fp64
-    target_prob: float  # mean softmax probability of the label over the valid rows
-    entropy: float  # mean softmax entropy (nats) over the valid rows
-    seconds: float = 0.0
-
-    def describe(self) -> str:
-        return f"mean target prob {self.target_prob:.3f}, entropy {self.entropy:.2f} nats"
-
-
-@torch.no_grad()
 def fp64_reference(inp: Inputs, chunk=1024, reduction="sum") -> Reference:
-    """Loss, dh and dW of cross_entropy(h @ W.T, y) in float64 (h and W upcast exactly from the
-    stored 16-bit values; no TF32 anywhere: the fp32 matmul flags are set to "highest" too),
-    in chunks of `chunk` rows so the transient stays ~2 * chunk * V * 8 bytes beside W and dW
-    in fp64 (4 * V * D * 8 bytes in all: 16 GiB at V=262144, D=4096). reduction "mean" divides
-    by the number of valid labels, as F.cross_entropy. dh, dW stay fp64: errors are measured
-    against them."""
+    """Loss, dh and dW of cross_entropy(h @ W.T, y) of the inputs as stored, in float64
+    (reference.reference_loss, in chunks of `chunk` rows). dh, dW stay fp64: errors are
+    measured against them."""
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reference reduction must be sum or mean, got {reduction!r}")
-    t0 = time.perf_counter()
-    h, W, y = inp.h.detach(), inp.W.detach(), inp.y
-    old_tf32 = torch.backends.cuda.matmul.allow_tf32
-    old_cudnn = torch.backends.cudnn.allow_tf32
-    old_prec = torch.get_float32_matmul_precision()
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
-    try:
-        Wd = W.double()
-        dW = torch.zeros_like(Wd)
-        dh = torch.empty(h.shape, dtype=torch.float64, device=h.device)
-        loss = torch.zeros((), dtype=torch.float64, device=h.device)
-        p_sum = torch.zeros((), dtype=torch.float64, device=h.device)
-        ent_sum = torch.zeros((), dtype=torch.float64, device=h.device)
-        n_valid = (y != IGNORE).sum()
-        for s in range(0, h.shape[0], chunk):
-            hc = h[s : s + chunk].double()
-            yc = y[s : s + chunk]
-            rows = torch.arange(hc.shape[0], device=h.device)
-            valid = yc != IGNORE
-            yv = yc.clamp_min(0)
-            z = hc @ Wd.T
-            lse = torch.logsumexp(z, dim=1)
-            z.sub_(lse[:, None])  # log-softmax in place
-            logp_t = z[rows, yv]
-            p = z.exp()
-            ent = -(p.unsqueeze(1) @ z.unsqueeze(2)).view(-1)  # -sum p log p, no [rows, V] temporary
-            del z
-            loss += torch.where(valid, -logp_t, 0.0).sum()
-            p_sum += torch.where(valid, logp_t.exp(), 0.0).sum()
-            ent_sum += torch.where(valid, ent, 0.0).sum()
-            p[rows, yv] -= 1.0  # d loss / d z
-            p.mul_(valid[:, None])
-            torch.mm(p, Wd, out=dh[s : s + chunk])
-            dW.addmm_(p.T, hc)
-            del p
-        nv = n_valid.clamp_min(1).double()
-        if reduction == "mean":
-            loss /= nv
-            dh /= nv
-            dW /= nv
-        return Reference(loss, dh, dW, float(p_sum / nv), float(ent_sum / nv), time.perf_counter() - t0)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old_tf32
-        torch.backends.cudnn.allow_tf32 = old_cudnn
-        torch.set_float32_matmul_precision(old_prec)
+    return reference_loss(inp.h, inp.W, inp.y, ignore_index=IGNORE, reduction=reduction, chunk=chunk)
 
 
 def reference_or_none(inp: Inputs, dev, args, what="") -> Reference | None:
@@ -266,20 +197,6 @@ def reference_or_none(inp: Inputs, dev, args, what="") -> Reference | None:
         log(f"  fp64 reference{what} failed ({'OOM' if is_oom(e) else repr(e)[:100]}); no accuracy")
         dev.cleanup()
         return None
-
-
-@torch.no_grad()
-def rel_l2(x: torch.Tensor, ref: torch.Tensor, chunk_rows=8192) -> float:
-    if x is None:
-        return float("nan")
-    num = torch.zeros((), dtype=torch.float64, device=ref.device)
-    den = torch.zeros((), dtype=torch.float64, device=ref.device)
-    for s in range(0, ref.shape[0], chunk_rows):
-        r = ref[s : s + chunk_rows]
-        d = x[s : s + chunk_rows].float() - r
-        num += (d.double() ** 2).sum()
-        den += (r.double() ** 2).sum()
-    return float((num.sqrt() / den.sqrt()).item())
 
 
 class NotAvailable(Exception):
@@ -421,7 +338,7 @@ def errors(out, h, W, ref: Reference):
     lv = float(out.detach().double().item())
     lr = float(ref.loss.item())
     loss_err = abs(lv - lr) / max(abs(lr), 1e-30) if math.isfinite(lv) else float("nan")
-    return loss_err, rel_l2(h.grad, ref.dh), rel_l2(W.grad, ref.dW)
+    return loss_err, rel_err(h.grad, ref.dh), rel_err(W.grad, ref.dW)
 
 
 def accuracy_of(fn, inp: Inputs, dev: Dev, ref: Reference):

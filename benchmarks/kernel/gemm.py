@@ -5,7 +5,7 @@ picks for the sweep's heads. Each timing is the median of --reps after >= --warm
 of back-to-back calls (sustained clocks). Prints one table; chooses nothing by itself: the
 chosen configuration is written into epilogue_triton.GEMM_CONFIG by hand (benchmarks/NOTES.md).
 
-    python benchmarks/kernel_gemm.py [--shapes CxDxV,...] [--configs all|default]
+    python -m benchmarks.kernel.gemm [--shapes CxDxV,...] [--configs all|default]
 """
 from __future__ import annotations
 

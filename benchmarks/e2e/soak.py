@@ -1,7 +1,7 @@
 """Soak: a long fused run must never produce NaN and its memory must stay flat after warm-up.
 
-    python benchmarks/soak.py --steps 1000 --config train_configs/llama3_1b.toml -- --training.seq_len 1024
-    python benchmarks/soak.py --steps 12 --config train_configs/debug_model.toml --log-freq 1 \
+    python -m benchmarks.e2e.soak --steps 1000 --config train_configs/llama3_1b.toml -- --training.seq_len 1024
+    python -m benchmarks.e2e.soak --steps 12 --config train_configs/debug_model.toml --log-freq 1 \
         --memory-tag 'memory/cpu_rss_peak(GiB)' --tolerance 0.2 --no-append          # CPU check
 
 Runs ./run_train.sh with --fused_ce.enable (plus the arguments after --), reads the job's
@@ -19,8 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench_common import RESULTS_LOG, ROOT, emit, header
-from tb_events import EventsError, scalar_series
+from benchmarks.bench_common import RESULTS_LOG, ROOT, emit, header
+from benchmarks.tb_events import EventsError, scalar_series
 
 from parallel.metrics import LOSS_TAG, MAX_ACTIVE_TAG
 

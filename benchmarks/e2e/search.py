@@ -1,7 +1,7 @@
 """e2e.py --search: what the freed memory buys (issue 19). Under a GPU memory cap, the fastest
 setting of the baseline and of the fused head.
 
-    python3 benchmarks/e2e.py --search --caps 80,40 --steps 15 [--config train_configs/llama3_1b.toml]
+    python3 -m benchmarks.e2e.bench --search --caps 80,40 --steps 15 [--config train_configs/llama3_1b.toml]
 
 For each cap (smallest first), and for each mode (baseline, then fused), every setting of
 torch.compile (off, on) x activation checkpointing (none, selective, full) x local batch
@@ -13,7 +13,7 @@ already known:
     compile): at the same batch it does the same work plus recomputation, so it is not faster;
   - a run that fit under a smaller cap without ever reaching it (no allocator retries: torchtitan
     warns of any) is the same run under a larger cap, so it is reused there, not repeated.
-The cap is a real limit: every run starts through benchmarks/memory_cap.py (run_train.sh's
+The cap is a real limit: every run starts through benchmarks/e2e/memory_cap.py (run_train.sh's
 TRAIN_FILE), which calls torch.cuda.set_per_process_memory_fraction before the trainer allocates
 anything.
 
@@ -31,8 +31,8 @@ import shlex
 import time
 from dataclasses import dataclass
 
-from bench_common import cell, md_table, ratio
-from e2e import RunResult, common_args, emit, header, max_rel_diff, run_job
+from benchmarks.bench_common import cell, md_table, ratio
+from benchmarks.e2e.runs import RunResult, common_args, emit, header, max_rel_diff, run_job
 
 AC_MODES = ("none", "selective", "full")
 MODES = ("baseline", "fused")
@@ -104,7 +104,7 @@ def search_mode(mode: str, cap: float, opts, compiles, acs, batches, deadline, f
                     if mode == "fused":
                         a += shlex.split(opts.fused_flag)
                     r = run_job(f"cap{cap:g}_{setting.tag}", mode, opts.search_ngpu, a, opts, opts.steps,
-                                env_extra={"TRAIN_FILE": "benchmarks.memory_cap", "MEMORY_CAP_GIB": f"{cap:g}"})
+                                env_extra={"TRAIN_FILE": "benchmarks.e2e.memory_cap", "MEMORY_CAP_GIB": f"{cap:g}"})
                     longest[0] = max(longest[0], r.seconds)
                     if r.ok and r.extra.get("alloc_retries") == 0:
                         fitted[setting] = (cap, r)
@@ -190,7 +190,7 @@ def run_search(opts) -> int:
             results[cap, mode] = search_mode(mode, cap, opts, compiles, acs, batches, deadline, fitted[mode],
                                                longest)
     notes = [
-        f"- caps {opts.caps} GiB (torch.cuda.set_per_process_memory_fraction, benchmarks/memory_cap.py); "
+        f"- caps {opts.caps} GiB (torch.cuda.set_per_process_memory_fraction, benchmarks/e2e/memory_cap.py); "
         f"{opts.search_ngpu} GPU(s) per run; {opts.steps} steps, seed {opts.seed}; compile {opts.search_compile}; "
         f"AC {opts.search_ac}; local batches {opts.search_batches}, each (compile, AC) up to its first failure, "
         f"a heavier AC only above the largest batch a lighter one fit; a run that never reached a smaller cap "

@@ -26,7 +26,7 @@ Definitions (also printed into the results block):
             grads None, warm-up done) minus the bytes of the gradients dh and dW (= bytes of
             h and W). I.e. the transient/extra memory the op needs beyond inputs + grads.
   errors    relative L2 error ||x - ref|| / ||ref|| of dh, dW and the loss against an fp64
-            reference (kernel_common.fp64_reference: h, W upcast exactly to float64, loss, dh, dW
+            reference (kernel.common.fp64_reference: h, W upcast exactly to float64, loss, dh, dW
             computed in float64 in --ref-chunk-row chunks on the device, no TF32 anywhere).
             Skipped when N > --acc-max-n (default 16384).
   inputs    --inputs random,lm (default both): the errors are reported for each kind, the times
@@ -41,16 +41,16 @@ Modes (this file is the command line of all of them):
   default          the four shapes of issue 5 (here)
   --sweep          fused and torch.compile over N 2k..64k, V 32k..262k, D 2k..8k and short batches with
                    the largest vocabularies: ratios, the chunk plan's prediction, fp64 errors of fused
-                   and eager (kernel_sweep.py; --reps 5 unless given; ~4 min on one H200)
+                   and eager (kernel/sweep.py; --reps 5 unless given; ~4 min on one H200)
   --options        the 8B head (or --shapes): the fused op with each option of issue 17 off and on
                    (plain call, explicit all-off, bias, class_weight, shift, token_stats, softcap 30,
                    label smoothing 0.1, z-loss 1e-4, lean): ms, ratio to all-off, peak (here)
   --profile        the sweep's points slower than torch.compile (or --shapes): each kernel class's
-                   time per fwd+bwd of --sweep-impls, and the step's idle time (kernel_profile.py)
+                   time per fwd+bwd of --sweep-impls, and the step's idle time (kernel/profiling.py)
   --vocab-parallel run under `torchrun --nproc_per_node 2`: W sharded by vocabulary rows
-                   (kernel_vocab_parallel.py)
+                   (kernel/vocab_parallel.py)
   --quick          tiny shapes, backend torch, works on CPU (--device cpu); for the smoke test
-Shared: kernel_common.py (inputs, reference, timing, columns), kernel_impls.py (the implementations).
+Shared: kernel/common.py (inputs, reference, timing, columns), kernel/impls.py (the implementations).
 
 The Markdown table is printed LAST and appended to benchmarks/log/results.md unless --no-append.
 """
@@ -62,15 +62,15 @@ import time
 
 import torch
 
-import kernel_profile
-import kernel_sweep
-import kernel_vocab_parallel
-from bench_common import RESULTS_LOG, cell, md_table
-from kernel_common import (
+from benchmarks.kernel import profiling as kernel_profile
+from benchmarks.kernel import sweep as kernel_sweep
+from benchmarks.kernel import vocab_parallel as kernel_vocab_parallel
+from benchmarks.bench_common import RESULTS_LOG, cell, md_table
+from benchmarks.kernel.common import (
     INPUT_KINDS, PEAK_COL, TAIL_COLS, TFLOPS_COL, W_STD, Dev, NotAvailable, Row, accuracy_of, extra_col,
     inputs_or_none, log, parse_shapes, print_row, reference_or_none, run_one, shape_label,
 )
-from kernel_impls import ALL_IMPLS, ANCHOR_IMPLS, OPTION_VARIANTS, build_impl, build_option_impl
+from benchmarks.kernel.impls import ALL_IMPLS, ANCHOR_IMPLS, OPTION_VARIANTS, build_impl, build_option_impl
 
 DEFAULT_SHAPES = "8192x4096x128256,8192x2304x256000,16384x2048x151936,32768x4096x128256"
 QUICK_SHAPES = "128x64x1000,256x32x2000"

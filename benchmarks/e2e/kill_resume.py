@@ -1,6 +1,6 @@
 """Kill a rank of a training job between two checkpoints; compare it with an uninterrupted run.
 
-    python benchmarks/kill_resume.py --out DIR [--dump-root DUMPS] [--config CFG] [--ngpu 2]
+    python -m benchmarks.e2e.kill_resume --out DIR [--dump-root DUMPS] [--config CFG] [--ngpu 2]
         [--steps 12] [--interval 4] [--kill-after 6] [--kill-rank 1] [--tol 0] [--timeout 600]
         [-- more run_train.sh options]
 
@@ -32,12 +32,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import md_row, ROOT  # noqa: E402
-from tb_events import event_files, EventsError, run_folder, scalar_series, shown_steps  # noqa: E402
-
-sys.path.insert(0, ROOT)
-from parallel.metrics import (ENTROPY_TAG, LOSS_TAG, LSE_MEAN_TAG, TOKEN_ACCURACY_TAG,  # noqa: E402
+from benchmarks.bench_common import md_row, ROOT
+from benchmarks.tb_events import event_files, EventsError, run_folder, scalar_series, shown_steps
+from parallel.metrics import (ENTROPY_TAG, LOSS_TAG, LSE_MEAN_TAG, TOKEN_ACCURACY_TAG,
                               Z_LOSS_TAG)
 
 FUSED_TAGS = (LSE_MEAN_TAG, Z_LOSS_TAG, TOKEN_ACCURACY_TAG, ENTROPY_TAG)

@@ -1,4 +1,4 @@
-"""Kernel benchmark, profile mode (``bench_kernel.py --profile``): where one fwd+bwd's time goes.
+"""Kernel benchmark, profile mode (``kernel/bench.py --profile``): where one fwd+bwd's time goes.
 
 For each point (--shapes; default the sweep's points where the fused op was slower than
 torch.compile) and each of --sweep-impls (default fused, compile): warm up as the timing does
@@ -28,9 +28,9 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from bench_common import cell, md_table
-from kernel_common import failure_status, inputs_or_none, log, parse_shapes, release
-from kernel_impls import build_impl
+from benchmarks.bench_common import cell, md_table
+from benchmarks.kernel.common import failure_status, inputs_or_none, log, parse_shapes, release
+from benchmarks.kernel.impls import build_impl
 
 DEFAULT_POINTS = "2048x4096x128256,8192x4096x32000,8192x2304x256000"
 

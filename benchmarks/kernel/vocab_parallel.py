@@ -1,4 +1,4 @@
-"""Kernel benchmark, vocab-parallel mode (``torchrun --nproc_per_node 2 bench_kernel.py
+"""Kernel benchmark, vocab-parallel mode (``torchrun --nproc_per_node 2 kernel/bench.py
 --vocab-parallel``): W sharded by vocabulary rows over the ranks against one GPU with the full
 W at the same N; the parallel loss and gradients are checked against the single-GPU op's.
 """
@@ -8,9 +8,9 @@ import os
 
 import torch
 
-from bench_common import cell
-from kernel_common import Dev, Inputs, NotAvailable, log, make_inputs, parse_shapes, rel_l2, run_one, shape_label
-from kernel_impls import build_impl
+from benchmarks.bench_common import cell
+from benchmarks.kernel.common import Dev, Inputs, NotAvailable, log, make_inputs, parse_shapes, rel_err, run_one, shape_label
+from benchmarks.kernel.impls import build_impl
 
 
 def main(args) -> None:
@@ -91,8 +91,8 @@ def main(args) -> None:
             dist.all_reduce(dh)
             errs = (
                 abs(float(lp.detach().double().item()) - float(loss_single.item())) / max(abs(float(loss_single.item())), 1e-30),
-                rel_l2(dh, dh_single),
-                rel_l2(pinp.W.grad, dW_single),
+                rel_err(dh, dh_single),
+                rel_err(pinp.W.grad, dW_single),
             )
         except Exception as e:
             say(f"  parallel correctness check failed: {type(e).__name__}: {e}")
