@@ -41,7 +41,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from .options import LossOptions
 from .rows_triton import _cap, _row_target, _sech2, _store_stats
 
-# One configuration, the fastest of kernel_gemm.py's on an H200 (benchmarks/NOTES.md): 96 KB
+# One configuration, the fastest of benchmarks/kernel/gemm.py's on an H200 (benchmarks/NOTES.md): 96 KB
 # of shared memory and 4 warps, so two programs share a multiprocessor and one's epilogue runs
 # beside the other's main loop. The row passes walk the partials tile by tile, so BN is part
 # of the format, not a tuning knob behind autotune.
