@@ -7,10 +7,10 @@
 #   bash benchmarks/gpu_run.sh multi    # 2 GPUs: pytest -m multigpu, vocab-parallel bench (torchrun), e2e/bench.py
 #   bash benchmarks/gpu_run.sh e2e      # 2 GPUs: e2e/bench.py only, the three cases multi leaves out (multi + e2e = all six)
 #   bash benchmarks/gpu_run.sh maxseq   # 1 GPU : e2e/bench.py --max-seq (longest seq_len, baseline vs fused)
-#   bash benchmarks/gpu_run.sh multi4   # 4 GPUs (nvidia-h200-x4): e2e/bench.py fsdp2_tp2,fsdp2_cp2,tp2_cp2,hsdp (issue 8)
-#   bash benchmarks/gpu_run.sh families # 1 GPU : pytest -m gpu, then each family's real-vocabulary config (issue 14):
+#   bash benchmarks/gpu_run.sh multi4   # 4 GPUs (nvidia-h200-x4): e2e/bench.py fsdp2_tp2,fsdp2_cp2,tp2_cp2,hsdp
+#   bash benchmarks/gpu_run.sh families # 1 GPU : pytest -m gpu, then each family's real-vocabulary config:
 #                                       #         e2e/bench.py --cases single per config in FAMILY_CONFIGS
-#   bash benchmarks/gpu_run.sh search   # 1 GPU : e2e/bench.py --search (issue 19), narrowed by SEARCH_ARGS
+#   bash benchmarks/gpu_run.sh search   # 1 GPU : e2e/bench.py --search, narrowed by SEARCH_ARGS
 #   bash benchmarks/gpu_run.sh resume   # 1 GPU : e2e/kill_resume.py, llama3_1b fused: the rank SIGKILLed in step 5, torchrun
 #                                       #         restarts it from the step-3 checkpoint; losses vs an uninterrupted run
 #                                       #         within 1e-5 (~4 min; dump folders in /tmp/kill_resume, logs in $OUT)
@@ -173,12 +173,12 @@ kernel)
         run_step bench_kernel "${BENCH_TIMEOUT:-170}" python3 -m benchmarks.kernel.bench $APPEND ${BENCH_ARGS:-}
     fi
     if [ "${SKIP_OPTIONS:-0}" != "1" ]; then
-        # issue 17: each option's cost at the 8B head, off and on
+        # each option's cost at the 8B head, off and on
         # shellcheck disable=SC2086
         run_step bench_options "${OPTIONS_TIMEOUT:-70}" python3 -m benchmarks.kernel.bench --options $APPEND ${OPTIONS_ARGS:-}
     fi
     if [ "${SKIP_SWEEP:-0}" != "1" ]; then
-        # issue 18: 13 points, fused vs compile, the plan's prediction, fp64 errors of fused and eager
+        # 13 points, fused vs compile, the plan's prediction, fp64 errors of fused and eager
         # shellcheck disable=SC2086
         run_step bench_sweep "${SWEEP_TIMEOUT:-180}" python3 -m benchmarks.kernel.bench --sweep $APPEND ${SWEEP_ARGS:-}
     fi
@@ -234,7 +234,7 @@ maxseq)
     summary e2e_maxseq
     ;;
 families)
-    # issue 14: each family's one-GPU real-vocabulary config, baseline vs fused (GPU tests first)
+    # each family's one-GPU real-vocabulary config, baseline vs fused (GPU tests first)
     if [ "${SKIP_PYTEST:-0}" != "1" ]; then
         run_step pytest_gpu "$PYTEST_TIMEOUT" python3 -m pytest -m gpu tests -q --maxfail=5 \
             --junitxml="$OUT/pytest_gpu.xml" -p no:cacheprovider
@@ -249,7 +249,7 @@ families)
     summary $(for cfg in ${FAMILY_CONFIGS:-llama3_1b qwen3_1.7b llama4_1bx8e deepseek_v3_1b gpt_oss_1b}; do echo "e2e_$cfg"; done)
     ;;
 search)
-    # issue 19: the fastest setting under each memory cap, baseline vs fused (split across calls:
+    # the fastest setting under each memory cap, baseline vs fused (split across calls:
     # a full sweep is up to 120 runs; e.g. SEARCH_ARGS="--caps 80 --search-compile on --search-batches 1,2,4")
     # shellcheck disable=SC2086
     run_step e2e_search "$(left)" python3 -m benchmarks.e2e.bench --search --steps "${E2E_STEPS:-15}" \

@@ -219,7 +219,7 @@ def test_quick_cpu_profile_table(tmp_path):
 
 
 def test_benchmark_modules_write_no_globals():
-    """Options travel as arguments (issue 15): no mode sets a module global at run time."""
+    """Options travel as arguments: no mode sets a module global at run time."""
     for path in (ROOT / "benchmarks").rglob("*.py"):
         text = path.read_text()
         assert "globals()" not in text and "\nglobal " not in text and "    global " not in text, path.name

@@ -15,7 +15,7 @@ from benchmarks.reference import reference_loss, rel_err
 GIB = 2**30
 
 # (N, D, V) -> (rows, chunks, fp32 carry), bf16 with the default 1 GiB cap, measured on an H200
-# (issue 18): 4096/3840/262144 one chunk 39.82 ms / 2.00 GiB against 2 chunks + carry 42.14 /
+# (the chunk-plan run): 4096/3840/262144 one chunk 39.82 ms / 2.00 GiB against 2 chunks + carry 42.14 /
 # 3.75; 8192/4096/128256 one chunk 39.48 / 1.96 against 41.07 / 1.96 (equal memory: the rows a
 # chunk saves are the carry's D); 8192/2304/256000 one chunk holds 3.91 GiB against 2.20
 MEASURED = [

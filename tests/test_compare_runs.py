@@ -358,7 +358,7 @@ def test_fmt():
     assert fmt(1.0) == "1"
 
 
-# ---------------------------------------------------------------- issue 16: runs sharing a folder, the picture
+# ---------------------------------------------------------------- runs sharing a folder, the picture
 
 
 def test_warns_when_a_folder_holds_several_runs(tmp_path, report_inproc):

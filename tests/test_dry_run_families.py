@@ -1,4 +1,4 @@
-"""Every torchtitan decoder family on 2 ranks (issue 20, what CPUs allow): each family's debug config
+"""Every torchtitan decoder family on 2 ranks (what CPUs allow): each family's debug config
 (train_configs/<family>_debug.toml; llama3's is debug_model.toml) under FSDP=2, TP=2 and CP=2
 (benchmarks/e2e/cases.py: fsdp2, tp2, cp2), fused head off and on, as a one-process dry run on
 torchtitan's fake backend (what `COMM_MODE=fake_backend NGPU=2 ./run_train.sh` does), 1 step.

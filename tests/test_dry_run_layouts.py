@@ -1,4 +1,4 @@
-"""The 4-GPU layouts of issue 8 (benchmarks/e2e/cases.py: fsdp2_tp2, fsdp2_cp2, tp2_cp2, hsdp),
+"""The 4-GPU layouts (benchmarks/e2e/cases.py: fsdp2_tp2, fsdp2_cp2, tp2_cp2, hsdp),
 fused head off and on, as a one-process dry run on torchtitan's fake backend (what
 `COMM_MODE=fake_backend NGPU=4 ./run_train.sh` does): the debug model, the case's parallelism
 flags, 1 step.

@@ -231,7 +231,7 @@ def test_timeout_kills_run(tmp_path):
     assert rc == 2
 
 
-# ---------------------------------------------------------------- 4-GPU cases (issue 8)
+# ---------------------------------------------------------------- 4-GPU cases
 DEGREES = {
     "--parallelism.data_parallel_replicate_degree": "dp_replicate",
     "--parallelism.data_parallel_shard_degree": "dp_shard",
@@ -326,7 +326,7 @@ def test_gpu_run_brings_the_run_logs_back_as_one_archive(tmp_path):
             "e2e_search/cap40_eager_ac-none_lb1_fused.log"} <= set(names), names
 
 
-# ---------------------------------------------------------------- search mode (issue 19)
+# ---------------------------------------------------------------- search mode
 def fake_memory(ac, lb, compiled, fused):
     """GiB a fake run needs: activations by AC mode, plus logits (baseline only) per sample."""
     per_sample = {"none": 12.0, "selective": 7.0, "full": 3.0}[ac] * (0.75 if compiled else 1.0)

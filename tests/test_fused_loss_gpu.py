@@ -339,7 +339,7 @@ def test_vocab_parallel_over_nccl():
         assert rel_err(dw, want_dw.cpu()) < 1e-2
 
 
-# ---- per-token outputs (token_stats): entropy, predicted token, correct (issue 17.6) ----
+# ---- per-token outputs (token_stats): entropy, predicted token, correct ----
 
 def _aux_run(hidden, weight, labels, **kw):
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
@@ -450,7 +450,7 @@ def test_token_stats_compiled_with_inductor():
 
 
 def test_new_options_cost_at_the_8b_head(record_property):
-    # what each issue-17 option costs (forward + backward, the same run, alternating), against
+    # what each option costs (forward + backward, the same run, alternating), against
     # the op with all of them off; token_stats (the trainer's default) must stay cheap
     import time
     hidden, weight, labels = _inputs(8192, 4096, 128256, torch.bfloat16, seed=16)
@@ -528,7 +528,7 @@ def test_vocab_parallel_token_stats_over_nccl():
         assert torch.equal(correct, single.correct.cpu())
 
 
-# ---- bias (issue 17.3): added in the chunk GEMM (addmm), db summed in fp32 ----
+# ---- bias: added in the chunk GEMM (addmm), db summed in fp32 ----
 
 def _bias_reference(hidden, weight, bias, labels, reduction="sum"):
     """fp64 loss, dh, dW, db (materialized logits: sizes here are small enough)."""
@@ -655,7 +655,7 @@ def test_vocab_parallel_bias_over_nccl():
         assert rel_err(db, single[3][sl].cpu()) < 1e-5
 
 
-# ---- per-class weights (issue 17.4): the Triton statistics and gradient passes apart,
+# ---- per-class weights: the Triton statistics and gradient passes apart,
 # the gradient rows scaled by the label's weight ----
 
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
@@ -696,7 +696,7 @@ def test_class_weight_bf16_no_host_sync():
                float(eager)) < 1e-2
 
 
-# ---- causal shift (issue 17.5): labels shifted, hidden states not copied ----
+# ---- causal shift: labels shifted, hidden states not copied ----
 
 def test_shift_fp32_against_fp64_no_sync_no_hidden_copy():
     b, t, d, v = 4, 1025, 512, 32000

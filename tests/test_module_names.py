@@ -1,4 +1,4 @@
-"""No module of the project may shadow a standard-library module (issue 16 item 4).
+"""No module of the project may shadow a standard-library module.
 
 `python parallel/train.py` puts `parallel/` first on sys.path: a `parallel/platform.py`
 then hid Python's `platform`, and torch's import crashed ("partially initialized module

@@ -1,4 +1,4 @@
-"""A CPU run says what it does and nothing that misleads (issue 16 item 6).
+"""A CPU run says what it does and nothing that misleads.
 
 Before: NCCL environment warnings, lspci warnings, "fallback to A100" and an MFU measured
 against an A100's peak, gloo set_timeout warnings, an autocast warning, ANSI colour codes in

@@ -1,4 +1,4 @@
-"""A refused job ends with its one message and exit code 2 (issue 16 item 3).
+"""A refused job ends with its one message and exit code 2.
 
 torchrun used to bury the trainer's refusal under ~30 lines of ChildFailedError and exit 1.
 run_train.sh now launches through parallel/launch.py: one process, two processes and two

@@ -1,4 +1,4 @@
-"""Every run gets its own TensorBoard folder (issue 16 item 5).
+"""Every run gets its own TensorBoard folder.
 
 torchtitan names the folder to the minute, so two short runs into one dump folder used to
 share it (and a report then saw one run). parallel/cpu_shims.py names it to the second plus

@@ -23,7 +23,7 @@ CASES = {
     "fsdp2_compile": (
         2, ["--parallelism.data_parallel_shard_degree", "2", "--compile.enable", "--compile.components", "model,loss"], "bf16"),
     "single": (1, [], "bf16"),
-    # 4 GPUs (issue 8): two parallelisms combined. bf16 in all four: CP alone also turns FSDP on
+    # 4 GPUs: two parallelisms combined. bf16 in all four: CP alone also turns FSDP on
     # (over the dp_shard x cp mesh), and FSDP casts the parameters.
     "fsdp2_tp2": (4, ["--parallelism.data_parallel_shard_degree", "2", "--parallelism.tensor_parallel_degree", "2"], "bf16"),
     "fsdp2_cp2": (4, ["--parallelism.data_parallel_shard_degree", "2", "--parallelism.context_parallel_degree", "2"], "bf16"),

@@ -1,4 +1,4 @@
-"""Benchmark-only launch module: the training job under a GPU memory cap (issue 19).
+"""Benchmark-only launch module: the training job under a GPU memory cap.
 
     TRAIN_FILE=benchmarks.e2e.memory_cap MEMORY_CAP_GIB=80 ./run_train.sh [arguments...]
 

@@ -1,4 +1,4 @@
-"""e2e.py --search: what the freed memory buys (issue 19). Under a GPU memory cap, the fastest
+"""e2e.py --search: what the freed memory buys. Under a GPU memory cap, the fastest
 setting of the baseline and of the fused head.
 
     python3 -m benchmarks.e2e.bench --search --caps 80,40 --steps 15 [--config train_configs/llama3_1b.toml]
@@ -57,7 +57,7 @@ class Setting:
 
 
 def add_arguments(p) -> None:
-    g = p.add_argument_group("search mode (issue 19)")
+    g = p.add_argument_group("search mode")
     g.add_argument("--search", action="store_true", help="fastest setting under each memory cap, baseline vs fused")
     g.add_argument("--caps", default="80,40", help="GPU memory caps in GiB, comma list")
     g.add_argument("--search-ngpu", type=int, default=1, help="GPUs per run")

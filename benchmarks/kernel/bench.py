@@ -38,11 +38,11 @@ Definitions (also printed into the results block):
   first s   wall seconds of the first call (includes torch.compile / Triton autotuning).
 
 Modes (this file is the command line of all of them):
-  default          the four shapes of issue 5 (here)
+  default          the four anchor shapes (here)
   --sweep          fused and torch.compile over N 2k..64k, V 32k..262k, D 2k..8k and short batches with
                    the largest vocabularies: ratios, the chunk plan's prediction, fp64 errors of fused
                    and eager (kernel/sweep.py; --reps 5 unless given; ~4 min on one H200)
-  --options        the 8B head (or --shapes): the fused op with each option of issue 17 off and on
+  --options        the 8B head (or --shapes): the fused op with each option off and on
                    (plain call, explicit all-off, bias, class_weight, shift, token_stats, softcap 30,
                    label smoothing 0.1, z-loss 1e-4, lean): ms, ratio to all-off, peak (here)
   --profile        the sweep's points slower than torch.compile (or --shapes): each kernel class's
@@ -216,7 +216,7 @@ def bench_shapes(args, dev: Dev):
 
 
 def bench_options(args, dev: Dev):
-    """The fused op with each option of issue 17 on, one at a time, at one shape, same process,
+    """The fused op with each option on, one at a time, at one shape, same process,
     each warmed up; 'plain' (no option arguments) and 'all-off' (all of them, off) first, and
     'all-off' again last (drift)."""
     shape = parse_shapes(args.shapes)[0]

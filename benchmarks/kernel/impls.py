@@ -135,7 +135,7 @@ def build_impl(name: str, args, dev: Dev, process_group=None, vocab_start=0, voc
 
 
 # --------------------------------------------------------------------------------------
-# the fused op with each option of issue 17 on, one at a time (kernel/bench.py --options)
+# the fused op with each option on, one at a time (kernel/bench.py --options)
 # --------------------------------------------------------------------------------------
 # name -> what is passed (the table's "arguments" cell); "plain" passes no option argument at all,
 # "all-off" passes every option explicitly at its off value: equal times prove the off path free.

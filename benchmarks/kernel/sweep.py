@@ -1,4 +1,4 @@
-"""Kernel benchmark, sweep mode (``kernel/bench.py --sweep``, issue 18): the fused op against
+"""Kernel benchmark, sweep mode (``kernel/bench.py --sweep``): the fused op against
 torch.compile over N (2k..64k), V (32k..262k) and D (2k..8k), plus short batches with the largest
 vocabularies. One row per point: each implementation's time and peak, the fused/compile ratios,
 the chunk plan's prediction (``fused_loss.plan.plan_chunks``) beside the measurement, and the
