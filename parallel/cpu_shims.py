@@ -1,25 +1,20 @@
-"""CPU shims for torchtitan 0.2.2, applied only when no accelerator is present.
+"""CPU shims for torchtitan 0.2.2, applied only when no accelerator is present (by
+parallel.patches, which installs the patches every device gets first).
 
-torchtitan assumes an accelerator: it binds `device_type` when it is imported
-and falls back to "cuda" on a CPU-only machine. `apply()` must therefore run
-before anything imports torchtitan; `parallel/train.py` (and the tests'
-conftest) call it. On a GPU machine it only tidies two log texts (see
-`_tidy_logs`) and names each run's TensorBoard folder apart, with the head it ran
-(see `_one_folder_per_run`); everything else is CPU-only.
+torchtitan assumes an accelerator: it binds `device_type` when it is imported and falls back to
+"cuda" on a CPU-only machine; `bind_cpu_device()` must therefore run before anything imports
+torchtitan, and `install()` after the every-device patches (parallel.patches says why).
 """
 
-import logging
 import os
-import re
 import sys
-import time
 import warnings
 
 import torch
 from torch.distributed.distributed_c10d import ProcessGroupGloo
 from torch.distributed.fsdp import FSDPModule
 
-from parallel.metrics import CPU_MEMORY_RENAMES, SEED_TAG
+from parallel.metrics import CPU_MEMORY_RENAMES
 
 _GIB = 2**30
 
@@ -157,34 +152,6 @@ def _flex_attention_eager(set_determinism):
     return wrapped
 
 
-ROUTER_BIAS_NOTE = ("router gate bias zeroed at init: torchtitan 0.2.2 leaves it uninitialized (torch.empty), "
-                    "as later torchtitan no longer does (pytorch/torchtitan#2450)")
-
-
-def _router_bias_initialized(init_weights):
-    said = []
-
-    def wrapped(self, init_std):
-        init_weights(self, init_std)
-        # torchtitan 0.2.2 leaves a router's gate bias (gpt_oss: gate_bias=True) as torch.empty:
-        # NaN under debug.deterministic (which fills uninitialized memory), garbage otherwise.
-        # Later torchtitan zeroes it; so does this, on every device.
-        if self.gate.bias is not None:
-            torch.nn.init.zeros_(self.gate.bias)
-            if not said:  # one start-up line, not one per layer
-                said.append(True)
-                logging.getLogger().info(ROUTER_BIAS_NOTE)
-
-    return wrapped
-
-
-def _zero_router_bias() -> None:
-    """gpt_oss's router bias starts at zero, not uninitialized memory (see _router_bias_initialized)."""
-    from torchtitan.models.moe import moe
-
-    moe.TokenChoiceTopKRouter.init_weights = _router_bias_initialized(moe.TokenChoiceTopKRouter.init_weights)
-
-
 def _experts_for_loop(update_from_config):
     def wrapped(self, *args, **kwargs):
         update_from_config(self, *args, **kwargs)
@@ -213,113 +180,21 @@ def _without_nccl_environment(init_distributed):
     return wrapped
 
 
-class _LogText(logging.Filter):
-    """Rewrites torchtitan log lines that mislead (it logs finished f-strings on the root logger)."""
-
-    def __init__(self, cpu: bool):
-        super().__init__()
-        self.cpu = cpu
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.msg, str) and record.msg.startswith("torchtitan version: "):
-            # "... (0.0.0 means __version__ is not defined correctly)": a note to torchtitan's developers
-            record.msg, record.args = f"torchtitan {record.args[0]}, torch {torch.__version__}", ()
-        if isinstance(record.msg, str) and record.msg.startswith("model.safetensors.index.json not found"):
-            # Every tokenizer-only hf_assets_path gets it; it says only that an HF-format checkpoint
-            # (checkpoint.last_save_in_hf) is written as one file (the README's checkpoint section says so).
-            return False
-        if isinstance(record.msg, str) and record.msg.startswith("HF assets path ") and "does not exist" in record.msg:
-            # parallel.train's start-up check says what stands in for it, or refuses the job
-            return False
-        if isinstance(record.msg, str) and not record.args:
-            msg = re.sub(r"^(Building \S+ \S+)with ", r"\1 with ", record.msg)  # torchtitan's missing space
-            if self.cpu:
-                msg = msg.replace("mfu: nan%", "mfu: n/a")
-                if msg.startswith("Peak FLOPS used for computing MFU"):
-                    msg = "MFU: n/a on CPU (no peak FLOPS to measure against)"
-            record.msg = msg
-        return True
-
-
-def _tidy_logs(cpu: bool) -> None:
-    logging.getLogger().addFilter(_LogText(cpu))
-    # torchdata's own call of a deprecated torch API; nothing a user can act on.
-    warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
-
-
-RUN_ENV = "FUSED_CE_RUN"  # set by parallel/launch.py, so that every rank of a job names the same run
-
-
-_run_name: str | None = None
-
-
-def run_name() -> str:
-    """This job's TensorBoard run name (its folder adds -fused or -baseline): $FUSED_CE_RUN, else
-    the time to the second plus this pid.
-    Kept in this process only: processes it starts (tests' jobs) must name their own runs."""
-    global _run_name
-    if _run_name is None:
-        _run_name = os.environ.get(RUN_ENV) or f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    return _run_name
-
-
-class _RunFolderClock:
-    """Stands in for `datetime` in torchtitan's metrics module, whose one use of it names the run
-    folder to the minute: two short runs started in one minute then share a folder."""
-
-    def __init__(self, folder: str):
-        self.folder = folder
-
-    def now(self):
-        return self
-
-    def strftime(self, fmt: str) -> str:
-        return self.folder
-
-
-def _one_folder_per_run() -> None:
-    """Each run's TensorBoard folder is `<run_name()>-fused` or `-baseline`, and holds its seed (SEED_TAG)."""
-    from torchtitan.components import metrics
-
-    build = metrics._build_metric_logger
-
-    def build_in_run_folder(job_config, *args, **kwargs):
-        fused_ce = getattr(job_config, "fused_ce", None)  # absent without parallel.config
-        head = "fused" if fused_ce is not None and fused_ce.enable else "baseline"
-        metrics.datetime = _RunFolderClock(f"{run_name()}-{head}")
-        metric_logger = build(job_config, *args, **kwargs)
-        # torchtitan's LoggerContainer keeps its loggers private; the TensorBoard one has the writer.
-        for each in getattr(metric_logger, "_loggers", ()):
-            if isinstance(each, metrics.TensorBoardLogger):
-                each.writer.add_text(SEED_TAG, str(job_config.debug.seed), 0)
-        return metric_logger
-
-    metrics._build_metric_logger = build_in_run_folder
-
-
 def applied() -> bool:
     """Whether this process runs on the CPU shims (no accelerator)."""
     return torch._utils._get_available_device_type() == "cpu"
 
 
-def apply() -> None:
-    """Patch torchtitan for a CPU-only machine; where an accelerator exists, only what every device
-    needs: the log tidying (`_tidy_logs`), one TensorBoard folder per run (`_one_folder_per_run`) and
-    the router bias fix (`_zero_router_bias`)."""
-    device = torch._utils._get_available_device_type()
-    if device == "cpu":
-        return  # applied already (torch itself says None on a CPU-only machine)
-    if device is not None:
-        _tidy_logs(cpu=False)
-        _one_folder_per_run()
-        _zero_router_bias()
-        return
+def bind_cpu_device() -> None:
+    """torchtitan's device type is "cpu": it reads it at import time and would pick "cuda"
+    (set_device then fails). Before torchtitan is imported."""
     if "torchtitan" in sys.modules:
-        raise RuntimeError("parallel.cpu_shims.apply() must run before torchtitan is imported")
-
-    # torchtitan reads the device type at import time and would pick "cuda" (set_device then fails).
+        raise RuntimeError("parallel.patches.apply() must run before torchtitan is imported")
     torch._utils._get_available_device_type = lambda: "cpu"
 
+
+def install() -> None:
+    """Patch torchtitan for a CPU-only machine (after bind_cpu_device and the every-device patches)."""
     from torchtitan.components import metrics
     from torchtitan.distributed import utils as dist_utils
     from torch.nn.attention import flex_attention as flex_attention_module
@@ -327,10 +202,6 @@ def apply() -> None:
     from torchtitan.models.llama4.infra import parallelize as llama4_parallelize
     from torchtitan.models.qwen3.model import args as qwen3_args
     from torchtitan.tools import utils as titan_utils
-
-    _tidy_logs(cpu=True)
-    _one_folder_per_run()
-    _zero_router_bias()
 
     # torch.cpu has no memory_stats / get_device_properties / reset_peak_memory_stats.
     metrics.build_device_memory_monitor = CpuRssMonitor

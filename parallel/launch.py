@@ -9,7 +9,7 @@ own failure logs are dropped, the message is printed once more as the last line 
 stderr, and the exit code is 2. A rank that exits 2 by itself (an unknown option: tyro's
 message) ends the launch with exit code 2 and no traceback as well. Every other failure
 is torchrun's, unchanged. It also names this job's TensorBoard run folder once, for all
-its local ranks (cpu_shims.run_name).
+its local ranks (run_folders.run_name).
 """
 
 import logging
@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from parallel import cpu_shims
+from parallel import run_folders
 
 REFUSALS_ENV = "FUSED_CE_REFUSALS"
 USAGE_ERROR = 2  # a refused job's exit code, and a command-line parser's (tyro, argparse)
@@ -65,7 +65,7 @@ def main(argv: list[str]) -> int:
 
     folder = tempfile.mkdtemp(prefix="fused_ce_refusals_")
     os.environ[REFUSALS_ENV] = folder  # the ranks inherit it
-    os.environ[cpu_shims.RUN_ENV] = cpu_shims.run_name()  # one TensorBoard run name for all local ranks
+    os.environ[run_folders.RUN_ENV] = run_folders.run_name()  # one TensorBoard run name for all local ranks
     quiet = _QuietAfterRefusal(folder)
     handlers = {h for name in ("", "torch", "torch.distributed") for h in logging.getLogger(name).handlers}
     for handler in handlers:

@@ -11,9 +11,9 @@ import logging
 import os
 import sys
 
-from parallel import cpu_shims, launch
+from parallel import cpu_shims, launch, patches
 
-cpu_shims.apply()  # before torchtitan is imported: it binds the device type at import time
+patches.apply()  # before torchtitan is imported: it binds the device type at import time
 
 import torch  # noqa: E402
 from torchtitan.config import TORCH_DTYPE_MAP  # noqa: E402

@@ -16,9 +16,9 @@ if not torch.cuda.is_available():
     # it below): the interpreter must be chosen before that, or interpreted kernels fail.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from parallel import cpu_shims  # noqa: E402
+from parallel import patches  # noqa: E402
 
-cpu_shims.apply()  # tests import torchtitan in-process too; on CPU it must be patched first
+patches.apply()  # tests import torchtitan in-process too; on CPU it must be patched first
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@ Before: NCCL environment warnings, lspci warnings, "fallback to A100" and an MFU
 against an A100's peak, gloo set_timeout warnings, an autocast warning, ANSI colour codes in
 piped logs, dataset progress bars inside log lines, "debugmodelwith {", torchrun's
 OMP_NUM_THREADS banner and torchdata's set_vital deprecation. run_train.sh's environment and
-parallel/cpu_shims.py remove them; the MFU reads "n/a" on CPU and is not logged to TensorBoard.
+parallel/log_tidying.py and parallel/cpu_shims.py remove them; the MFU reads "n/a" on CPU and is not logged to TensorBoard.
 """
 
 import glob

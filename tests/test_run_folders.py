@@ -1,7 +1,7 @@
 """Every run gets its own TensorBoard folder.
 
 torchtitan names the folder to the minute, so two short runs into one dump folder used to
-share it (and a report then saw one run). parallel/cpu_shims.py names it to the second plus
+share it (and a report then saw one run). parallel/run_folders.py names it to the second plus
 the launcher's pid, then -fused or -baseline; all ranks of one job use the same name.
 """
 
@@ -10,18 +10,18 @@ import os
 import pytest
 
 from conftest import FAST, run_train
-from parallel import cpu_shims
+from parallel import run_folders
 
 QUICK = (*FAST, "--training.steps", "1", "--validation.no-enable")
 
 
 def test_run_name_stays_in_its_process(monkeypatch):
     """A name picked in-process (tests build trainers in pytest) must not leak into the jobs it starts."""
-    monkeypatch.delenv(cpu_shims.RUN_ENV, raising=False)
-    monkeypatch.setattr(cpu_shims, "_run_name", None)
-    name = cpu_shims.run_name()
-    assert name.endswith(f"-{os.getpid()}") and cpu_shims.run_name() == name
-    assert cpu_shims.RUN_ENV not in os.environ
+    monkeypatch.delenv(run_folders.RUN_ENV, raising=False)
+    monkeypatch.setattr(run_folders, "_run_name", None)
+    name = run_folders.run_name()
+    assert name.endswith(f"-{os.getpid()}") and run_folders.run_name() == name
+    assert run_folders.RUN_ENV not in os.environ
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from torchtitan.config import ConfigManager
 
 from parallel import config as fused_ce_config
 from parallel.config import FusedCE
-from parallel.cpu_shims import _LogText
+from parallel.log_tidying import _LogText
 from parallel.fused_head import FusedLMHead
 from parallel.train import check_job, cpu_precision_hint, describe_head, describe_job
 

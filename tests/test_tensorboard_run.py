@@ -11,8 +11,8 @@ from benchmarks.tb_events import shown_steps
 # One process of a job: logs `steps` into `folder`, then is SIGKILLed at once (no teardown).
 _LOG_AND_DIE = """
 import os, signal, sys
-from parallel import cpu_shims
-cpu_shims.apply()
+from parallel import patches
+patches.apply()
 from parallel.tensorboard_run import ContinuedTensorBoardLogger
 logger = ContinuedTensorBoardLogger(sys.argv[1])
 for step in map(int, sys.argv[2:]):

@@ -10,8 +10,8 @@ from conftest import ROOT
 _ROUTER_ON_AN_ACCELERATOR = """
 import logging, torch
 torch._utils._get_available_device_type = lambda: "cuda"
-from parallel import cpu_shims
-cpu_shims.apply()
+from parallel import patches
+patches.apply()
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 from torchtitan.models.moe.moe import TokenChoiceTopKRouter
 for _ in range(2):
