@@ -11,7 +11,7 @@ The order matters: `run_folders` and `cpu_shims` both wrap torchtitan's
 TensorBoard logger it finds in torchtitan's LoggerContainer; the CPU memory-tag wrapper
 (`cpu_shims._RenameMemoryTags`) hides that container. So the run-folder wrapper is installed
 first (the inner one), or the seed silently stops reaching TensorBoard
-(tests/test_run_folders.py checks that the seed does reach it on the CPU).
+(tests/integration/test_run_folders.py checks that the seed does reach it on the CPU).
 """
 
 import torch

@@ -14,7 +14,7 @@ two runs' losses) and, last, a table of checks: the restart happened and said it
 killed job's TensorBoard run is one folder that shows each step the uninterrupted run logged
 once (the loss, grad_norm and, with --fused_ce.enable, each fused_ce/* tag); and those values
 agree within --tol (absolute). --kill-after must be a log step (the kill waits for its line).
-Exit code 0 when every check passes. tests/test_restart.py runs it on CPU; benchmarks/gpu_run.sh
+Exit code 0 when every check passes. tests/jobs/test_restart.py runs it on CPU; benchmarks/gpu_run.sh
 (mode `resume`) on one GPU.
 """
 

@@ -17,7 +17,7 @@ import pytest
 from benchmarks.e2e import bench, cases
 from benchmarks.e2e import runs as e2e_runs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # torchtitan 0.2.2 components/metrics.py, MetricsProcessor.log (with tools/utils.py Color codes)
 RED, GREEN, ORANGE, TURQ, BLUE, CYAN, MAGENTA, RESET = (

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 from benchmarks import compare_runs
 from benchmarks.compare_runs import fmt  # the formatting the table promises

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 from parallel import metrics
 from parallel.metrics import FusedCEStats

@@ -1,5 +1,5 @@
 """parallel/tensorboard_run.py: a killed process keeps what it logged; a restarted one continues
-the same TensorBoard run, each step shown once (the job-level proof: tests/test_restart.py)."""
+the same TensorBoard run, each step shown once (the job-level proof: tests/jobs/test_restart.py)."""
 
 import subprocess
 import sys

@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 from benchmarks.e2e import cases
 
 pytestmark = pytest.mark.slow  # a torchtitan job (in a subprocess); `pytest -m "not slow"` skips it
