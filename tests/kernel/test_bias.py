@@ -1,20 +1,18 @@
-"""The LM head's bias ([V_local], vocab-sliced like the weight): added in the chunk GEMM, db summed in fp32: against an fp64 reference on CPU (the torch backend, and Triton in its
-interpreter), then on a GPU at real sizes (the `gpu` marker: pytest -m gpu)."""
-
-import os
-import tempfile
+"""The LM head's bias ([V_local], vocab-sliced like the weight): added in the chunk GEMM, db summed
+in fp32: against an fp64 reference on CPU (the torch backend, and Triton in its interpreter),
+then on a GPU at real sizes (the `gpu` marker: pytest -m gpu)."""
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from fused_loss import fused_linear_cross_entropy
 
 from benchmarks.reference import reference_loss, rel_err
-from test_fused_loss import BACKENDS, OPTION_SETS, TOL, _assert_close, _inputs
-from test_fused_loss_gpu import _inputs as _gpu_inputs, on_gpu
+from test_fused_loss import (BACKENDS, OPTION_SETS, TOL, _assert_close, _inputs, option_case,
+                             over_option_cases)
+from test_fused_loss_gpu import _inputs as _gpu_inputs, on_gpu, on_two_ranks
 
 
 # ---- bias ([V_local], vocab-sliced like the weight) ----
@@ -33,14 +31,10 @@ def _assert_close_bias(got, want, tol=TOL):
     assert err <= limit, f"d_bias: error {err:.2e} > {limit:.2e}"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
-@pytest.mark.parametrize("options", OPTION_SETS, ids=lambda o: ",".join(o) or "plain")
+@over_option_cases(OPTION_SETS)
 def test_bias_matches_fp64_reference(backend, reduction, options):
-    v = 4099 if backend == "torch" else 517
-    hidden, weight, labels = _inputs(23, 7, v, ignore_index=options.get("ignore_index", -100))
-    bias = torch.randn(v) * 2
-    upstream = torch.rand(23) if reduction == "none" else None
+    hidden, weight, labels, upstream = option_case(backend, reduction, options)
+    bias = torch.randn(weight.shape[0]) * 2
     got = _run_bias(hidden, weight, bias, labels, upstream, reduction=reduction,
                     backend=backend, chunk_size=5, **options)
     want = reference_loss(hidden, weight, labels, reduction=reduction, upstream=upstream,
@@ -232,24 +226,18 @@ def test_bias_no_host_sync_and_compiled():
         torch.testing.assert_close(a, e)
 
 
-def _vp_bias_worker(rank, init_file, case_file, out_file):
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        hidden, weight, bias, labels = (t.cuda() for t in torch.load(case_file))
-        v = weight.shape[0]
-        split = (v + 1) // 2
-        sl = slice(0, split) if rank == 0 else slice(split, v)
-        h = hidden.clone().requires_grad_()
-        w, b = weight[sl].clone().requires_grad_(), bias[sl].clone().requires_grad_()
-        loss = fused_linear_cross_entropy(h, w, labels, bias=b, vocab_start=sl.start,
-                                          vocab_size=v, process_group=dist.group.WORLD)
-        loss.backward()
-        dh = h.grad.float()
-        dist.all_reduce(dh)
-        torch.save((loss.cpu(), dh.cpu(), w.grad.cpu(), b.grad.cpu()), f"{out_file}.{rank}")
-    finally:
-        dist.destroy_process_group()
+def _vp_bias_worker(rank, hidden, weight, bias, labels):
+    v = weight.shape[0]
+    split = (v + 1) // 2
+    sl = slice(0, split) if rank == 0 else slice(split, v)
+    h = hidden.clone().requires_grad_()
+    w, b = weight[sl].clone().requires_grad_(), bias[sl].clone().requires_grad_()
+    loss = fused_linear_cross_entropy(h, w, labels, bias=b, vocab_start=sl.start, vocab_size=v,
+                                      process_group=dist.group.WORLD)
+    loss.backward()
+    dh = h.grad.float()
+    dist.all_reduce(dh)
+    return loss, dh, w.grad, b.grad
 
 
 @on_gpu
@@ -259,12 +247,7 @@ def test_vocab_parallel_bias_over_nccl():
     hidden, weight, labels = _gpu_inputs(2048, 1024, 64001, torch.float32, seed=25)
     bias = torch.randn(64001, device="cuda")
     single = _bias_run(hidden, weight, bias, labels)
-    with tempfile.TemporaryDirectory() as tmp:
-        case = os.path.join(tmp, "case.pt")
-        torch.save((hidden.cpu(), weight.cpu(), bias.cpu(), labels.cpu()), case)
-        mp.spawn(_vp_bias_worker, args=(os.path.join(tmp, "init"), case,
-                                        os.path.join(tmp, "out")), nprocs=2)
-        ranks = [torch.load(os.path.join(tmp, f"out.{r}")) for r in range(2)]
+    ranks = on_two_ranks(_vp_bias_worker, hidden, weight, bias, labels)
     split = (64001 + 1) // 2
     for rank, (loss, dh, dw, db) in enumerate(ranks):
         sl = slice(0, split) if rank == 0 else slice(split, 64001)

@@ -1,5 +1,6 @@
-"""Per-class weights (class_weight, F.cross_entropy's `weight`): against an fp64 reference on CPU (the torch backend, and Triton in its
-interpreter), then on a GPU at real sizes (the `gpu` marker: pytest -m gpu)."""
+"""Per-class weights (class_weight, F.cross_entropy's `weight`): against an fp64 reference on CPU
+(the torch backend, and Triton in its interpreter), then on a GPU at real sizes (the `gpu`
+marker: pytest -m gpu)."""
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ from fused_loss import fused_linear_cross_entropy
 from benchmarks.reference import reference_loss, rel_err
 from fused_ce_reference import assert_predicted
 from test_bias import _assert_close_bias
-from test_fused_loss import BACKENDS, TOL, _assert_close, _inputs, _run
+from test_fused_loss import (BACKENDS, TOL, _assert_close, _inputs, _run, option_case,
+                             over_option_cases)
 from test_fused_loss_gpu import _inputs as _gpu_inputs, on_gpu
 
 
@@ -19,14 +21,10 @@ from test_fused_loss_gpu import _inputs as _gpu_inputs, on_gpu
 CLASS_WEIGHT_OPTIONS = [{}, {"z_loss": 1e-3}, {"logit_softcap": 4.0, "ignore_index": 7}]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
-@pytest.mark.parametrize("options", CLASS_WEIGHT_OPTIONS, ids=lambda o: ",".join(o) or "plain")
+@over_option_cases(CLASS_WEIGHT_OPTIONS)
 def test_class_weight_matches_fp64_reference(backend, reduction, options):
-    v = 4099 if backend == "torch" else 517
-    hidden, weight, labels = _inputs(23, 7, v, ignore_index=options.get("ignore_index", -100))
-    class_weight = torch.rand(v) * 3
-    upstream = torch.rand(23) if reduction == "none" else None
+    hidden, weight, labels, upstream = option_case(backend, reduction, options)
+    class_weight = torch.rand(weight.shape[0]) * 3
     got = _run(hidden, weight, labels, upstream, reduction=reduction, backend=backend,
                chunk_size=5, class_weight=class_weight, **options)
     want = reference_loss(hidden, weight, labels, reduction=reduction, upstream=upstream,

@@ -57,14 +57,28 @@ OPTION_SETS = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
-@pytest.mark.parametrize("options", OPTION_SETS, ids=lambda o: ",".join(o) or "plain")
-def test_matches_fp64_reference(backend, reduction, options):
-    # V=4099 is no multiple of any block (and spans two 4096-wide blocks); D odd; chunk 5 rows
+def option_case(backend, reduction, options):
+    """The options' small case: 23 rows, D = 7, V no multiple of any block (4099 spans two
+    4096-wide blocks on the torch backend; 517 in the interpreter), the options' ignore_index,
+    and an upstream gradient per token under "none": (hidden, weight, labels, upstream)."""
     hidden, weight, labels = _inputs(23, 7, 4099 if backend == "torch" else 517,
                                      ignore_index=options.get("ignore_index", -100))
-    upstream = torch.rand(23) if reduction == "none" else None
+    return hidden, weight, labels, torch.rand(23) if reduction == "none" else None
+
+
+def over_option_cases(option_sets):
+    """An option test's parameters: each backend, each reduction, each of `option_sets`."""
+    def mark(test):
+        test = pytest.mark.parametrize("options", option_sets,
+                                       ids=lambda o: ",".join(o) or "plain")(test)
+        test = pytest.mark.parametrize("reduction", ["sum", "mean", "none"])(test)
+        return pytest.mark.parametrize("backend", BACKENDS)(test)
+    return mark
+
+
+@over_option_cases(OPTION_SETS)
+def test_matches_fp64_reference(backend, reduction, options):
+    hidden, weight, labels, upstream = option_case(backend, reduction, options)  # chunks of 5 rows
     got = _run(hidden, weight, labels, upstream, reduction=reduction, backend=backend,
                chunk_size=5, **options)
     want = reference_loss(hidden, weight, labels, reduction=reduction, upstream=upstream,

@@ -307,24 +307,41 @@ def test_compiled_with_inductor():
         torch.testing.assert_close(a, b)
 
 
-def _vp_worker(rank, init_file, case_file, out_file):
+def _nccl_rank(rank, worker, init_file, case_file, out_file):
+    """One of two NCCL ranks: worker(rank, *the case's tensors on this rank's GPU), its outputs
+    saved for the test."""
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        hidden, weight, labels = (t.cuda() for t in torch.load(case_file))
-        v = weight.shape[0]
-        split = (v + 1) // 2  # uneven when V is odd
-        start = 0 if rank == 0 else split
-        local = weight[start:split] if rank == 0 else weight[split:]
-        h, w = hidden.clone().requires_grad_(), local.clone().requires_grad_()
-        loss = fused_linear_cross_entropy(h, w, labels, vocab_start=start, vocab_size=v,
-                                          process_group=dist.group.WORLD, backend="triton")
-        loss.backward()
-        dh = h.grad.float()
-        dist.all_reduce(dh)
-        torch.save((loss.cpu(), dh.cpu(), w.grad.cpu()), f"{out_file}.{rank}")
+        case = [t.cuda() for t in torch.load(case_file)]
+        torch.save(tuple(t.cpu() for t in worker(rank, *case)), f"{out_file}.{rank}")
     finally:
         dist.destroy_process_group()
+
+
+def on_two_ranks(worker, *case):
+    """Run `worker` (a module-level function: the spawned ranks import it) on 2 spawned NCCL
+    ranks; each rank's outputs, on the CPU."""
+    with tempfile.TemporaryDirectory() as tmp:
+        case_file = os.path.join(tmp, "case.pt")
+        torch.save(tuple(t.cpu() for t in case), case_file)
+        mp.spawn(_nccl_rank, args=(worker, os.path.join(tmp, "init"), case_file,
+                                   os.path.join(tmp, "out")), nprocs=2)
+        return [torch.load(os.path.join(tmp, f"out.{r}")) for r in range(2)]
+
+
+def _vp_worker(rank, hidden, weight, labels):
+    v = weight.shape[0]
+    split = (v + 1) // 2  # uneven when V is odd
+    start = 0 if rank == 0 else split
+    local = weight[start:split] if rank == 0 else weight[split:]
+    h, w = hidden.clone().requires_grad_(), local.clone().requires_grad_()
+    loss = fused_linear_cross_entropy(h, w, labels, vocab_start=start, vocab_size=v,
+                                      process_group=dist.group.WORLD, backend="triton")
+    loss.backward()
+    dh = h.grad.float()
+    dist.all_reduce(dh)
+    return loss, dh, w.grad
 
 
 @pytest.mark.multigpu
@@ -332,12 +349,7 @@ def _vp_worker(rank, init_file, case_file, out_file):
 def test_vocab_parallel_over_nccl():
     hidden, weight, labels = _inputs(4096, 2048, 128257, torch.bfloat16, seed=6)
     single = _fused(hidden, weight, labels, backend="triton")
-    with tempfile.TemporaryDirectory() as tmp:
-        case = os.path.join(tmp, "case.pt")
-        torch.save((hidden.cpu(), weight.cpu(), labels.cpu()), case)
-        mp.spawn(_vp_worker, args=(os.path.join(tmp, "init"), case, os.path.join(tmp, "out")),
-                 nprocs=2)
-        ranks = [torch.load(os.path.join(tmp, f"out.{r}")) for r in range(2)]
+    ranks = on_two_ranks(_vp_worker, hidden, weight, labels)
     split = (weight.shape[0] + 1) // 2
     for rank, (loss, dh, dw) in enumerate(ranks):
         assert rel_err(loss, single[0].cpu()) < 1e-6

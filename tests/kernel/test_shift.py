@@ -1,5 +1,6 @@
-"""The causal shift (labels of t + 1 scored at t, hidden states not copied): against an fp64 reference on CPU (the torch backend, and Triton in its
-interpreter), then on a GPU at real sizes (the `gpu` marker: pytest -m gpu)."""
+"""The causal shift (labels of t + 1 scored at t, hidden states not copied): against an fp64
+reference on CPU (the torch backend, and Triton in its interpreter), then on a GPU at real sizes
+(the `gpu` marker: pytest -m gpu)."""
 
 import pytest
 import torch

@@ -1,20 +1,17 @@
-"""Per-token outputs (token_stats): the softmax entropy, the predicted token and whether it is right: against an fp64 reference on CPU (the torch backend, and Triton in its
-interpreter), then on a GPU at real sizes (the `gpu` marker: pytest -m gpu)."""
-
-import os
-import tempfile
+"""Per-token outputs (token_stats): the softmax entropy, the predicted token and whether it is
+right: against an fp64 reference on CPU (the torch backend, and Triton in its interpreter), then
+on a GPU at real sizes (the `gpu` marker: pytest -m gpu)."""
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from fused_loss import fused_linear_cross_entropy
 
 from benchmarks.reference import rel_err
 from fused_ce_reference import assert_predicted, reference_token_stats
 from test_fused_loss import BACKENDS, OPTION_SETS, _inputs
-from test_fused_loss_gpu import _inputs as _gpu_inputs, on_gpu
+from test_fused_loss_gpu import _inputs as _gpu_inputs, on_gpu, on_two_ranks
 
 
 # ---- per-token outputs (token_stats): entropy, predicted token, correct ----
@@ -276,25 +273,17 @@ def test_token_stats_compiled_with_inductor():
     assert torch.equal(comp[2], eager[2]) and torch.equal(comp[3], eager[3])
 
 
-def _vp_token_worker(rank, init_file, case_file, out_file):
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        hidden, weight, labels = (t.cuda() for t in torch.load(case_file))
-        v = weight.shape[0]
-        split = (v + 1) // 2
-        # rank 0 holds the upper half: the first of tied maxima is then rank 1's
-        start = split if rank == 0 else 0
-        local = weight[split:] if rank == 0 else weight[:split]
-        loss, aux = fused_linear_cross_entropy(hidden, local, labels, vocab_start=start,
-                                               vocab_size=v, process_group=dist.group.WORLD,
-                                               backend="triton", logit_softcap=1.0,
-                                               return_aux=True, token_stats=True,
-                                               reduction="none")
-        torch.save((loss.cpu(), aux.entropy.cpu(), aux.predicted.cpu(), aux.correct.cpu()),
-                   f"{out_file}.{rank}")
-    finally:
-        dist.destroy_process_group()
+def _vp_token_worker(rank, hidden, weight, labels):
+    v = weight.shape[0]
+    split = (v + 1) // 2
+    # rank 0 holds the upper half: the first of tied maxima is then rank 1's
+    start = split if rank == 0 else 0
+    local = weight[split:] if rank == 0 else weight[:split]
+    loss, aux = fused_linear_cross_entropy(hidden, local, labels, vocab_start=start,
+                                           vocab_size=v, process_group=dist.group.WORLD,
+                                           backend="triton", logit_softcap=1.0,
+                                           return_aux=True, token_stats=True, reduction="none")
+    return loss, aux.entropy, aux.predicted, aux.correct
 
 
 @on_gpu
@@ -306,12 +295,7 @@ def test_vocab_parallel_token_stats_over_nccl():
     loss, single = fused_linear_cross_entropy(hidden, weight, labels, logit_softcap=1.0,
                                               return_aux=True, token_stats=True,
                                               reduction="none")
-    with tempfile.TemporaryDirectory() as tmp:
-        case = os.path.join(tmp, "case.pt")
-        torch.save((hidden.cpu(), weight.cpu(), labels.cpu()), case)
-        mp.spawn(_vp_token_worker, args=(os.path.join(tmp, "init"), case,
-                                         os.path.join(tmp, "out")), nprocs=2)
-        ranks = [torch.load(os.path.join(tmp, f"out.{r}")) for r in range(2)]
+    ranks = on_two_ranks(_vp_token_worker, hidden, weight, labels)
     for r_loss, entropy, predicted, correct in ranks:
         assert rel_err(r_loss, loss.cpu()) < 1e-5
         torch.testing.assert_close(entropy, single.entropy.cpu(), rtol=1e-5, atol=1e-5)
