@@ -3,7 +3,8 @@
 For each chunk of C tokens (C and the dW carry from the chunk plan, plan.py):
   1. the chunk's logits z = h_c @ W^T (+ b) by the path's GEMM, into ONE reused [C, V_local]
                                     buffer in the inputs' dtype ("epilogue": E and the tiles'
-                                    partial statistics from the fp32 accumulator; "fp32": the
+                                    partial statistics from the fp32 accumulator, these in
+                                    gradient storage not yet written: _unwritten; "fp32": the
                                     fp32 product beside it; "vendor": the logits themselves)
   2. row statistics                 (max, sum-exp, target logit, logit sum), fp32; with
                                     token_stats also the entropy's numerator and the argmax
@@ -189,6 +190,19 @@ def _add_weight_grad(dw, acc, z, h_c, first: bool) -> None:
         acc.addmm_(z.t().float(), h_c.float(), beta=0 if first else 1)
 
 
+def _unwritten(dh: torch.Tensor, dw: torch.Tensor, first: int,
+               want_grad: bool) -> torch.Tensor | None:
+    """Bytes of the gradients that nothing reads or writes until after the row passes of the
+    chunk starting at row `first` (None without gradients): all of dW (or its fp32 carry)
+    before the first chunk's weight GEMM, which overwrites it (mm, addmm with beta 0: the old
+    contents are never read); dh's rows from the chunk on after that. A chunk path may keep
+    its side buffers there (epilogue_triton.side_buffers): at one chunk they then add no
+    memory above the logits buffer."""
+    if not want_grad:
+        return None
+    return (dw if first == 0 else dh[first:]).reshape(-1).view(torch.uint8)
+
+
 def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: LossOptions, *,
         backend: str, chunk: int, group_name: str, want_grad: bool,
         carry_fp32: bool = False, token_stats: bool = False,
@@ -218,8 +232,9 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
     dh is fp32 and the backward's scale pass rounds it (see _input_grad). mean: the gradient
     rows also carry 1 / mean_denominator (as eager's backward of a mean), and denom (0-d fp32)
     is returned for the caller's division of the loss sum; else denom is empty.
-    The first chunk's GEMM is launched before everything else (the outputs, the denominator,
-    the scale): their host time (~0.3-0.5 ms on an H200's host, where a small kernel's launch
+    The first chunk's GEMM is launched before everything else but the gradients' allocation
+    (its side buffers may live in them: _unwritten): the outputs, the denominator, the
+    scale, whose host time (~0.3-0.5 ms on an H200's host, where a small kernel's launch
     takes ~50 us) then runs behind that GEMM instead of in front of it, where a call that
     starts from an idle device would wait for it.
     fp32_statistics: the statistics and gradient rows from the fp32 product of 16-bit inputs
@@ -236,18 +251,8 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
     recompute = lse_in is not None
     buf = torch.empty(min(chunk, n_tokens), weight.shape[0], dtype=hidden.dtype,
                       device=hidden.device)
-    if n_tokens:  # the first chunk's GEMM before anything else (see the docstring)
-        logits = chunk_logits(hidden[:chunk], weight, bias, labels[:chunk], buf[:chunk], opts,
-                              token_stats)
-    if not recompute:
-        loss = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
-        lse = torch.empty_like(loss)
-        entropy = torch.empty(n_tokens if token_stats else 0, dtype=torch.float32,
-                              device=hidden.device)
-        predicted = torch.empty(n_tokens if token_stats else 0, dtype=torch.int64,
-                                device=hidden.device)
     acc = None
-    if want_grad:
+    if want_grad:  # the gradients first: the chunks' side buffers may live in them
         dense = torch.contiguous_format  # the backward's scale pass walks them flat
         # the recompute's dh is final (the per-row upstream gradients are in z already)
         dh = torch.empty_like(hidden, memory_format=dense, dtype=hidden.dtype if recompute
@@ -260,6 +265,16 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
             dw = torch.empty_like(weight, memory_format=dense)
     else:
         dh, dw = hidden.new_empty(0), weight.new_empty(0)
+    if n_tokens:  # the first chunk's GEMM before the rest (see the docstring)
+        logits = chunk_logits(hidden[:chunk], weight, bias, labels[:chunk], buf[:chunk], opts,
+                              token_stats, _unwritten(dh, dw, 0, want_grad))
+    if not recompute:
+        loss = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(loss)
+        entropy = torch.empty(n_tokens if token_stats else 0, dtype=torch.float32,
+                              device=hidden.device)
+        predicted = torch.empty(n_tokens if token_stats else 0, dtype=torch.int64,
+                                device=hidden.device)
     db = torch.zeros(weight.shape[0] if (want_grad and bias is not None) else 0,
                      dtype=torch.float32, device=weight.device)
     denom = mean_denominator(labels, row_weight, opts.ignore_index) if mean else None
@@ -271,7 +286,8 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: 
         h_c, y_c = hidden[first:last], labels[first:last]
         z = buf[: last - first]
         if first:  # the first chunk's was launched above
-            logits = chunk_logits(h_c, weight, bias, y_c, z, opts, token_stats)
+            logits = chunk_logits(h_c, weight, bias, y_c, z, opts, token_stats,
+                                  _unwritten(dh, dw, first, want_grad))
         if recompute:
             rows.row_grad_(logits, lse_in[first:last], y_c, grad_rows[first:last], opts)
         elif (want_grad and group is None and row_weight is None

@@ -36,7 +36,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .epilogue_triton import Chunk, n_partials, store_tile, tile_epilogue
+from .epilogue_triton import Chunk, n_partials, side_buffers, store_tile, tile_epilogue
 from .options import LossOptions
 
 # constexpr: the kernels read them (host code takes .value)
@@ -175,14 +175,14 @@ def runs_here(device: torch.device) -> bool:
 
 def logits(h_c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            labels: torch.Tensor, out: torch.Tensor, opts: LossOptions,
-           token_stats: bool = False) -> Chunk:
-    """epilogue_triton.logits' contract: E into `out`, the partials and target logits beside."""
+           token_stats: bool = False, scratch: torch.Tensor | None = None) -> Chunk:
+    """epilogue_triton.logits' contract: E into `out`, the partials and target logits beside
+    (in `scratch` where they fit)."""
     m, k = h_c.shape
     v = weight.shape[0]
     p = n_partials(opts, token_stats)
     n_tiles = triton.cdiv(v, BN.value)
-    partials = torch.empty(m, n_tiles, p, dtype=torch.float32, device=h_c.device)
-    target = torch.empty(m, dtype=torch.float32, device=h_c.device)
+    partials, target = side_buffers(m, n_tiles, p, h_c.device, scratch)
     dtype = _GL_DTYPE[h_c.dtype]
     h_desc = TensorDescriptor.from_tensor(
         h_c, [BM.value, BK.value], gl.NVMMASharedLayout.get_default_for([BM.value, BK.value], dtype))

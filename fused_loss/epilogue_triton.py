@@ -74,6 +74,20 @@ def n_partials(opts: LossOptions, token_stats: bool) -> int:
     return 3 if opts.label_smoothing else 2
 
 
+def side_buffers(m: int, n_tiles: int, p: int, device: torch.device,
+                 scratch: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunk's partials [m, n_tiles, p] and target logits [m], fp32: carved from `scratch`
+    (bytes of an output not yet written: chunked.run) where they fit, else new. 4 B per
+    partial, 8-20 B per tile row: 1/32 to 1/13 of E's bytes, the memory above the logits
+    they would otherwise add."""
+    n_part = m * n_tiles * p
+    if scratch is not None and scratch.numel() >= 4 * (n_part + m):
+        flat = scratch[: 4 * (n_part + m)].view(torch.float32)
+        return flat[:n_part].view(m, n_tiles, p), flat[n_part:]
+    return (torch.empty(m, n_tiles, p, dtype=torch.float32, device=device),
+            torch.empty(m, dtype=torch.float32, device=device))
+
+
 @triton.jit
 def _logits_kernel(h_desc, w_desc, bias_ptr, labels_ptr, e_ptr, stride_e, part_ptr, target_ptr,
                    M, V, K, vocab_start, cap,
@@ -287,16 +301,16 @@ def _stats_and_grad_kernel(e_ptr, out_ptr, stride, part_ptr, target_ptr, labels_
 
 def logits(h_c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            labels: torch.Tensor, out: torch.Tensor, opts: LossOptions,
-           token_stats: bool = False) -> Chunk:
+           token_stats: bool = False, scratch: torch.Tensor | None = None) -> Chunk:
     """The chunk's GEMM: E into `out` ([C, V_local], the inputs' 16-bit dtype), and the
-    partials and target logits beside it (see the module docstring)."""
+    partials and target logits beside it (see the module docstring), in `scratch` where they
+    fit (`side_buffers`)."""
     cfg = GEMM_CONFIG
     m, k = h_c.shape
     v = weight.shape[0]
     p = n_partials(opts, token_stats)
     n_tiles = triton.cdiv(v, cfg["BN"])
-    partials = torch.empty(m, n_tiles, p, dtype=torch.float32, device=h_c.device)
-    target = torch.empty(m, dtype=torch.float32, device=h_c.device)
+    partials, target = side_buffers(m, n_tiles, p, h_c.device, scratch)
     h_desc = TensorDescriptor.from_tensor(h_c, [cfg["BM"], cfg["BK"]])
     w_desc = TensorDescriptor.from_tensor(weight, [cfg["BN"], cfg["BK"]])
     grid = (triton.cdiv(m, cfg["BM"]) * n_tiles,)

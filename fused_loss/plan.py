@@ -35,6 +35,9 @@ inputs' element size, k = the number of chunks):
     backward: (carry ? V*D*4 : 0)                the carry beside the dW it is rounded into
                                                  (measured: 4.00 GiB at 8192 x 4096 x 262144,
                                                  where the forward moment is 3.06)
+  Not counted: the "epilogue" path's side buffers (its partials, 1/32 to 1/13 of the
+  buffer's bytes), which live in gradient storage not yet written (chunked._unwritten): all
+  of them at one chunk, and at the others where dh's remaining rows hold them.
 
 The constants are an H200's (bf16 dense GEMM ~680 TFLOP/s sustained, HBM ~4.0 TB/s effective)
 and serve the prediction (`ChunkPlan.predicted_ms`, printed beside measurements); the choice

@@ -37,16 +37,19 @@ def vendor_logits(h_c, weight, bias, out) -> None:
 
 def vendor_chunk(h_c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  labels: torch.Tensor, out: torch.Tensor, opts: LossOptions,
-                 token_stats: bool = False) -> Logits:
-    """The chunk's logits by the vendor GEMM into `out`, in its dtype (the "vendor" path)."""
+                 token_stats: bool = False, scratch: torch.Tensor | None = None) -> Logits:
+    """The chunk's logits by the vendor GEMM into `out`, in its dtype (the "vendor" path;
+    no side buffers, so no use for `scratch`)."""
     vendor_logits(h_c, weight, bias, out)
     return Logits(out, out)
 
 
 def logits(h_c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            labels: torch.Tensor, out: torch.Tensor, opts: LossOptions,
-           token_stats: bool = False) -> Logits:
-    """The chunk's logits in fp32 (the bias added in fp32); `out` receives the gradient."""
+           token_stats: bool = False, scratch: torch.Tensor | None = None) -> Logits:
+    """The chunk's logits in fp32 (the bias added in fp32); `out` receives the gradient. The
+    fp32 product is a new [C, V_local] tensor (this path is the CPU oracle: `scratch`, far
+    smaller, is not used)."""
     if out.dtype == torch.float32:
         vendor_logits(h_c, weight, bias, out)
         return Logits(out, out)

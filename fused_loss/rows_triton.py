@@ -227,8 +227,9 @@ def _stats_consts(opts: LossOptions, token_stats: bool) -> dict:
 
 def vendor_chunk(h_c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  labels: torch.Tensor, out: torch.Tensor, opts: LossOptions,
-                 token_stats: bool = False) -> torch.Tensor:
-    """The chunk's logits by the vendor GEMM, into `out` (the chunk the row passes take)."""
+                 token_stats: bool = False, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """The chunk's logits by the vendor GEMM, into `out` (the chunk the row passes take; no
+    side buffers, so no use for `scratch`)."""
     vendor_logits(h_c, weight, bias, out)
     return out
 

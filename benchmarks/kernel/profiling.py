@@ -38,6 +38,8 @@ DEFAULT_POINTS = "2048x4096x128256,8192x4096x32000,8192x2304x256000"
 CLASSES = (
     ("scale pass", ("_scale_kernel",)),
     ("CE rows (ours)", ("_stats", "_grad_kernel")),
+    # the "epilogue" path's logits GEMM (epilogue_triton, epilogue_gluon)
+    ("logits GEMM + statistics (ours)", ("_logits_kernel",)),
     ("GEMM", ("gemm", "cutlass", "nvjet", "sm90_", "cublas", "aten::mm", "aten::addmm")),
     ("CE (compile's Triton)", ("triton_",)),
     ("copy / fill", ("copy", "fill", "memset", "memcpy")),
@@ -52,6 +54,7 @@ def kernel_class(name: str) -> str:
     return "other"
 
 
+GEMM_CLASSES = ("GEMM", "logits GEMM + statistics (ours)")
 STEP_MARK = "kernel_profile_step"
 CPU_GEMMS = ("aten::mm", "aten::addmm")
 
@@ -67,7 +70,7 @@ def trace_idle(prof, cuda: bool) -> tuple[float, float | None]:
     steps = [e for e in events if e.get("cat") == "user_annotation" and e["name"] == STEP_MARK]
     if cuda:
         work = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
-        is_gemm = [kernel_class(e["name"]) == "GEMM" for e in work]
+        is_gemm = [kernel_class(e["name"]) in GEMM_CLASSES for e in work]
     else:
         work = [e for e in events if e.get("cat") == "cpu_op" and e["name"] in CPU_GEMMS]
         is_gemm = [True] * len(work)

@@ -257,6 +257,55 @@ def test_epilogue_with_bias_and_class_weights():
         assert rel_err(got, ref) <= 2e-3
 
 
+def test_side_buffers_in_scratch_where_they_fit():
+    from fused_loss.epilogue_triton import side_buffers
+    need = 4 * (5 * 3 * 2 + 5)  # 5 rows, 3 tiles, 2 partials, and the 5 target logits
+    for size, inside in ((need, True), (need + 64, True), (need - 4, False)):
+        scratch = torch.empty(size, dtype=torch.uint8)
+        partials, target = side_buffers(5, 3, 2, scratch.device, scratch)
+        assert partials.shape == (5, 3, 2) and target.shape == (5,)
+        start = scratch.data_ptr()
+        within = [start <= t.data_ptr() < start + size for t in (partials, target)]
+        assert within == [inside, inside]
+    partials, target = side_buffers(5, 3, 2, scratch.device, None)
+    assert partials.shape == (5, 3, 2) and target.shape == (5,)
+
+
+@pytest.mark.parametrize("dh_dtype", ["fp32", "16-bit"])
+def test_epilogue_side_buffers_live_in_unwritten_gradients(monkeypatch, dh_dtype):
+    # each chunk's partials and target logits in gradient storage no kernel touches until its
+    # row passes are done: dW's for the first chunk, dh's rows from the chunk on for the others
+    # (so one chunk holds nothing beside its logits buffer); results as the reference's
+    from fused_loss import chunked, epilogue_triton
+    seen = []
+
+    def spy(*args, **kw):
+        chunk = real(*args, **kw)
+        seen.append((chunk.partials.data_ptr(), chunk.target.data_ptr()))
+        return chunk
+
+    real = epilogue_triton.logits
+    monkeypatch.setattr(epilogue_triton, "logits", spy)
+    hidden, weight, labels = random_inputs(40, 64, 300, torch.float16,
+                                           seed=int(torch.seed() % 2**31))
+    scale = torch.ones(()) if dh_dtype == "16-bit" else None  # an announced upstream gradient
+    loss, _, dh, dw = chunked.run(hidden, weight, labels, LossOptions(vocab_size=300),
+                                  backend="triton", chunk=16, group_name="", want_grad=True,
+                                  grad_scale=scale, fp32_statistics=True)[:4]
+    assert dh.dtype == (torch.float16 if scale is not None else torch.float32)
+
+    def inside(ptr, t):
+        return t.data_ptr() <= ptr < t.data_ptr() + t.numel() * t.element_size()
+
+    assert len(seen) == 3
+    assert all(inside(p, dw) for p in seen[0])
+    for (first, ptrs) in zip((16, 32), seen[1:]):
+        assert all(inside(p, dh[first:]) for p in ptrs)
+    want = reference_loss(hidden, weight, labels)
+    assert rel_err(loss.sum(), want[0]) <= 2e-6
+    assert rel_err(dh, want[1]) <= 2e-3 and rel_err(dw, want[2]) <= 2e-3
+
+
 # ------------------------------------------------------------------------------ GPU
 
 
@@ -270,6 +319,29 @@ def _gpu_errors(kind, shape, dtype, seed, **kw):
     print(f"\n{kind} {shape} {dtype}: ours loss {ours[0]:.2e} dh {ours[1]:.2e} dW {ours[2]:.2e};"
           f" eager {theirs[0]:.2e} {theirs[1]:.2e} {theirs[2]:.2e}")
     return ours, theirs
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_option_peak_is_the_defaults_at_one_chunk(reduction):
+    # one chunk: the partials and target logits live in dW's storage before its GEMM, so the
+    # option holds no byte more than the default path (without that: +16 MB here)
+    hidden, weight, labels = random_inputs(4096, 1024, 50008, torch.bfloat16, seed=11,
+                                           device="cuda")
+    peaks = []
+    for option in (False, True):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        loss = fused_linear_cross_entropy(h, w, labels, backend="triton", reduction=reduction,
+                                          fp32_statistics=option)
+        loss.backward()
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() - base)
+        del h, w, loss
+    assert peaks[1] <= peaks[0], [p / 2**20 for p in peaks]
 
 
 @pytest.mark.parametrize("shape", [(16384, 2048, 151936), (8192, 4096, 128256)])
