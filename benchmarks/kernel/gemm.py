@@ -29,10 +29,12 @@ CONFIGS = [
 
 
 def timed(fn, warmup_s, reps):
+    # one call at a time: unsynchronized calls queue up (~1000 launches deep), and the warm-up
+    # would run that queue's length, not warmup_s (12 s at the 8B chunk)
     end = time.perf_counter() + warmup_s
     while time.perf_counter() < end:
         fn()
-    torch.cuda.synchronize()
+        torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
