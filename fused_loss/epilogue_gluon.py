@@ -12,9 +12,19 @@ and three partitions share it:
   consumer 0  4 warps (the default partition): the program's tiles 0, 2, 4, ...
   consumer 1  4 warps: tiles 1, 3, 5, ...
 
-A consumer runs its tile's main loop (async wgmma, one in flight), then its epilogue, while the
-other consumer's main loop takes the following slots of the ring: the tensor cores stay busy
-whenever one of the two is in its main loop (CUTLASS's "ping-pong" schedule).
+A consumer runs its tile's main loop, then its epilogue, while the other consumer's main loop
+takes the following slots of the ring: the tensor cores stay busy whenever one of the two is in
+its main loop (CUTLASS's "ping-pong" schedule).
+
+The accumulation is promoted: the tensor cores sum each K block's 64 products from zero into a
+partial, and fp32 adds (round to nearest) take it into the accumulator. The tensor cores' own
+long sums truncate (a bias that grows with K: the loss on random inputs was off by up to
+2.2e-6, the fp16 lse by 1.4e-4 at D = 4096, where eager's 16-bit rounding partly cancels it);
+promoted, the loss error is 5.6e-9..6.3e-8 on random inputs and 3.5e-8..1.7e-7 on LM-like ones
+(benchmarks/NOTES.md, attempt 28). The 128 x 128 accumulator leaves no registers for a second
+full-width partial, so the tile is held as four 64 x 64 quarters with two quarter partials: two
+MMAs in flight, each add under the next MMA. That costs time: the GEMM ~1.3x cuBLAS's mm, where
+the same loop without promotion ran at 1.06-1.11x (the op +7%: accuracy first).
 
 The epilogue is epilogue_triton's own (`tile_epilogue`, a Triton function called on this
 kernel's accumulator layout): the per-(row, tile) partials and the fp32 target logit in its
@@ -46,8 +56,9 @@ BM, BN, BK = gl.constexpr(128), gl.constexpr(128), gl.constexpr(64)  # BN: the p
 # the partials' stores (five slots and the E tiles leave ~30 KB: the GEMM ran 9-10% slower).
 STAGES = gl.constexpr(4)
 GROUP_M = gl.constexpr(16)
-# registers per thread: the consumers hold a 128 x 128 fp32 accumulator (128 registers) and
-# the epilogue's temporaries; the loader only addresses
+UNROLL = gl.constexpr(2)  # K blocks per drain of the promoted main loop
+# registers per thread: the consumers hold a 128 x 128 fp32 accumulator (128 registers), two
+# 64 x 64 partials (64) and the epilogue's temporaries; the loader only addresses
 _CONSUMER_REGS, _LOADER_REGS = gl.constexpr(232), gl.constexpr(40)
 _MAXNREG = 168
 
@@ -84,6 +95,82 @@ def _loader(p, ROLE: gl.constexpr):
 
 
 @gluon.jit
+def _join_cols(left, right, layout: gl.constexpr):
+    """[H, W] and [H, W] -> [H, 2W] (left's columns first) in `layout`: with the quarters in
+    the N = W wgmma layout and `layout` the N = 2W one, a renaming of registers."""
+    x = gl.permute(gl.join(left, right), (0, 2, 1))
+    return gl.convert_layout(gl.reshape(x, (left.shape[0], 2 * left.shape[1])), layout)
+
+
+@gluon.jit
+def _promoted_blocks(a_bufs, b_bufs, ready, empty, step, top_l, top_r, bot_l, bot_r, p1, p2,
+                     U: gl.constexpr):
+    """U K blocks from the ring's slots step, step + 1, ...: each block's product of each
+    quarter of the tile (64 x 64) summed by the tensor cores from zero (use_acc=False) into p1
+    or p2, then added to the quarter's accumulator by fp32 adds, which round to nearest. Two
+    quarters' MMAs in flight, so an add runs under the next MMA. Straight-line code (U is
+    unrolled): ptxas serializes every wgmma (C7514) where a partial is read that was in flight
+    at the loop's back edge, so the last MMA is waited for at the end, and the tensor cores
+    idle there once per U blocks."""
+    H: gl.constexpr = BM // 2
+    W: gl.constexpr = BN // 2
+    for u in gl.static_range(U):
+        s = (step + u) % STAGES
+        mbarrier.wait(ready.index(s), ((step + u) // STAGES) & 1)
+        a = a_bufs.index(s)
+        b = b_bufs.index(s)
+        a_top = a.slice(0, H)
+        a_bot = a.slice(H, H)
+        b_l = b.slice(0, W).permute((1, 0))
+        b_r = b.slice(W, W).permute((1, 0))
+        p1 = warpgroup_mma(a_top, b_l, p1, use_acc=False, is_async=True)
+        if u > 0:  # the block before: its last MMA has completed, and with it its slot
+            p1, p2 = warpgroup_mma_wait(1, deps=(p1, p2))
+            bot_r += p2
+            mbarrier.arrive(empty.index((step + u - 1) % STAGES))
+        p2 = warpgroup_mma(a_top, b_r, p2, use_acc=False, is_async=True)
+        p1, p2 = warpgroup_mma_wait(1, deps=(p1, p2))
+        top_l += p1
+        p1 = warpgroup_mma(a_bot, b_l, p1, use_acc=False, is_async=True)
+        p1, p2 = warpgroup_mma_wait(1, deps=(p1, p2))
+        top_r += p2
+        p2 = warpgroup_mma(a_bot, b_r, p2, use_acc=False, is_async=True)
+        p1, p2 = warpgroup_mma_wait(1, deps=(p1, p2))
+        bot_l += p1
+    p2 = warpgroup_mma_wait(0, deps=(p2,))
+    bot_r += p2
+    mbarrier.arrive(empty.index((step + U - 1) % STAGES))
+    return top_l, top_r, bot_l, bot_r, p1, p2
+
+
+@gluon.jit
+def _promoted_main_loop(a_bufs, b_bufs, ready, empty, turn, step, n_k, ROLE: gl.constexpr,
+                        out_layout: gl.constexpr):
+    """The tile's product as two [64, BN] halves (out_layout), each K block's partial sums
+    added to the accumulator in fp32; the other consumer's turn once all its slots are in."""
+    H: gl.constexpr = BM // 2
+    W: gl.constexpr = BN // 2
+    q: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                instr_shape=[16, W, 16])
+    top_l = gl.zeros((H, W), gl.float32, q)
+    top_r = gl.zeros((H, W), gl.float32, q)
+    bot_l = gl.zeros((H, W), gl.float32, q)
+    bot_r = gl.zeros((H, W), gl.float32, q)
+    p1 = gl.zeros((H, W), gl.float32, q)
+    p2 = gl.zeros((H, W), gl.float32, q)
+    for _ in range(n_k // UNROLL):
+        top_l, top_r, bot_l, bot_r, p1, p2 = _promoted_blocks(
+            a_bufs, b_bufs, ready, empty, step, top_l, top_r, bot_l, bot_r, p1, p2, UNROLL)
+        step += UNROLL
+    for _ in range(n_k % UNROLL):
+        top_l, top_r, bot_l, bot_r, p1, p2 = _promoted_blocks(
+            a_bufs, b_bufs, ready, empty, step, top_l, top_r, bot_l, bot_r, p1, p2, 1)
+        step += 1
+    mbarrier.arrive(turn.index(1 - ROLE))  # all slots of this tile are in: the other's turn
+    return _join_cols(top_l, top_r, out_layout), _join_cols(bot_l, bot_r, out_layout)
+
+
+@gluon.jit
 def _consumer(p, ROLE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_CAP: gl.constexpr,
               NEED_SUM: gl.constexpr, TOKEN_STATS: gl.constexpr, P: gl.constexpr,
               TMA_STORE: gl.constexpr):
@@ -102,35 +189,30 @@ def _consumer(p, ROLE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_CAP: gl.constex
     for idx in range(ROLE, n_local, 2):
         m0, pid_n = _tile_origin(pid + idx * nprog, n_m, n_n, GROUP_M)
         step = idx * n_k  # the ring is filled in tile order: this tile's first slot
-        acc = gl.zeros((BM, BN), gl.float32, mma)
         # consumer 0's first turn is free (a fresh barrier passes a wait on parity 1)
         mbarrier.wait(turn.index(ROLE), ((idx // 2) & 1) ^ (1 - ROLE))
-        for kk in range(n_k):
-            s = step % STAGES
-            mbarrier.wait(ready.index(s), (step // STAGES) & 1)
-            acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc,
-                                use_acc=kk > 0, is_async=True)
-            acc = warpgroup_mma_wait(1, deps=(acc,))
-            # the MMA one step back has completed: its slot is free
-            mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES), pred=kk > 0)
-            step += 1
-        mbarrier.arrive(turn.index(1 - ROLE))  # all slots of this tile are in: the other's turn
-        acc = warpgroup_mma_wait(0, deps=(acc,))
-        mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES))
-
-        rows = m0 + gl.arange(0, BM, layout=row_l)
+        top, bot = _promoted_main_loop(a_bufs, b_bufs, ready, empty, turn, step, n_k, ROLE, mma)
+        # the epilogue by halves of 64 rows (its registers: one half's, beside the other's)
         offs_n = gl.arange(0, BN, layout=col_l)
-        e = tile_epilogue(acc, rows, offs_n, pid_n, n_n, bias_ptr, labels_ptr, part_ptr,
-                          target_ptr, M, V, vocab_start, cap, HAS_BIAS, HAS_CAP, NEED_SUM,
-                          TOKEN_STATS, P, BN)
         if TMA_STORE:  # E through shared memory: one bulk store, the edges clipped by TMA
             e_smem = e_bufs.index(ROLE)
             tma.store_wait(0)  # this consumer's previous tile has left the buffer
-            e_smem.store(e)
+        for half in gl.static_range(2):
+            rows = m0 + half * (BM // 2) + gl.arange(0, BM // 2, layout=row_l)
+            if half == 0:
+                acc = top
+            else:
+                acc = bot
+            e = tile_epilogue(acc, rows, offs_n, pid_n, n_n, bias_ptr, labels_ptr, part_ptr,
+                              target_ptr, M, V, vocab_start, cap, HAS_BIAS, HAS_CAP, NEED_SUM,
+                              TOKEN_STATS, P, BN)
+            if TMA_STORE:
+                e_smem.slice(half * (BM // 2), BM // 2).store(e)
+            else:
+                store_tile(e_ptr, stride_e, rows, offs_n, pid_n, e, M, V, BN)
+        if TMA_STORE:
             fence_async_shared()
             tma.async_copy_shared_to_global(e_desc, [m0, pid_n * BN], e_smem)
-        else:
-            store_tile(e_ptr, stride_e, rows, offs_n, pid_n, e, M, V, BN)
     if TMA_STORE:
         tma.store_wait(0)
 
