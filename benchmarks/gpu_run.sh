@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_run.sh kernel   # 1 GPU : pytest -m gpu, kernel/bench.py (4 shapes), --options, --sweep, --profile
 #                                       #         (SKIP_GEMM=0 first: kernel/gemm.py, the epilogue GEMM's configurations)
-#                                       #         (steps bounded to 120+170+70+180+90 s; expected ~50+120+35+105+40 s)
+#                                       #         (steps bounded to 240+170+70+180+90 s; expected ~200+120+35+105+40 s: set BUDGET_S)
 #   bash benchmarks/gpu_run.sh multi    # 2 GPUs: pytest -m multigpu, vocab-parallel bench (torchrun), e2e/bench.py
 #   bash benchmarks/gpu_run.sh e2e      # 2 GPUs: e2e/bench.py only, the three cases multi leaves out (multi + e2e = all six)
 #   bash benchmarks/gpu_run.sh maxseq   # 1 GPU : e2e/bench.py --max-seq (longest seq_len, baseline vs fused)
@@ -19,7 +19,8 @@
 # return codes and the benchmark tables are printed last; the per-run folders under $OUT are packed
 # into $OUT/run_logs.tgz at the end (few files come back from the device). Knobs (environment variables):
 #   BUDGET_S        whole-script budget in seconds (default 540 = 9 min); later steps get what is left
-#   PYTEST_TIMEOUT  per pytest step (default 150; kernel mode: PYTEST_TIMEOUT_KERNEL, default 120)      PYTEST_MULTI_MARK (multi: -m expression, default multigpu)      SKIP_PYTEST=1 / SKIP_BENCH=1 / SKIP_OPTIONS=1 / SKIP_SWEEP=1 / SKIP_PROFILE=1 / SKIP_E2E=1
+#   PYTEST_TIMEOUT  per pytest step (default 150; kernel mode: PYTEST_TIMEOUT_KERNEL, default 240: the whole -m gpu suite ran ~200 s)
+#   PYTEST_PATHS    kernel mode's test paths (default tests; e.g. tests/kernel/test_fp32_statistics.py)      PYTEST_MULTI_MARK (multi: -m expression, default multigpu)      SKIP_PYTEST=1 / SKIP_BENCH=1 / SKIP_OPTIONS=1 / SKIP_SWEEP=1 / SKIP_PROFILE=1 / SKIP_E2E=1
 #   BENCH_ARGS      extra args for kernel/bench.py default run (e.g. "--impls fused,compile,floor --reps 5", "--inputs random")
 #   OPTIONS_ARGS    extra args for kernel/bench.py --options (e.g. "--shapes 8192x2304x256000")
 #   SWEEP_ARGS      extra args for kernel/bench.py --sweep (e.g. "--sweep-impls fused,compile,liger")
@@ -164,7 +165,8 @@ kernel)
         run_step bench_gemm "${GEMM_TIMEOUT:-150}" python3 -m benchmarks.kernel.gemm ${GEMM_ARGS:-}
     fi
     if [ "${SKIP_PYTEST:-0}" != "1" ]; then
-        run_step pytest_gpu "${PYTEST_TIMEOUT_KERNEL:-120}" python3 -m pytest -m gpu tests -q --maxfail=5 \
+        # shellcheck disable=SC2086
+        run_step pytest_gpu "${PYTEST_TIMEOUT_KERNEL:-240}" python3 -m pytest -m gpu ${PYTEST_PATHS:-tests} -q --maxfail=5 \
             --junitxml="$OUT/pytest_gpu.xml" -p no:cacheprovider
     fi
     if [ "${SKIP_BENCH:-0}" != "1" ]; then
