@@ -20,7 +20,7 @@
 # into $OUT/run_logs.tgz at the end (few files come back from the device). Knobs (environment variables):
 #   BUDGET_S        whole-script budget in seconds (default 540 = 9 min); later steps get what is left
 #   PYTEST_TIMEOUT  per pytest step (default 150; kernel mode: PYTEST_TIMEOUT_KERNEL, default 240: the whole -m gpu suite ran ~200 s)
-#   PYTEST_PATHS    kernel mode's test paths (default tests; e.g. tests/kernel/test_fp32_statistics.py)      PYTEST_MULTI_MARK (multi: -m expression, default multigpu)      SKIP_PYTEST=1 / SKIP_BENCH=1 / SKIP_OPTIONS=1 / SKIP_SWEEP=1 / SKIP_PROFILE=1 / SKIP_E2E=1
+#   PYTEST_PATHS    kernel and families modes' test paths (default tests; e.g. tests/kernel/test_fp32_statistics.py)      PYTEST_MULTI_MARK (multi: -m expression, default multigpu)      SKIP_PYTEST=1 / SKIP_BENCH=1 / SKIP_OPTIONS=1 / SKIP_SWEEP=1 / SKIP_PROFILE=1 / SKIP_E2E=1
 #   BENCH_ARGS      extra args for kernel/bench.py default run (e.g. "--impls fused,compile,floor --reps 5", "--inputs random")
 #   OPTIONS_ARGS    extra args for kernel/bench.py --options (e.g. "--shapes 8192x2304x256000")
 #   SWEEP_ARGS      extra args for kernel/bench.py --sweep (e.g. "--sweep-impls fused,compile,liger")
@@ -31,6 +31,8 @@
 #                   multi4 default: fsdp2_tp2,fsdp2_cp2,tp2_cp2,hsdp = 8 runs: if 9 min is not enough for all,
 #                   split: E2E_CASES=fsdp2_tp2,fsdp2_cp2 then E2E_CASES=tp2_cp2,hsdp)
 #   E2E_STEPS       (default 20)
+#   E2E_FUSED_FLAG  families: the fused run's options (default --fused_ce.enable; e.g.
+#                   "--fused_ce.enable --fused_ce.fp32_statistics")
 #   E2E_TIMEOUT     per training run (default 300)     E2E_ARGS extra args for e2e/bench.py (e.g. "--noise-ref",
 #                   "--seqs 32768,65536,131072" for maxseq, "--pairs 3" for alternating baseline/fused
 #                   pairs). Per-run dump folders (tb, traces) go to /tmp/e2e_dumps on the device, not $OUT
@@ -238,13 +240,15 @@ maxseq)
 families)
     # each family's one-GPU real-vocabulary config, baseline vs fused (GPU tests first)
     if [ "${SKIP_PYTEST:-0}" != "1" ]; then
-        run_step pytest_gpu "$PYTEST_TIMEOUT" python3 -m pytest -m gpu tests -q --maxfail=5 \
+        # shellcheck disable=SC2086
+        run_step pytest_gpu "$PYTEST_TIMEOUT" python3 -m pytest -m gpu ${PYTEST_PATHS:-tests} -q --maxfail=5 \
             --junitxml="$OUT/pytest_gpu.xml" -p no:cacheprovider
     fi
     for cfg in ${FAMILY_CONFIGS:-llama3_1b qwen3_1.7b llama4_1bx8e deepseek_v3_1b gpt_oss_1b}; do
         # shellcheck disable=SC2086
         run_step "e2e_$cfg" "$(left)" python3 -m benchmarks.e2e.bench --cases single \
             --config "train_configs/$cfg.toml" --steps "${E2E_STEPS:-20}" \
+            --fused-flag "${E2E_FUSED_FLAG:---fused_ce.enable}" \
             --timeout "${E2E_TIMEOUT:-240}" --budget "$(( $(left) - 30 ))" \
             --out "$OUT/e2e_$cfg" --dump-root /tmp/e2e_dumps $APPEND ${E2E_ARGS:-}
     done
