@@ -110,10 +110,11 @@ def logits_path(backend: str, element_size: int, d: int, *, fp32_statistics: boo
       "vendor"    the vendor GEMM's logits in the inputs' dtype (16-bit inputs: rounded to 16
                   bits before the statistics, as eager's), the backend's row passes in place
 
-    Not the default yet (benchmarks/RESULTS.md, "statistics from the fp32 accumulator"): on an
-    H200 it runs at 0.96-1.02x torch.compile's time and the default's memory, and is far more
-    accurate on LM-like inputs, but on random inputs its loss error is above eager's at 3 of the
-    sweep's 14 points (by < 5e-7: the fp32 accumulation's own error).
+    Not the default (benchmarks/RESULTS.md, "statistics from the fp32 accumulator"): on an H200
+    (the Gluon GEMM, its accumulation promoted to round-to-nearest fp32 adds) its loss error is
+    below eager's at every sweep point, far below on LM-like inputs, at the default's memory,
+    but it runs at 1.04-1.10x torch.compile's time, 4-10% slower than the default path, which is
+    as accurate as eager. Off Hopper the Triton GEMM's tensor-core sums are not promoted.
     """
     if not fp32_statistics or element_size != 2:
         return "vendor"

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torchtitan.models.deepseek_v3 import deepseekv3_args
 from torchtitan.models.gpt_oss import gptoss_configs
-from torchtitan.models.llama3 import llama3_args, TransformerModelArgs as Llama3Args
+from torchtitan.models.llama3 import TransformerModelArgs as Llama3Args
 from torchtitan.models.llama4 import llama4_args
 from torchtitan.models.moe import MoEArgs
 from torchtitan.protocols.train_spec import get_train_spec, register_train_spec, TrainSpec

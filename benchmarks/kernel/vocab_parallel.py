@@ -44,7 +44,6 @@ def main(args) -> None:
             continue
         Vl = V // world
         say(f"\n=== vocab-parallel N={N} D={D} V={V}, world={world}, V_local={Vl} ===")
-        res = {}
         # 1) single-GPU with the full W (all ranks run it on their own GPU; rank 0 reports)
         inp = make_inputs(N, D, V, dtype, device, seed=args.seed, logit_std=args.logit_std)
         try:
@@ -52,7 +51,7 @@ def main(args) -> None:
         except NotAvailable as e:
             say(f"fused op not available: {e}")
             rows.append((shape, "single GPU, full W", None, None, str(e), None, None, (None, None, None)))
-            del inp
+            inp = None  # freed before the next shape's inputs
             dist.barrier()
             continue
         dist.barrier()

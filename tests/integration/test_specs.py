@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import ROOT
 from torchtitan.config import ConfigManager
 from torchtitan.protocols.train_spec import get_train_spec, register_train_spec

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_close, FAST, losses, ROOT, run_train, scalars
+from conftest import assert_close, FAST, losses, ROOT, run_train
 
 from benchmarks.e2e import kill_resume
 from benchmarks.tb_events import shown_steps
