@@ -10,6 +10,14 @@ stderr, and the exit code is 2. A rank that exits 2 by itself (an unknown option
 message) ends the launch with exit code 2 and no traceback as well. Every other failure
 is torchrun's, unchanged. It also names this job's TensorBoard run folder once, for all
 its local ranks (run_folders.run_name).
+
+On multi-node each node's launcher runs the job's start-up checks itself before it joins the
+rendezvous (parallel.train.check_start_up), so a refused job never depends on another node:
+node 0's launcher hosts torchrun's store and, once its ranks refused, exits with it, and a node
+whose ranks were still starting then lost the store and ended with torchrun's
+RendezvousConnectionError traceback, exit 1; nor does a refused node wait for its peers to
+join. One process per node pays the checks' few seconds; a single node needs none of this (its
+launcher outlives its ranks).
 """
 
 import logging
@@ -23,6 +31,7 @@ from parallel import run_folders
 
 REFUSALS_ENV = "FUSED_CE_REFUSALS"
 USAGE_ERROR = 2  # a refused job's exit code, and a command-line parser's (tyro, argparse)
+TRAINER = "parallel.train"  # the module whose start-up checks a multi-node launcher runs first
 
 
 def record_refusal(message: str) -> bool:
@@ -59,9 +68,34 @@ class _QuietAfterRefusal(logging.Filter):
         return not (usage_error or _refusal(self.folder))
 
 
+def _refusal_before_rendezvous(argv: list[str]) -> str | None:
+    """Multi-node, parallel.train only: the message of the job's start-up checks, run here."""
+    from torch.distributed import run
+
+    args = run.parse_args(argv)
+    if run.parse_min_max_nnodes(args.nnodes)[1] == 1 or not args.module or args.training_script != TRAINER:
+        return None
+    from parallel.train import check_start_up, JobRefused  # first: it patches torchtitan before its import
+
+    from torchtitan.config import ConfigManager
+
+    logging.disable(logging.WARNING)  # the ranks log the checks' notes and warnings; here only a refusal counts
+    try:
+        check_start_up(ConfigManager().parse_args(args.training_script_args))
+    except JobRefused as e:
+        return str(e)
+    finally:
+        logging.disable(logging.NOTSET)
+    return None
+
+
 def main(argv: list[str]) -> int:
     from torch.distributed import run
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    if (message := _refusal_before_rendezvous(argv)) is not None:
+        print(message, file=sys.stderr, flush=True)
+        return USAGE_ERROR
 
     folder = tempfile.mkdtemp(prefix="fused_ce_refusals_")
     os.environ[REFUSALS_ENV] = folder  # the ranks inherit it

@@ -61,6 +61,13 @@ def check_job(job_config) -> None:
         raise JobRefused(str(e)) from None
 
 
+def check_start_up(job_config) -> None:
+    """Every check a job passes before anything is built: check_job, then that its output can be
+    written. The trainer runs it; on multi-node so does each node's launcher, before the rendezvous."""
+    check_job(job_config)
+    check_dump_folder(job_config)
+
+
 def training_dtype(job_config, parallel_dims) -> torch.dtype:
     """What the blocks and the head compute in: FSDP casts to the mixed-precision dtype, one
     device autocasts to it, TP or PP without FSDP trains in fp32 (torchtitan's maybe_enable_amp)."""
@@ -163,8 +170,7 @@ def _handing_labels_to(head, post_dataloading_process):
 class FusedCETrainer(Trainer):
     def __init__(self, job_config):
         tensorboard_run.install()
-        check_job(job_config)
-        check_dump_folder(job_config)
+        check_start_up(job_config)
         super().__init__(job_config)
         logger.info(describe_job(job_config, self.parallel_dims, self.device))
         if hint := cpu_precision_hint(job_config, self.parallel_dims, self.device):
