@@ -4,9 +4,9 @@ run_train.sh starts the ranks through this (`python -m parallel.launch <torchrun
 torchrun turns any rank's non-zero exit into ~30 lines of ChildFailedError traceback and
 exit code 1, burying a configuration error under launcher noise. Here each rank that
 refuses its job (parallel.train: JobRefused) writes the message into a folder named by
-$FUSED_CE_REFUSALS; when the ranks fail and that folder holds a message, the launcher's
-own failure logs are dropped, the message is printed once more as the last line of
-stderr, and the exit code is 2. A rank that exits 2 by itself (an unknown option: tyro's
+$FUSED_CE_REFUSALS (parallel.refusals); when the ranks fail and that folder holds a
+message, the launcher's own failure logs are dropped, the message is printed once more as
+the last line of stderr, and the exit code is 2. A rank that exits 2 by itself (an unknown option: tyro's
 message) ends the launch with exit code 2 and no traceback as well. Every other failure
 is torchrun's, unchanged. It also names this job's TensorBoard run folder once, for all
 its local ranks (run_folders.run_name).
@@ -25,33 +25,12 @@ import os
 import shutil
 import sys
 import tempfile
-from pathlib import Path
 
 from parallel import run_folders
+from parallel.refusals import REFUSALS_ENV, refusal
 
-REFUSALS_ENV = "FUSED_CE_REFUSALS"
 USAGE_ERROR = 2  # a refused job's exit code, and a command-line parser's (tyro, argparse)
 TRAINER = "parallel.train"  # the module whose start-up checks a multi-node launcher runs first
-
-
-def record_refusal(message: str) -> bool:
-    """Called by a rank that refuses its job; whether the launcher will print the message
-    (False outside this launcher: the rank must say it itself)."""
-    folder = os.environ.get(REFUSALS_ENV)
-    if not folder or not os.path.isdir(folder):
-        return False
-    rank = os.environ.get("LOCAL_RANK", "0")
-    tmp = Path(folder) / f".rank{rank}.tmp"
-    tmp.write_text(message)
-    tmp.replace(Path(folder) / f"rank{rank}")  # atomic: the launcher never reads half a message
-    return True
-
-
-def _refusal(folder: str) -> str | None:
-    for path in sorted(Path(folder).glob("rank*")):
-        if message := path.read_text().strip():
-            return message
-    return None
 
 
 class _QuietAfterRefusal(logging.Filter):
@@ -65,7 +44,7 @@ class _QuietAfterRefusal(logging.Filter):
         if not record.name.startswith("torch.distributed"):
             return True
         usage_error = record.getMessage().startswith(f"failed (exitcode: {USAGE_ERROR})")
-        return not (usage_error or _refusal(self.folder))
+        return not (usage_error or refusal(self.folder))
 
 
 def _refusal_before_rendezvous(argv: list[str]) -> str | None:
@@ -107,7 +86,7 @@ def main(argv: list[str]) -> int:
     try:
         run.main(argv)
     except ChildFailedError as e:
-        message = _refusal(folder)
+        message = refusal(folder)
         if message is not None:
             print(message, file=sys.stderr, flush=True)
             return USAGE_ERROR

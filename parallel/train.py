@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from parallel import cpu_shims, launch, patches
+from parallel import cpu_shims, patches, refusals
 
 patches.apply()  # before torchtitan is imported: it binds the device type at import time
 
@@ -230,7 +230,7 @@ if __name__ == "__main__":
     try:
         main(FusedCETrainer)
     except JobRefused as e:
-        if not launch.record_refusal(str(e)):  # run_train.sh's launcher ends with it, exit code 2
+        if not refusals.record_refusal(str(e)):  # run_train.sh's launcher ends with it, exit code 2
             logger.error(str(e))
         sys.exit(2)
     if cpu_shims.applied():
