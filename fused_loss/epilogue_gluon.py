@@ -7,33 +7,31 @@ reductions and a 16-bit store per logit, ~20% of a tile's main loop at D = 2048)
 tensor cores, since nothing else is ready to issue. Here each program holds one multiprocessor
 and three partitions share it:
 
-  loader      1 warp: TMA loads of h and W blocks into one ring of STAGES shared-memory slots,
-              in the order the tiles are consumed (an mbarrier pair per slot: ready / empty)
-  consumer 0  4 warps (the default partition): the program's tiles 0, 2, 4, ...
-  consumer 1  4 warps: tiles 1, 3, 5, ...
+  loader    1 warp: TMA loads of h and W blocks into one ring of STAGES shared-memory slots,
+            in the order the tiles are consumed (an mbarrier pair per slot: ready / empty)
+  consumer  8 warps (the default partition), two warp groups of 64 rows each: every tile's
+            main loop, its accumulator then handed to the epilogue through a shared-memory
+            staging tile (an mbarrier pair: acc_full / acc_empty)
+  epilogue  4 warps: the tile's epilogue, EPI_ROWS rows a step, under the consumer's next
+            main loop
 
-A consumer runs its tile's main loop, then its epilogue, while the other consumer's main loop
-takes the following slots of the ring: the tensor cores stay busy whenever one of the two is in
-its main loop (CUTLASS's "ping-pong" schedule).
-
-The accumulation is promoted: the tensor cores sum each K block's 64 products from zero into a
+The accumulation is promoted: the tensor cores sum CHAIN K blocks' products from zero into a
 partial, and fp32 adds (round to nearest) take it into the accumulator. The tensor cores' own
 long sums truncate (a bias that grows with K: the loss on random inputs was off by up to
 2.2e-6, the fp16 lse by 1.4e-4 at D = 4096, where eager's 16-bit rounding partly cancels it);
 promoted, the loss error is 5.6e-9..6.3e-8 on random inputs and 3.5e-8..1.7e-7 on LM-like ones
-(benchmarks/NOTES.md, attempt 28). The 128 x 128 accumulator leaves no registers for a second
-full-width partial, so the tile is held as four 64 x 64 quarters with two quarter partials: two
-MMAs in flight, each add under the next MMA. That costs time: the GEMM ~1.3x cuBLAS's mm, where
-the same loop without promotion ran at 1.06-1.11x (the op +7%: accuracy first).
+(benchmarks/NOTES.md, attempt 28). Two full-width partials alternate, so one partial's adds
+run under the other's MMAs; they and the accumulator take 192 of a consumer thread's registers,
+which is why the epilogue lives in its own partition (attempts 32 and 33: a consumer that also
+ran the epilogue had room only for quarter-tile partials, the GEMM ~1.3x cuBLAS's mm).
 
 The epilogue is epilogue_triton's own (`tile_epilogue`, a Triton function called on this
-kernel's accumulator layout): the per-(row, tile) partials and the fp32 target logit in its
-format, and the tile of E, which leaves through the consumer's shared-memory tile and one TMA
-store (with plain stores from the registers, the epilogue cost 10-14% of the GEMM's time
-despite the ping-pong: benchmarks/NOTES.md, attempt 25). So its row passes (row_stats,
-row_grad_, row_stats_and_grad_) read either GEMM's output. Gluon does not run in Triton's
-interpreter: the CPU tests prove the format on epilogue_triton, the GPU tests prove this kernel
-equal to it.
+kernel's layout): the per-(row, tile) partials and the fp32 target logit in its format, and
+the tile of E, which leaves through shared memory by TMA stores (with plain stores from the
+registers, the epilogue cost 10-14% of the GEMM's time: benchmarks/NOTES.md, attempt 25). So
+its row passes (row_stats, row_grad_, row_stats_and_grad_) read either GEMM's output. Gluon
+does not run in Triton's interpreter: the CPU tests prove the format on epilogue_triton, the
+GPU tests prove this kernel equal to it.
 """
 
 from __future__ import annotations
@@ -51,16 +49,18 @@ from .options import LossOptions
 
 # constexpr: the kernels read them (host code takes .value)
 BM, BN, BK = gl.constexpr(128), gl.constexpr(128), gl.constexpr(64)  # BN: the partials' tile
-# 32 KB a slot, and a 32 KB tile of E per consumer for its TMA store: 192 KB of the 227 KB.
-# Four slots, not five: the shared memory left to the L1 cache serves the epilogue's loads and
-# the partials' stores (five slots and the E tiles leave ~30 KB: the GEMM ran 9-10% slower).
+# shared memory: STAGES slots of 32 KB, the 64 KB fp32 staging tile and the 32 KB tile of E
+# on its way out: 224 KB of the 227 KB
 STAGES = gl.constexpr(4)
+CHAIN = gl.constexpr(2)  # K blocks per partial: its adds once per CHAIN blocks
+EPI_ROWS = gl.constexpr(8)  # the epilogue's rows per step (a step's E leaves by one TMA store)
 GROUP_M = gl.constexpr(16)
-UNROLL = gl.constexpr(2)  # K blocks per drain of the promoted main loop
-# registers per thread: the consumers hold a 128 x 128 fp32 accumulator (128 registers), two
-# 64 x 64 partials (64) and the epilogue's temporaries; the loader only addresses
-_CONSUMER_REGS, _LOADER_REGS = gl.constexpr(232), gl.constexpr(40)
-_MAXNREG = 168
+# registers per thread, of 64K per multiprocessor at 512 threads x _MAXNREG (the loader's warp
+# counts as a warp group): the consumer holds the accumulator and two partials (3 x 64) and
+# gets what the workers leave, (65536 - 128 x (56 + 40)) / 256 = 208
+_EPILOGUE_REGS, _LOADER_REGS = gl.constexpr(56), gl.constexpr(40)
+_CONSUMER_WARPS, _EPILOGUE_WARPS = gl.constexpr(8), gl.constexpr(4)
+_MAXNREG = 128
 
 
 @gluon.jit
@@ -75,9 +75,10 @@ def _tile_origin(tile, n_m, n_n, GROUP: gl.constexpr):
 
 
 @gluon.jit
-def _loader(p, ROLE: gl.constexpr):
-    (h_desc, w_desc, a_bufs, b_bufs, ready, empty, turn, e_ptr, stride_e, part_ptr, target_ptr,
-     bias_ptr, labels_ptr, M, V, K, vocab_start, cap, e_desc, e_bufs) = p
+def _loader(p):
+    (h_desc, w_desc, a_bufs, b_bufs, ready, empty, acc_smem, acc_full, acc_empty, e_ptr,
+     stride_e, part_ptr, target_ptr, bias_ptr, labels_ptr, M, V, K, vocab_start, cap, e_desc,
+     e_bufs) = p
     n_m = gl.cdiv(M, BM)
     n_n = gl.cdiv(V, BN)
     n_k = gl.cdiv(K, BK)
@@ -95,124 +96,120 @@ def _loader(p, ROLE: gl.constexpr):
 
 
 @gluon.jit
-def _join_cols(left, right, layout: gl.constexpr):
-    """[H, W] and [H, W] -> [H, 2W] (left's columns first) in `layout`: with the quarters in
-    the N = W wgmma layout and `layout` the N = 2W one, a renaming of registers."""
-    x = gl.permute(gl.join(left, right), (0, 2, 1))
-    return gl.convert_layout(gl.reshape(x, (left.shape[0], 2 * left.shape[1])), layout)
+def _chain(a_bufs, b_bufs, ready, first, part, C: gl.constexpr):
+    """Issues the MMAs of the C K blocks in slots first, first + 1, ... into `part`, the
+    first from zero (use_acc=False): the tensor cores' sum of C x BK products."""
+    for c in gl.static_range(C):
+        s = (first + c) % STAGES
+        mbarrier.wait(ready.index(s), ((first + c) // STAGES) & 1)
+        part = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), part,
+                             use_acc=c > 0, is_async=True)
+    return part
 
 
 @gluon.jit
-def _promoted_blocks(a_bufs, b_bufs, ready, empty, step, top_l, top_r, bot_l, bot_r, p1, p2,
-                     U: gl.constexpr):
-    """U K blocks from the ring's slots step, step + 1, ...: each block's product of each
-    quarter of the tile (64 x 64) summed by the tensor cores from zero (use_acc=False) into p1
-    or p2, then added to the quarter's accumulator by fp32 adds, which round to nearest. Two
-    quarters' MMAs in flight, so an add runs under the next MMA. Straight-line code (U is
-    unrolled): ptxas serializes every wgmma (C7514) where a partial is read that was in flight
-    at the loop's back edge, so the last MMA is waited for at the end, and the tensor cores
-    idle there once per U blocks."""
-    H: gl.constexpr = BM // 2
-    W: gl.constexpr = BN // 2
-    for u in gl.static_range(U):
-        s = (step + u) % STAGES
-        mbarrier.wait(ready.index(s), ((step + u) // STAGES) & 1)
-        a = a_bufs.index(s)
-        b = b_bufs.index(s)
-        a_top = a.slice(0, H)
-        a_bot = a.slice(H, H)
-        b_l = b.slice(0, W).permute((1, 0))
-        b_r = b.slice(W, W).permute((1, 0))
-        p1 = warpgroup_mma(a_top, b_l, p1, use_acc=False, is_async=True)
-        if u > 0:  # the block before: its last MMA has completed, and with it its slot
-            p1, p2 = warpgroup_mma_wait(1, deps=(p1, p2))
-            bot_r += p2
-            mbarrier.arrive(empty.index((step + u - 1) % STAGES))
-        p2 = warpgroup_mma(a_top, b_r, p2, use_acc=False, is_async=True)
-        p1, p2 = warpgroup_mma_wait(1, deps=(p1, p2))
-        top_l += p1
-        p1 = warpgroup_mma(a_bot, b_l, p1, use_acc=False, is_async=True)
-        p1, p2 = warpgroup_mma_wait(1, deps=(p1, p2))
-        top_r += p2
-        p2 = warpgroup_mma(a_bot, b_r, p2, use_acc=False, is_async=True)
-        p1, p2 = warpgroup_mma_wait(1, deps=(p1, p2))
-        bot_l += p1
-    p2 = warpgroup_mma_wait(0, deps=(p2,))
-    bot_r += p2
-    mbarrier.arrive(empty.index((step + U - 1) % STAGES))
-    return top_l, top_r, bot_l, bot_r, p1, p2
+def _release(empty, first, C: gl.constexpr):
+    for c in gl.static_range(C):
+        mbarrier.arrive(empty.index((first + c) % STAGES))
 
 
 @gluon.jit
-def _promoted_main_loop(a_bufs, b_bufs, ready, empty, turn, step, n_k, ROLE: gl.constexpr,
-                        out_layout: gl.constexpr):
-    """The tile's product as two [64, BN] halves (out_layout), each K block's partial sums
-    added to the accumulator in fp32; the other consumer's turn once all its slots are in."""
-    H: gl.constexpr = BM // 2
-    W: gl.constexpr = BN // 2
-    q: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                instr_shape=[16, W, 16])
-    top_l = gl.zeros((H, W), gl.float32, q)
-    top_r = gl.zeros((H, W), gl.float32, q)
-    bot_l = gl.zeros((H, W), gl.float32, q)
-    bot_r = gl.zeros((H, W), gl.float32, q)
-    p1 = gl.zeros((H, W), gl.float32, q)
-    p2 = gl.zeros((H, W), gl.float32, q)
-    for _ in range(n_k // UNROLL):
-        top_l, top_r, bot_l, bot_r, p1, p2 = _promoted_blocks(
-            a_bufs, b_bufs, ready, empty, step, top_l, top_r, bot_l, bot_r, p1, p2, UNROLL)
-        step += UNROLL
-    for _ in range(n_k % UNROLL):
-        top_l, top_r, bot_l, bot_r, p1, p2 = _promoted_blocks(
-            a_bufs, b_bufs, ready, empty, step, top_l, top_r, bot_l, bot_r, p1, p2, 1)
-        step += 1
-    mbarrier.arrive(turn.index(1 - ROLE))  # all slots of this tile are in: the other's turn
-    return _join_cols(top_l, top_r, out_layout), _join_cols(bot_l, bot_r, out_layout)
+def _promoted_blocks(a_bufs, b_bufs, ready, empty, step, acc, p1, p2, C: gl.constexpr,
+                     PAIR: gl.constexpr):
+    """C K blocks into p1 (and with PAIR the next C into p2), each partial then added to the
+    accumulator in fp32, p1's adds under p2's MMAs. Straight-line code that waits for its
+    last MMA: ptxas serializes every wgmma (C7514) where a partial in flight at a loop's back
+    edge is read, so the tensor cores idle once per call, for p2's adds."""
+    gl.static_assert(2 * C <= STAGES, "a call holds its 2 C slots until p1 is added")
+    p1 = _chain(a_bufs, b_bufs, ready, step, p1, C)
+    if PAIR:
+        p2 = _chain(a_bufs, b_bufs, ready, step + C, p2, C)
+        p1, p2 = warpgroup_mma_wait(C, deps=(p1, p2))  # p1's MMAs are done, p2's may not be
+        acc += p1
+        _release(empty, step, C)
+        p2 = warpgroup_mma_wait(0, deps=(p2,))
+        acc += p2
+        _release(empty, step + C, C)
+    else:
+        p1 = warpgroup_mma_wait(0, deps=(p1,))
+        acc += p1
+        _release(empty, step, C)
+    return acc, p1, p2
 
 
 @gluon.jit
-def _consumer(p, ROLE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_CAP: gl.constexpr,
-              NEED_SUM: gl.constexpr, TOKEN_STATS: gl.constexpr, P: gl.constexpr,
-              TMA_STORE: gl.constexpr):
-    (h_desc, w_desc, a_bufs, b_bufs, ready, empty, turn, e_ptr, stride_e, part_ptr, target_ptr,
-     bias_ptr, labels_ptr, M, V, K, vocab_start, cap, e_desc, e_bufs) = p
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                  instr_shape=[16, BN, 16])
-    row_l: gl.constexpr = gl.SliceLayout(1, mma)
-    col_l: gl.constexpr = gl.SliceLayout(0, mma)
+def _consumer(p):
+    (h_desc, w_desc, a_bufs, b_bufs, ready, empty, acc_smem, acc_full, acc_empty, e_ptr,
+     stride_e, part_ptr, target_ptr, bias_ptr, labels_ptr, M, V, K, vocab_start, cap, e_desc,
+     e_bufs) = p
+    mma: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[_CONSUMER_WARPS, 1], instr_shape=[16, BN, 16])
     n_m = gl.cdiv(M, BM)
     n_n = gl.cdiv(V, BN)
     n_k = gl.cdiv(K, BK)
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
-    n_local = gl.cdiv(n_m * n_n - pid, nprog)  # this program's tiles
-    for idx in range(ROLE, n_local, 2):
-        m0, pid_n = _tile_origin(pid + idx * nprog, n_m, n_n, GROUP_M)
+    for idx in range(gl.cdiv(n_m * n_n - pid, nprog)):  # this program's tiles
         step = idx * n_k  # the ring is filled in tile order: this tile's first slot
-        # consumer 0's first turn is free (a fresh barrier passes a wait on parity 1)
-        mbarrier.wait(turn.index(ROLE), ((idx // 2) & 1) ^ (1 - ROLE))
-        top, bot = _promoted_main_loop(a_bufs, b_bufs, ready, empty, turn, step, n_k, ROLE, mma)
-        # the epilogue by halves of 64 rows (its registers: one half's, beside the other's)
-        offs_n = gl.arange(0, BN, layout=col_l)
-        if TMA_STORE:  # E through shared memory: one bulk store, the edges clipped by TMA
-            e_smem = e_bufs.index(ROLE)
-            tma.store_wait(0)  # this consumer's previous tile has left the buffer
-        for half in gl.static_range(2):
-            rows = m0 + half * (BM // 2) + gl.arange(0, BM // 2, layout=row_l)
-            if half == 0:
-                acc = top
-            else:
-                acc = bot
+        acc = gl.zeros((BM, BN), gl.float32, mma)
+        p1 = gl.zeros((BM, BN), gl.float32, mma)
+        p2 = gl.zeros((BM, BN), gl.float32, mma)
+        for _ in range(n_k // (2 * CHAIN)):
+            acc, p1, p2 = _promoted_blocks(a_bufs, b_bufs, ready, empty, step, acc, p1, p2,
+                                           CHAIN, True)
+            step += 2 * CHAIN
+        for _ in range(n_k % (2 * CHAIN) // 2):  # the tail: pairs of single blocks
+            acc, p1, p2 = _promoted_blocks(a_bufs, b_bufs, ready, empty, step, acc, p1, p2,
+                                           1, True)
+            step += 2
+        if n_k % 2 == 1:
+            acc, p1, p2 = _promoted_blocks(a_bufs, b_bufs, ready, empty, step, acc, p1, p2,
+                                           1, False)
+        # the epilogue has read the previous tile (a fresh barrier passes a wait on parity 1)
+        mbarrier.wait(acc_empty.index(0), (idx & 1) ^ 1)
+        acc_smem.store(acc)
+        gl.thread_barrier()  # every warp's rows are in before the one arrive
+        mbarrier.arrive(acc_full.index(0))
+
+
+@gluon.jit
+def _epilogue(p, HAS_BIAS: gl.constexpr, HAS_CAP: gl.constexpr, NEED_SUM: gl.constexpr,
+              TOKEN_STATS: gl.constexpr, P: gl.constexpr, TMA_STORE: gl.constexpr):
+    (h_desc, w_desc, a_bufs, b_bufs, ready, empty, acc_smem, acc_full, acc_empty, e_ptr,
+     stride_e, part_ptr, target_ptr, bias_ptr, labels_ptr, M, V, K, vocab_start, cap, e_desc,
+     e_bufs) = p
+    # a warp per row, 16-byte shared-memory loads
+    rows_l: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [_EPILOGUE_WARPS, 1], [1, 0])
+    row_l: gl.constexpr = gl.SliceLayout(1, rows_l)
+    col_l: gl.constexpr = gl.SliceLayout(0, rows_l)
+    n_m = gl.cdiv(M, BM)
+    n_n = gl.cdiv(V, BN)
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    offs_n = gl.arange(0, BN, layout=col_l)
+    # the staging tile by steps of rows: the same bytes (the swizzle's period, 8 rows, divides
+    # a step), indexable by a loop's counter where slices take constants
+    steps = acc_smem._reinterpret(gl.float32, [BM // EPI_ROWS, EPI_ROWS, BN], acc_smem.layout)
+    for idx in range(gl.cdiv(n_m * n_n - pid, nprog)):
+        m0, pid_n = _tile_origin(pid + idx * nprog, n_m, n_n, GROUP_M)
+        mbarrier.wait(acc_full.index(0), idx & 1)
+        if TMA_STORE:
+            tma.store_wait(0)  # the previous tile's E has left e_bufs
+        for i in range(BM // EPI_ROWS):
+            acc = steps.index(i).load(rows_l)
+            rows = m0 + i * EPI_ROWS + gl.arange(0, EPI_ROWS, layout=row_l)
             e = tile_epilogue(acc, rows, offs_n, pid_n, n_n, bias_ptr, labels_ptr, part_ptr,
                               target_ptr, M, V, vocab_start, cap, HAS_BIAS, HAS_CAP, NEED_SUM,
                               TOKEN_STATS, P, BN)
-            if TMA_STORE:
-                e_smem.slice(half * (BM // 2), BM // 2).store(e)
+            if TMA_STORE:  # the rows past M and the columns past V clipped by TMA
+                e_smem = e_bufs.index(i)
+                e_smem.store(e)
+                fence_async_shared()
+                tma.async_copy_shared_to_global(e_desc, [m0 + i * EPI_ROWS, pid_n * BN], e_smem)
             else:
                 store_tile(e_ptr, stride_e, rows, offs_n, pid_n, e, M, V, BN)
-        if TMA_STORE:
-            fence_async_shared()
-            tma.async_copy_shared_to_global(e_desc, [m0, pid_n * BN], e_smem)
+        gl.thread_barrier()  # every warp has read its rows before the one arrive
+        mbarrier.arrive(acc_empty.index(0))
     if TMA_STORE:
         tma.store_wait(0)
 
@@ -230,27 +227,32 @@ def _logits_kernel(h_desc, w_desc, e_desc, e_ptr, stride_e, part_ptr, target_ptr
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
-    # the consumers' main loops take turns (turn[c]: consumer c's), so the one waiting on the
-    # ring is never a round ahead of the loader: an mbarrier's phase is known by parity only
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(2):
-        mbarrier.init(turn.index(i), count=1)
-    # each consumer's tile of E on its way out (a stub where the rows take plain stores)
-    e_bufs = gl.allocate_shared_memory(gl.float16, [2] + e_desc.block_type.shape, e_desc.layout)
-    p = (h_desc, w_desc, a_bufs, b_bufs, ready, empty, turn, e_ptr, stride_e, part_ptr,
-         target_ptr, bias_ptr, labels_ptr, M, V, K, vocab_start, cap, e_desc, e_bufs)
+    # the accumulator's staging tile, by steps of the epilogue's rows; the 16-byte units of a
+    # row permuted by its index mod 8, so that neither side's accesses collide in banks
+    staging_l: gl.constexpr = gl.SwizzledSharedLayout(4, 1, 8, [1, 0])
+    acc_smem = gl.allocate_shared_memory(gl.float32, [BM, BN], staging_l)
+    acc_full = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+    acc_empty = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(acc_full.index(0), count=1)
+    mbarrier.init(acc_empty.index(0), count=1)
+    # the tile of E on its way out (a stub where the rows take plain stores)
+    e_bufs = gl.allocate_shared_memory(gl.float16, [BM // EPI_ROWS] + e_desc.block_type.shape,
+                                       e_desc.layout)
+    p = (h_desc, w_desc, a_bufs, b_bufs, ready, empty, acc_smem, acc_full, acc_empty, e_ptr,
+         stride_e, part_ptr, target_ptr, bias_ptr, labels_ptr, M, V, K, vocab_start, cap, e_desc,
+         e_bufs)
     gl.warp_specialize([
-        (_consumer, (p, 0, HAS_BIAS, HAS_CAP, NEED_SUM, TOKEN_STATS, P, TMA_STORE)),
-        (_consumer, (p, 1, HAS_BIAS, HAS_CAP, NEED_SUM, TOKEN_STATS, P, TMA_STORE)),
-        (_loader, (p, 2)),
-    ], [4, 1], [_CONSUMER_REGS, _LOADER_REGS])
+        (_consumer, (p,)),
+        (_epilogue, (p, HAS_BIAS, HAS_CAP, NEED_SUM, TOKEN_STATS, P, TMA_STORE)),
+        (_loader, (p,)),
+    ], [_EPILOGUE_WARPS, 1], [_EPILOGUE_REGS, _LOADER_REGS])
 
 
 _GL_DTYPE = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 
 def runs_here(device: torch.device) -> bool:
-    """Hopper only (wgmma, 192 KB of shared memory), and not in Triton's interpreter."""
+    """Hopper only (wgmma, 224 KB of shared memory), and not in Triton's interpreter."""
     return (device.type == "cuda" and not triton.knobs.runtime.interpret
             and torch.cuda.get_device_capability(device)[0] == 9)
 
@@ -274,7 +276,7 @@ def logits(h_c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     e = out.view(torch.float16)
     # a TMA store needs 16-byte aligned rows (V_local a multiple of 8); else plain stores
     tma_store = e.stride(1) == 1 and e.stride(0) % 8 == 0 and e.data_ptr() % 16 == 0
-    e_block = [BM.value, BN.value] if tma_store else [1, 8]
+    e_block = [EPI_ROWS.value, BN.value] if tma_store else [1, 8]
     e_desc = TensorDescriptor.from_tensor(
         e if tma_store else torch.empty(1, 8, dtype=torch.float16, device=e.device), e_block,
         gl.NVMMASharedLayout.get_default_for(e_block, gl.float16))
@@ -286,5 +288,5 @@ def logits(h_c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         1.0 if opts.logit_softcap is None else opts.logit_softcap,
         HAS_BIAS=bias is not None, HAS_CAP=opts.logit_softcap is not None,
         NEED_SUM=bool(opts.label_smoothing), TOKEN_STATS=token_stats, P=p, TMA_STORE=tma_store,
-        num_warps=4, maxnreg=_MAXNREG)
+        num_warps=_CONSUMER_WARPS.value, maxnreg=_MAXNREG)
     return Chunk(out, partials, target, BN.value)
