@@ -49,10 +49,11 @@ from .options import LossOptions
 
 # constexpr: the kernels read them (host code takes .value)
 BM, BN, BK = gl.constexpr(128), gl.constexpr(128), gl.constexpr(64)  # BN: the partials' tile
-# shared memory: STAGES slots of 32 KB, the 64 KB fp32 staging tile and the 32 KB tile of E
-# on its way out: 224 KB of the 227 KB
-STAGES = gl.constexpr(4)
+# shared memory: STAGES slots of 32 KB and the 64 KB fp32 staging tile (E leaves from it):
+# 224 KB of the 227 KB
+STAGES = gl.constexpr(5)
 CHAIN = gl.constexpr(2)  # K blocks per partial: its adds once per CHAIN blocks
+PAIRS = gl.constexpr(1)  # pairs of chains per straight-line run: the MMAs drain once per run
 EPI_ROWS = gl.constexpr(8)  # the epilogue's rows per step (a step's E leaves by one TMA store)
 GROUP_M = gl.constexpr(16)
 # registers per thread, of 64K per multiprocessor at 512 threads x _MAXNREG (the loader's warp
@@ -77,8 +78,8 @@ def _tile_origin(tile, n_m, n_n, GROUP: gl.constexpr):
 @gluon.jit
 def _loader(p):
     (h_desc, w_desc, a_bufs, b_bufs, ready, empty, acc_smem, acc_full, acc_empty, e_ptr,
-     stride_e, part_ptr, target_ptr, bias_ptr, labels_ptr, M, V, K, vocab_start, cap, e_desc,
-     e_bufs) = p
+     stride_e, part_ptr, target_ptr, bias_ptr, labels_ptr, M, V, K, vocab_start, cap,
+     e_desc) = p
     n_m = gl.cdiv(M, BM)
     n_n = gl.cdiv(V, BN)
     n_k = gl.cdiv(K, BK)
@@ -114,34 +115,40 @@ def _release(empty, first, C: gl.constexpr):
 
 
 @gluon.jit
-def _promoted_blocks(a_bufs, b_bufs, ready, empty, step, acc, p1, p2, C: gl.constexpr,
-                     PAIR: gl.constexpr):
-    """C K blocks into p1 (and with PAIR the next C into p2), each partial then added to the
-    accumulator in fp32, p1's adds under p2's MMAs. Straight-line code that waits for its
-    last MMA: ptxas serializes every wgmma (C7514) where a partial in flight at a loop's back
-    edge is read, so the tensor cores idle once per call, for p2's adds."""
-    gl.static_assert(2 * C <= STAGES, "a call holds its 2 C slots until p1 is added")
+def _promoted_run(a_bufs, b_bufs, ready, empty, step, acc, p1, p2, C: gl.constexpr,
+                  PAIRS: gl.constexpr):
+    """2 C PAIRS K blocks from the ring's slot `step` on (PAIRS = 0: C blocks into p1 alone),
+    by chains of C blocks into p1 and p2 in turn, each partial then added to the accumulator
+    in fp32 while the other's MMAs run. Straight-line code that waits for its last MMA: ptxas
+    serializes every wgmma (C7514) where a partial in flight at a loop's back edge is read, so
+    the tensor cores idle once per run."""
+    gl.static_assert(2 * C <= STAGES, "a run holds up to 2 C slots")
     p1 = _chain(a_bufs, b_bufs, ready, step, p1, C)
-    if PAIR:
-        p2 = _chain(a_bufs, b_bufs, ready, step + C, p2, C)
-        p1, p2 = warpgroup_mma_wait(C, deps=(p1, p2))  # p1's MMAs are done, p2's may not be
-        acc += p1
-        _release(empty, step, C)
-        p2 = warpgroup_mma_wait(0, deps=(p2,))
-        acc += p2
-        _release(empty, step + C, C)
-    else:
+    if PAIRS == 0:
         p1 = warpgroup_mma_wait(0, deps=(p1,))
         acc += p1
         _release(empty, step, C)
+    for g in gl.static_range(PAIRS):
+        first = step + 2 * g * C
+        p2 = _chain(a_bufs, b_bufs, ready, first + C, p2, C)
+        p1, p2 = warpgroup_mma_wait(C, deps=(p1, p2))  # p1's MMAs are done, p2's may not be
+        acc += p1
+        _release(empty, first, C)
+        if g + 1 < PAIRS:
+            p1 = _chain(a_bufs, b_bufs, ready, first + 2 * C, p1, C)
+            p1, p2 = warpgroup_mma_wait(C, deps=(p1, p2))
+        else:
+            p2 = warpgroup_mma_wait(0, deps=(p2,))
+        acc += p2
+        _release(empty, first + C, C)
     return acc, p1, p2
 
 
 @gluon.jit
 def _consumer(p):
     (h_desc, w_desc, a_bufs, b_bufs, ready, empty, acc_smem, acc_full, acc_empty, e_ptr,
-     stride_e, part_ptr, target_ptr, bias_ptr, labels_ptr, M, V, K, vocab_start, cap, e_desc,
-     e_bufs) = p
+     stride_e, part_ptr, target_ptr, bias_ptr, labels_ptr, M, V, K, vocab_start, cap,
+     e_desc) = p
     mma: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[_CONSUMER_WARPS, 1], instr_shape=[16, BN, 16])
     n_m = gl.cdiv(M, BM)
@@ -154,17 +161,15 @@ def _consumer(p):
         acc = gl.zeros((BM, BN), gl.float32, mma)
         p1 = gl.zeros((BM, BN), gl.float32, mma)
         p2 = gl.zeros((BM, BN), gl.float32, mma)
-        for _ in range(n_k // (2 * CHAIN)):
-            acc, p1, p2 = _promoted_blocks(a_bufs, b_bufs, ready, empty, step, acc, p1, p2,
-                                           CHAIN, True)
-            step += 2 * CHAIN
-        for _ in range(n_k % (2 * CHAIN) // 2):  # the tail: pairs of single blocks
-            acc, p1, p2 = _promoted_blocks(a_bufs, b_bufs, ready, empty, step, acc, p1, p2,
-                                           1, True)
+        for _ in range(n_k // (2 * CHAIN * PAIRS)):
+            acc, p1, p2 = _promoted_run(a_bufs, b_bufs, ready, empty, step, acc, p1, p2,
+                                        CHAIN, PAIRS)
+            step += 2 * CHAIN * PAIRS
+        for _ in range(n_k % (2 * CHAIN * PAIRS) // 2):  # the tail: pairs of single blocks
+            acc, p1, p2 = _promoted_run(a_bufs, b_bufs, ready, empty, step, acc, p1, p2, 1, 1)
             step += 2
         if n_k % 2 == 1:
-            acc, p1, p2 = _promoted_blocks(a_bufs, b_bufs, ready, empty, step, acc, p1, p2,
-                                           1, False)
+            acc, p1, p2 = _promoted_run(a_bufs, b_bufs, ready, empty, step, acc, p1, p2, 1, 0)
         # the epilogue has read the previous tile (a fresh barrier passes a wait on parity 1)
         mbarrier.wait(acc_empty.index(0), (idx & 1) ^ 1)
         acc_smem.store(acc)
@@ -176,8 +181,8 @@ def _consumer(p):
 def _epilogue(p, HAS_BIAS: gl.constexpr, HAS_CAP: gl.constexpr, NEED_SUM: gl.constexpr,
               TOKEN_STATS: gl.constexpr, P: gl.constexpr, TMA_STORE: gl.constexpr):
     (h_desc, w_desc, a_bufs, b_bufs, ready, empty, acc_smem, acc_full, acc_empty, e_ptr,
-     stride_e, part_ptr, target_ptr, bias_ptr, labels_ptr, M, V, K, vocab_start, cap, e_desc,
-     e_bufs) = p
+     stride_e, part_ptr, target_ptr, bias_ptr, labels_ptr, M, V, K, vocab_start, cap,
+     e_desc) = p
     # a warp per row, 16-byte shared-memory loads
     rows_l: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [_EPILOGUE_WARPS, 1], [1, 0])
     row_l: gl.constexpr = gl.SliceLayout(1, rows_l)
@@ -190,28 +195,37 @@ def _epilogue(p, HAS_BIAS: gl.constexpr, HAS_CAP: gl.constexpr, NEED_SUM: gl.con
     # the staging tile by steps of rows: the same bytes (the swizzle's period, 8 rows, divides
     # a step), indexable by a loop's counter where slices take constants
     steps = acc_smem._reinterpret(gl.float32, [BM // EPI_ROWS, EPI_ROWS, BN], acc_smem.layout)
+    # a step's E leaves from the first half of the step's own fp32 bytes (no tile of its own:
+    # those 32 KB are a ring slot)
+    e_steps = acc_smem._reinterpret(gl.float16, [2 * BM // EPI_ROWS, EPI_ROWS, BN], e_desc.layout)
     for idx in range(gl.cdiv(n_m * n_n - pid, nprog)):
         m0, pid_n = _tile_origin(pid + idx * nprog, n_m, n_n, GROUP_M)
+        # each step's labels are loaded a step ahead: the load's latency (L2, ~1/3 of a step)
+        # off the steps' chain
+        rows = m0 + gl.arange(0, EPI_ROWS, layout=row_l)
+        label = gl.load(labels_ptr + rows, mask=rows < M, other=-1)
         mbarrier.wait(acc_full.index(0), idx & 1)
-        if TMA_STORE:
-            tma.store_wait(0)  # the previous tile's E has left e_bufs
         for i in range(BM // EPI_ROWS):
             acc = steps.index(i).load(rows_l)
-            rows = m0 + i * EPI_ROWS + gl.arange(0, EPI_ROWS, layout=row_l)
-            e = tile_epilogue(acc, rows, offs_n, pid_n, n_n, bias_ptr, labels_ptr, part_ptr,
+            rows_next = rows + EPI_ROWS
+            label_next = gl.load(labels_ptr + rows_next, mask=rows_next < M, other=-1)
+            e = tile_epilogue(acc, rows, label, offs_n, pid_n, n_n, bias_ptr, part_ptr,
                               target_ptr, M, V, vocab_start, cap, HAS_BIAS, HAS_CAP, NEED_SUM,
                               TOKEN_STATS, P, BN)
             if TMA_STORE:  # the rows past M and the columns past V clipped by TMA
-                e_smem = e_bufs.index(i)
+                gl.thread_barrier()  # every warp has read the step's rows before E lands there
+                e_smem = e_steps.index(2 * i)
                 e_smem.store(e)
                 fence_async_shared()
                 tma.async_copy_shared_to_global(e_desc, [m0 + i * EPI_ROWS, pid_n * BN], e_smem)
             else:
                 store_tile(e_ptr, stride_e, rows, offs_n, pid_n, e, M, V, BN)
-        gl.thread_barrier()  # every warp has read its rows before the one arrive
+            rows = rows_next
+            label = label_next
+        if TMA_STORE:
+            tma.store_wait(0)  # E has left the staging tile
+        gl.thread_barrier()  # and every warp has read its rows, before the one arrive
         mbarrier.arrive(acc_empty.index(0))
-    if TMA_STORE:
-        tma.store_wait(0)
 
 
 @gluon.jit
@@ -235,12 +249,8 @@ def _logits_kernel(h_desc, w_desc, e_desc, e_ptr, stride_e, part_ptr, target_ptr
     acc_empty = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
     mbarrier.init(acc_full.index(0), count=1)
     mbarrier.init(acc_empty.index(0), count=1)
-    # the tile of E on its way out (a stub where the rows take plain stores)
-    e_bufs = gl.allocate_shared_memory(gl.float16, [BM // EPI_ROWS] + e_desc.block_type.shape,
-                                       e_desc.layout)
     p = (h_desc, w_desc, a_bufs, b_bufs, ready, empty, acc_smem, acc_full, acc_empty, e_ptr,
-         stride_e, part_ptr, target_ptr, bias_ptr, labels_ptr, M, V, K, vocab_start, cap, e_desc,
-         e_bufs)
+         stride_e, part_ptr, target_ptr, bias_ptr, labels_ptr, M, V, K, vocab_start, cap, e_desc)
     gl.warp_specialize([
         (_consumer, (p,)),
         (_epilogue, (p, HAS_BIAS, HAS_CAP, NEED_SUM, TOKEN_STATS, P, TMA_STORE)),

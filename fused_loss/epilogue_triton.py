@@ -115,21 +115,23 @@ def _logits_kernel(h_desc, w_desc, bias_ptr, labels_ptr, e_ptr, stride_e, part_p
 
     rows = m0 + tl.arange(0, BM)
     offs_n = tl.arange(0, BN)
-    e = tile_epilogue(acc, rows, offs_n, pid_n, n_n, bias_ptr, labels_ptr, part_ptr, target_ptr,
+    label = tl.load(labels_ptr + rows, mask=rows < M, other=-1)
+    e = tile_epilogue(acc, rows, label, offs_n, pid_n, n_n, bias_ptr, part_ptr, target_ptr,
                       M, V, vocab_start, cap, HAS_BIAS, HAS_CAP, NEED_SUM, TOKEN_STATS, P, BN)
     store_tile(e_ptr, stride_e, rows, offs_n, pid_n, e, M, V, BN)
 
 
 @triton.jit
-def tile_epilogue(acc, rows, offs_n, pid_n, n_n, bias_ptr, labels_ptr, part_ptr, target_ptr, M, V,
+def tile_epilogue(acc, rows, label, offs_n, pid_n, n_n, bias_ptr, part_ptr, target_ptr, M, V,
                   vocab_start, cap, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
                   NEED_SUM: tl.constexpr, TOKEN_STATS: tl.constexpr, P: tl.constexpr,
                   BN: tl.constexpr):
     """One tile's epilogue from its fp32 accumulator [len(rows), BN]: stores the partials and
     the target logits (the module docstring) and returns the tile of E in fp16, for the
     caller's store (`store_tile`, or epilogue_gluon's TMA store). Shared by this module's GEMM
-    and epilogue_gluon's: rows and offs_n (0..BN-1) come in the caller's layouts (Gluon's
-    aranges carry one)."""
+    and epilogue_gluon's: rows, their labels (-1 past M) and offs_n (0..BN-1) come in the
+    caller's layouts (Gluon's aranges carry one); the caller loads the labels, so that it can
+    load them ahead."""
     n0 = pid_n * BN
     cols = n0 + offs_n
     row_ok = rows < M
@@ -137,7 +139,6 @@ def tile_epilogue(acc, rows, offs_n, pid_n, n_n, bias_ptr, labels_ptr, part_ptr,
     if HAS_BIAS:
         z += tl.load(bias_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)[None, :]
     # the target logit first: without a softcap z is dead after y (registers for the rest)
-    label = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
     local = label - vocab_start - n0
     here = row_ok & (local >= 0) & (local < BN) & (n0 + local < V)
     if tl.max(here.to(tl.int32), 0) > 0:  # most tiles hold no row's label: skip the search
