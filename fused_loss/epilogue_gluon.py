@@ -22,8 +22,9 @@ long sums truncate (a bias that grows with K: the loss on random inputs was off 
 promoted, the loss error is 5.6e-9..6.3e-8 on random inputs and 3.5e-8..1.7e-7 on LM-like ones
 (benchmarks/NOTES.md, attempt 28). Two full-width partials alternate, so one partial's adds
 run under the other's MMAs; they and the accumulator take 192 of a consumer thread's registers,
-which is why the epilogue lives in its own partition (attempts 32 and 33: a consumer that also
-ran the epilogue had room only for quarter-tile partials, the GEMM ~1.3x cuBLAS's mm).
+which is why the epilogue lives in its own partition: a consumer that also ran the epilogue had
+room only for quarter-tile partials, the GEMM ~1.3x cuBLAS's mm; this one runs at 1.16-1.20x
+(attempts 32-35).
 
 The epilogue is epilogue_triton's own (`tile_epilogue`, a Triton function called on this
 kernel's layout): the per-(row, tile) partials and the fp32 target logit in its format, and
@@ -53,7 +54,9 @@ BM, BN, BK = gl.constexpr(128), gl.constexpr(128), gl.constexpr(64)  # BN: the p
 # 224 KB of the 227 KB
 STAGES = gl.constexpr(5)
 CHAIN = gl.constexpr(2)  # K blocks per partial: its adds once per CHAIN blocks
-PAIRS = gl.constexpr(1)  # pairs of chains per straight-line run: the MMAs drain once per run
+# pairs of chains per straight-line run, the MMAs drained once per run: 2 would drain half as
+# often, but spills 0.8-2.7 KB at 208 registers and serializes the wgmmas (ptxas C7512)
+PAIRS = gl.constexpr(1)
 EPI_ROWS = gl.constexpr(16)  # the epilogue's rows per step (a step's E leaves by one TMA store)
 GROUP_M = gl.constexpr(16)
 # registers per thread, of 64K per multiprocessor at 512 threads x _MAXNREG (the loader's warp

@@ -113,8 +113,8 @@ def logits_path(backend: str, element_size: int, d: int, *, fp32_statistics: boo
     Not the default (benchmarks/RESULTS.md, "statistics from the fp32 accumulator"): on an H200
     (the Gluon GEMM, its accumulation promoted to round-to-nearest fp32 adds) its loss error is
     below eager's at every sweep point, far below on LM-like inputs, at the default's memory,
-    but it runs at 1.04-1.10x torch.compile's time, 4-10% slower than the default path, which is
-    as accurate as eager. Off Hopper the Triton GEMM's tensor-core sums are not promoted.
+    but it runs at 1.005-1.11x torch.compile's time, up to 12% slower than the default path,
+    which is as accurate as eager. Off Hopper the Triton GEMM's tensor-core sums are not promoted.
     """
     if not fp32_statistics or element_size != 2:
         return "vendor"
