@@ -5,13 +5,20 @@ picks for the sweep's heads. Each timing is the median of --reps after >= --warm
 of back-to-back calls (sustained clocks). Prints one table; chooses nothing by itself: the
 chosen configuration is written into epilogue_triton.GEMM_CONFIG by hand (benchmarks/NOTES.md).
 
-    python -m benchmarks.kernel.gemm [--shapes CxDxV,...] [--configs all|default]
+    python -m benchmarks.kernel.gemm [--shapes CxDxV,...] [--configs all|default|none]
+                                     [--gluon-candidates path.py,...]
+
+--gluon-candidates times other builds of the Gluon GEMM beside the landed one: files that
+define `logits` with epilogue_gluon's contract (a copy of it with its constants or partitions
+changed, its relative imports made absolute), each also held to fp64 by its tile maxima.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -46,6 +53,23 @@ def timed(fn, warmup_s, reps):
     return statistics.median(times)
 
 
+def load_candidate(path: str):
+    spec = importlib.util.spec_from_file_location(f"gluon_candidate_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tile_max_error(chunk, h, w, rows: int = 256) -> float:
+    """The worst |partial max - fp64's| over the first rows' tiles (the raw logits' maxima:
+    what promotion makes exact to fp32)."""
+    z = h[:rows].double() @ w.double().t()
+    n_tiles = chunk.partials.shape[1]
+    z = torch.nn.functional.pad(z, (0, n_tiles * chunk.bn - z.shape[1]), value=-float("inf"))
+    exact = z.view(z.shape[0], n_tiles, chunk.bn).amax(-1)
+    return float((chunk.partials[:rows, :, 0].double() - exact).abs().max())
+
+
 def _exact_lse_and_target(h, w, y):
     z = h.double() @ w.double().t()
     return torch.logsumexp(z, 1), z.gather(1, y[:, None]).squeeze(1)
@@ -78,11 +102,15 @@ def accuracy_probe() -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default=DEFAULT_SHAPES)
-    p.add_argument("--configs", default="all", choices=("all", "default"))
+    p.add_argument("--configs", default="all", choices=("all", "default", "none"))
+    p.add_argument("--gluon-candidates", default="",
+                   help="comma-separated files: other builds of epilogue_gluon to time beside it")
     p.add_argument("--warmup-s", type=float, default=0.3)
     p.add_argument("--reps", type=int, default=10)
     args = p.parse_args()
-    configs = CONFIGS if args.configs == "all" else [epilogue_triton.GEMM_CONFIG]
+    configs = {"all": CONFIGS, "default": [epilogue_triton.GEMM_CONFIG], "none": []}[args.configs]
+    candidates = {Path(f).stem: load_candidate(f)
+                  for f in filter(None, args.gluon_candidates.split(","))}
     default = dict(epilogue_triton.GEMM_CONFIG)
     rows = []
     for spec in args.shapes.split(","):
@@ -117,6 +145,13 @@ def main() -> int:
         path = timed(lambda: epilogue_triton.row_stats_and_grad_(
             epilogue_gluon.logits(h, w, None, y, buf, opts), y, one, opts), args.warmup_s, args.reps)
         line.append(f"{gemm:.3f} ({gemm / mm:.3f}x) / {path:.3f} ({path / vendor:.3f}x)")
+        for module in (epilogue_gluon, *candidates.values()):
+            err = tile_max_error(module.logits(h, w, None, y, buf, opts), h, w)
+            if module is not epilogue_gluon:
+                gemm = timed(lambda: module.logits(h, w, None, y, buf, opts), args.warmup_s,
+                             args.reps)
+                line.append(f"{gemm:.3f} ({gemm / mm:.3f}x)")
+            line.append(f"{err:.1e}")
         print(" | ".join(line), flush=True)
         rows.append(line)
         h = w = buf = None  # freed before the next shape allocates
@@ -130,10 +165,13 @@ def main() -> int:
         acc_line.append(accuracy_probe())
     epilogue_triton.GEMM_CONFIG = default
     acc_line.append("(GPU tests: = the Triton GEMM's)")
+    acc_line += [""] * (1 + 2 * len(candidates))
     rows.append(acc_line)
     head = ["chunk CxDxV", "cuBLAS mm ms", "vendor path ms"] + [
         "BM{BM} BN{BN} BK{BK} G{GROUP_M} w{num_warps} s{num_stages}: GEMM / path ms".format(**c)
-        for c in configs] + ["Gluon warp-specialized: GEMM / path ms"]
+        for c in configs] + ["Gluon warp-specialized: GEMM / path ms", "its tile-max err"]
+    for name in candidates:
+        head += [f"{name}: GEMM ms", f"{name} tile-max err"]
     print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for line in rows:
         print("| " + " | ".join(line) + " |")
