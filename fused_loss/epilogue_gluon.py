@@ -9,13 +9,14 @@ and three partitions share it:
 
   loader    1 warp: TMA loads of h and W blocks into one ring of STAGES shared-memory slots,
             in the order the tiles are consumed (an mbarrier pair per slot: ready / empty)
-  consumer  8 warps (the default partition), two warp groups of 64 rows each: every tile's
-            main loop, its accumulator then handed to the epilogue through a shared-memory
-            staging tile (an mbarrier pair: acc_full / acc_empty)
+  consumers 8 warps: the tile's main loop, as one 8-warp partition (the default) or as two
+            4-warp partitions of 64 rows each (the `Schedule`, below); the accumulator then
+            goes to the epilogue through a shared-memory staging tile (an mbarrier pair:
+            acc_full / acc_empty)
   epilogue  4 warps: the tile's epilogue, EPI_ROWS rows a step, under the consumer's next
             main loop
 
-The accumulation is promoted: the tensor cores sum CHAIN K blocks' products from zero into a
+The accumulation is promoted: the tensor cores sum a chain of K blocks' products from zero into a
 partial, and fp32 adds (round to nearest) take it into the accumulator. The tensor cores' own
 long sums truncate (a bias that grows with K: the loss on random inputs was off by up to
 2.2e-6, the fp16 lse by 1.4e-4 at D = 4096, where eager's 16-bit rounding partly cancels it);
@@ -37,6 +38,9 @@ GPU tests prove this kernel equal to it.
 
 from __future__ import annotations
 
+import re
+from typing import NamedTuple
+
 import torch
 import triton
 from triton.experimental import gluon
@@ -53,20 +57,61 @@ BM, BN, BK = gl.constexpr(128), gl.constexpr(128), gl.constexpr(64)  # BN: the p
 # shared memory: STAGES slots of 32 KB and the 64 KB fp32 staging tile (E leaves from it):
 # 224 KB of the 227 KB
 STAGES = gl.constexpr(5)
-CHAIN = gl.constexpr(2)  # K blocks per partial: its adds once per CHAIN blocks
-# pairs of chains per straight-line run, the MMAs drained once per run: 2 would drain half as
-# often, but spills 0.8-2.7 KB at 208 registers and serializes the wgmmas (ptxas C7512)
-PAIRS = gl.constexpr(1)
 EPI_ROWS = gl.constexpr(16)  # the epilogue's rows per step (a step's E leaves by one TMA store)
 GROUP_M = gl.constexpr(16)
 # registers per thread, of 64K per multiprocessor at 512 threads x _MAXNREG (the loader's warp
-# counts as a warp group): the consumer holds the accumulator and two partials (3 x 64) and
-# gets what the workers leave, (65536 - 128 x (72 + 24)) / 256 = 208; the epilogue's 72 hold a
-# 16-row step (8 rows a step and 56 registers: the epilogue, latency-bound, outlasted the main
-# loop at D = 2048, the GEMM 1.32x cuBLAS's mm against 1.20x)
+# counts as a warp group): a consumer thread holds its rows' accumulator and two partials
+# (3 x 64), (65536 - 128 x (72 + 24)) / 256 = 208; the epilogue's 72 hold a 16-row step (8 rows
+# a step and 56 registers: the epilogue, latency-bound, outlasted the main loop at D = 2048,
+# the GEMM 1.32x cuBLAS's mm against 1.20x)
+_CONSUMER_REGS = gl.constexpr(208)  # each consumer partition's, where there are two
 _EPILOGUE_REGS, _LOADER_REGS = gl.constexpr(72), gl.constexpr(24)
-_CONSUMER_WARPS, _EPILOGUE_WARPS = gl.constexpr(8), gl.constexpr(4)
+_CONSUMER_WARPS, _EPILOGUE_WARPS = gl.constexpr(8), gl.constexpr(4)  # consumers: all of them
 _MAXNREG = 128
+
+
+class Schedule(NamedTuple):
+    """How the consumer warps share a tile's main loop. Each consumer issues its rows' MMAs
+    and drains them once per run of 2 `chain` K blocks (the last MMA waited for, then the
+    second partial's adds): the tensor cores idle there unless another consumer's MMAs are
+    queued. One 8-warp consumer runs both warp groups in lockstep (Triton syncs the partition
+    at every mbarrier wait), so their drains coincide; two 4-warp consumers run apart, and
+    with `skew` the second starts each tile with one block alone, so that its drains fall a
+    block after the first's. Which is faster is the GPU's to say: benchmarks/kernel/gemm.py
+    --schedules times them side by side (benchmarks/NOTES.md, attempts 33-36)."""
+    consumers: int = 1  # 1: one 8-warp partition, the tile's 128 rows; 2: two 4-warp, 64 rows each
+    chain: int = 2  # K blocks per partial (its fp32 adds once per chain)
+    skew: bool = False  # 2 consumers: the second a block behind the first
+
+    @property
+    def name(self) -> str:
+        """e.g. 2x2skew: two consumers, chains of 2 blocks, the second a block behind."""
+        return f"{self.consumers}x{self.chain}" + ("skew" if self.skew else "")
+
+    @classmethod
+    def from_name(cls, name: str) -> "Schedule":
+        m = re.fullmatch(r"(\d+)x(\d+)(skew)?", name)
+        if not m:
+            raise ValueError(f"schedule {name!r} is not CONSUMERSxCHAIN[skew] (e.g. 2x2skew)")
+        return cls(int(m[1]), int(m[2]), bool(m[3])).check()
+
+    def check(self) -> "Schedule":
+        if self.consumers not in (1, 2):
+            raise ValueError(f"Schedule.consumers must be 1 or 2, got {self.consumers!r}")
+        # a run holds 2 chain slots and waits for no other: with two consumers, each needing
+        # the other's release of slot j - STAGES, a deadlock needs a run longer than the ring
+        if not 1 <= self.chain <= STAGES.value // 2:
+            raise ValueError(f"Schedule.chain must be 1..{STAGES.value // 2} (a run of 2 chain "
+                             f"blocks within the ring's {STAGES.value} slots), got {self.chain!r}")
+        if self.skew and self.consumers != 2:
+            raise ValueError("Schedule.skew needs consumers=2 (it staggers the second consumer)")
+        return self
+
+
+SCHEDULE = Schedule()  # the op's: one 8-warp consumer (attempt 35, the landed timing)
+# the ones the GPU is to time against it (attempt 36): two consumers, skewed or not
+CANDIDATES = (Schedule(consumers=2, chain=2, skew=True), Schedule(consumers=2, chain=1, skew=True),
+              Schedule(consumers=2, chain=2, skew=False))
 
 
 @gluon.jit
@@ -102,14 +147,16 @@ def _loader(p):
 
 
 @gluon.jit
-def _chain(a_bufs, b_bufs, ready, first, part, C: gl.constexpr):
-    """Issues the MMAs of the C K blocks in slots first, first + 1, ... into `part`, the
-    first from zero (use_acc=False): the tensor cores' sum of C x BK products."""
+def _chain(a_bufs, b_bufs, ready, first, part, ROW0: gl.constexpr, ROWS: gl.constexpr,
+           C: gl.constexpr):
+    """Issues the MMAs of rows ROW0 .. ROW0 + ROWS - 1 and the C K blocks in slots first,
+    first + 1, ... into `part`, the first from zero (use_acc=False): the tensor cores' sum of
+    C x BK products."""
     for c in gl.static_range(C):
         s = (first + c) % STAGES
         mbarrier.wait(ready.index(s), ((first + c) // STAGES) & 1)
-        part = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), part,
-                             use_acc=c > 0, is_async=True)
+        part = warpgroup_mma(a_bufs.index(s).slice(ROW0, ROWS), b_bufs.index(s).permute((1, 0)),
+                             part, use_acc=c > 0, is_async=True)
     return part
 
 
@@ -120,42 +167,62 @@ def _release(empty, first, C: gl.constexpr):
 
 
 @gluon.jit
-def _promoted_run(a_bufs, b_bufs, ready, empty, step, acc, p1, p2, C: gl.constexpr,
-                  PAIRS: gl.constexpr):
-    """2 C PAIRS K blocks from the ring's slot `step` on (PAIRS = 0: C blocks into p1 alone),
-    by chains of C blocks into p1 and p2 in turn, each partial then added to the accumulator
-    in fp32 while the other's MMAs run. Straight-line code that waits for its last MMA: ptxas
-    serializes every wgmma (C7514) where a partial in flight at a loop's back edge is read, so
-    the tensor cores idle once per run."""
-    gl.static_assert(2 * C <= STAGES, "a run holds up to 2 C slots")
-    p1 = _chain(a_bufs, b_bufs, ready, step, p1, C)
-    if PAIRS == 0:
+def _promoted_run(a_bufs, b_bufs, ready, empty, step, acc, p1, p2, ROW0: gl.constexpr,
+                  ROWS: gl.constexpr, C: gl.constexpr, PAIR: gl.constexpr):
+    """C K blocks from the ring's slot `step` into p1 (and with PAIR the next C into p2), each
+    partial then added to the accumulator in fp32, p1's adds under p2's MMAs. Straight-line
+    code that waits for its last MMA: ptxas serializes every wgmma (C7514) where a partial in
+    flight at a loop's back edge is read, and a second pair in the run (the next p1 issued
+    before p2's wait) spills at 208 registers (C7512), so this consumer's MMAs drain once per
+    run."""
+    p1 = _chain(a_bufs, b_bufs, ready, step, p1, ROW0, ROWS, C)
+    if PAIR:
+        p2 = _chain(a_bufs, b_bufs, ready, step + C, p2, ROW0, ROWS, C)
+        p1, p2 = warpgroup_mma_wait(C, deps=(p1, p2))  # p1's MMAs are done, p2's may not be
+        acc += p1
+        _release(empty, step, C)
+        p2 = warpgroup_mma_wait(0, deps=(p2,))
+        acc += p2
+        _release(empty, step + C, C)
+    else:
         p1 = warpgroup_mma_wait(0, deps=(p1,))
         acc += p1
         _release(empty, step, C)
-    for g in gl.static_range(PAIRS):
-        first = step + 2 * g * C
-        p2 = _chain(a_bufs, b_bufs, ready, first + C, p2, C)
-        p1, p2 = warpgroup_mma_wait(C, deps=(p1, p2))  # p1's MMAs are done, p2's may not be
-        acc += p1
-        _release(empty, first, C)
-        if g + 1 < PAIRS:
-            p1 = _chain(a_bufs, b_bufs, ready, first + 2 * C, p1, C)
-            p1, p2 = warpgroup_mma_wait(C, deps=(p1, p2))
-        else:
-            p2 = warpgroup_mma_wait(0, deps=(p2,))
-        acc += p2
-        _release(empty, first + C, C)
     return acc, p1, p2
 
 
 @gluon.jit
-def _consumer(p):
+def _blocks(a_bufs, b_bufs, ready, empty, step, n, acc, p1, p2, ROW0: gl.constexpr,
+            ROWS: gl.constexpr, CHAIN: gl.constexpr):
+    """n K blocks from slot `step` on: runs of 2 CHAIN, then pairs of single blocks, then the
+    odd one."""
+    for _ in range(n // (2 * CHAIN)):
+        acc, p1, p2 = _promoted_run(a_bufs, b_bufs, ready, empty, step, acc, p1, p2, ROW0, ROWS,
+                                    CHAIN, True)
+        step += 2 * CHAIN
+    for _ in range(n % (2 * CHAIN) // 2):
+        acc, p1, p2 = _promoted_run(a_bufs, b_bufs, ready, empty, step, acc, p1, p2, ROW0, ROWS,
+                                    1, True)
+        step += 2
+    if n % 2 == 1:
+        acc, p1, p2 = _promoted_run(a_bufs, b_bufs, ready, empty, step, acc, p1, p2, ROW0, ROWS,
+                                    1, False)
+    return acc, p1, p2
+
+
+@gluon.jit
+def _consumer(p, PART: gl.constexpr, CONSUMERS: gl.constexpr, CHAIN: gl.constexpr,
+              SKEW: gl.constexpr):
+    """Consumer PART of CONSUMERS (`Schedule`): its rows of every tile, the main loop, then its
+    accumulator into its rows of the staging tile."""
     (h_desc, w_desc, a_bufs, b_bufs, ready, empty, acc_smem, acc_full, acc_empty, e_ptr,
      stride_e, part_ptr, target_ptr, bias_ptr, labels_ptr, M, V, K, vocab_start, cap,
      e_desc) = p
+    ROWS: gl.constexpr = BM // CONSUMERS
+    ROW0: gl.constexpr = PART * ROWS
     mma: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[_CONSUMER_WARPS, 1], instr_shape=[16, BN, 16])
+        version=[3, 0], warps_per_cta=[_CONSUMER_WARPS // CONSUMERS, 1],
+        instr_shape=[16, BN, 16])
     n_m = gl.cdiv(M, BM)
     n_n = gl.cdiv(V, BN)
     n_k = gl.cdiv(K, BK)
@@ -163,22 +230,21 @@ def _consumer(p):
     nprog = gl.num_programs(0)
     for idx in range(gl.cdiv(n_m * n_n - pid, nprog)):  # this program's tiles
         step = idx * n_k  # the ring is filled in tile order: this tile's first slot
-        acc = gl.zeros((BM, BN), gl.float32, mma)
-        p1 = gl.zeros((BM, BN), gl.float32, mma)
-        p2 = gl.zeros((BM, BN), gl.float32, mma)
-        for _ in range(n_k // (2 * CHAIN * PAIRS)):
-            acc, p1, p2 = _promoted_run(a_bufs, b_bufs, ready, empty, step, acc, p1, p2,
-                                        CHAIN, PAIRS)
-            step += 2 * CHAIN * PAIRS
-        for _ in range(n_k % (2 * CHAIN * PAIRS) // 2):  # the tail: pairs of single blocks
-            acc, p1, p2 = _promoted_run(a_bufs, b_bufs, ready, empty, step, acc, p1, p2, 1, 1)
-            step += 2
-        if n_k % 2 == 1:
-            acc, p1, p2 = _promoted_run(a_bufs, b_bufs, ready, empty, step, acc, p1, p2, 1, 0)
+        acc = gl.zeros((ROWS, BN), gl.float32, mma)
+        p1 = gl.zeros((ROWS, BN), gl.float32, mma)
+        p2 = gl.zeros((ROWS, BN), gl.float32, mma)
+        if SKEW and PART == 1:  # one block alone first: its drains fall between the other's
+            acc, p1, p2 = _promoted_run(a_bufs, b_bufs, ready, empty, step, acc, p1, p2, ROW0,
+                                        ROWS, 1, False)
+            acc, p1, p2 = _blocks(a_bufs, b_bufs, ready, empty, step + 1, n_k - 1, acc, p1, p2,
+                                  ROW0, ROWS, CHAIN)
+        else:
+            acc, p1, p2 = _blocks(a_bufs, b_bufs, ready, empty, step, n_k, acc, p1, p2, ROW0,
+                                  ROWS, CHAIN)
         # the epilogue has read the previous tile (a fresh barrier passes a wait on parity 1)
         mbarrier.wait(acc_empty.index(0), (idx & 1) ^ 1)
-        acc_smem.store(acc)
-        gl.thread_barrier()  # every warp's rows are in before the one arrive
+        acc_smem.slice(ROW0, ROWS).store(acc)
+        gl.thread_barrier()  # every warp's rows are in before this consumer's one arrive
         mbarrier.arrive(acc_full.index(0))
 
 
@@ -237,7 +303,8 @@ def _epilogue(p, HAS_BIAS: gl.constexpr, HAS_CAP: gl.constexpr, NEED_SUM: gl.con
 def _logits_kernel(h_desc, w_desc, e_desc, e_ptr, stride_e, part_ptr, target_ptr, bias_ptr,
                    labels_ptr, M, V, K, vocab_start, cap, HAS_BIAS: gl.constexpr,
                    HAS_CAP: gl.constexpr, NEED_SUM: gl.constexpr, TOKEN_STATS: gl.constexpr,
-                   P: gl.constexpr, TMA_STORE: gl.constexpr):
+                   P: gl.constexpr, TMA_STORE: gl.constexpr, CONSUMERS: gl.constexpr,
+                   CHAIN: gl.constexpr, SKEW: gl.constexpr):
     dtype: gl.constexpr = h_desc.dtype
     a_bufs = gl.allocate_shared_memory(dtype, [STAGES, BM, BK], h_desc.layout)
     b_bufs = gl.allocate_shared_memory(dtype, [STAGES, BN, BK], w_desc.layout)
@@ -245,22 +312,31 @@ def _logits_kernel(h_desc, w_desc, e_desc, e_ptr, stride_e, part_ptr, target_ptr
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=1)
+        mbarrier.init(empty.index(i), count=CONSUMERS)  # every consumer's MMAs have read it
     # the accumulator's staging tile, by steps of the epilogue's rows; the 16-byte units of a
     # row permuted by its index mod 8, so that neither side's accesses collide in banks
     staging_l: gl.constexpr = gl.SwizzledSharedLayout(4, 1, 8, [1, 0])
     acc_smem = gl.allocate_shared_memory(gl.float32, [BM, BN], staging_l)
     acc_full = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
     acc_empty = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(acc_full.index(0), count=1)
+    mbarrier.init(acc_full.index(0), count=CONSUMERS)  # every consumer's rows are in
     mbarrier.init(acc_empty.index(0), count=1)
     p = (h_desc, w_desc, a_bufs, b_bufs, ready, empty, acc_smem, acc_full, acc_empty, e_ptr,
          stride_e, part_ptr, target_ptr, bias_ptr, labels_ptr, M, V, K, vocab_start, cap, e_desc)
-    gl.warp_specialize([
-        (_consumer, (p,)),
-        (_epilogue, (p, HAS_BIAS, HAS_CAP, NEED_SUM, TOKEN_STATS, P, TMA_STORE)),
-        (_loader, (p,)),
-    ], [_EPILOGUE_WARPS, 1], [_EPILOGUE_REGS, _LOADER_REGS])
+    if CONSUMERS == 1:  # the default partition is the consumer, with what the workers leave
+        gl.warp_specialize([
+            (_consumer, (p, 0, 1, CHAIN, SKEW)),
+            (_epilogue, (p, HAS_BIAS, HAS_CAP, NEED_SUM, TOKEN_STATS, P, TMA_STORE)),
+            (_loader, (p,)),
+        ], [_EPILOGUE_WARPS, 1], [_EPILOGUE_REGS, _LOADER_REGS])
+    else:
+        gl.warp_specialize([
+            (_consumer, (p, 0, 2, CHAIN, SKEW)),
+            (_consumer, (p, 1, 2, CHAIN, SKEW)),
+            (_epilogue, (p, HAS_BIAS, HAS_CAP, NEED_SUM, TOKEN_STATS, P, TMA_STORE)),
+            (_loader, (p,)),
+        ], [_CONSUMER_WARPS // 2, _EPILOGUE_WARPS, 1],
+            [_CONSUMER_REGS, _EPILOGUE_REGS, _LOADER_REGS])
 
 
 _GL_DTYPE = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
@@ -274,9 +350,12 @@ def runs_here(device: torch.device) -> bool:
 
 def logits(h_c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            labels: torch.Tensor, out: torch.Tensor, opts: LossOptions,
-           token_stats: bool = False, scratch: torch.Tensor | None = None) -> Chunk:
+           token_stats: bool = False, scratch: torch.Tensor | None = None,
+           schedule: Schedule = SCHEDULE) -> Chunk:
     """epilogue_triton.logits' contract: E into `out`, the partials and target logits beside
-    (in `scratch` where they fit)."""
+    (in `scratch` where they fit). `schedule`: the consumers' (benchmarks and tests time and
+    check the others)."""
+    schedule.check()
     m, k = h_c.shape
     v = weight.shape[0]
     p = n_partials(opts, token_stats)
@@ -303,5 +382,6 @@ def logits(h_c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         1.0 if opts.logit_softcap is None else opts.logit_softcap,
         HAS_BIAS=bias is not None, HAS_CAP=opts.logit_softcap is not None,
         NEED_SUM=bool(opts.label_smoothing), TOKEN_STATS=token_stats, P=p, TMA_STORE=tma_store,
-        num_warps=_CONSUMER_WARPS.value, maxnreg=_MAXNREG)
+        CONSUMERS=schedule.consumers, CHAIN=schedule.chain, SKEW=schedule.skew,
+        num_warps=_CONSUMER_WARPS.value // schedule.consumers, maxnreg=_MAXNREG)
     return Chunk(out, partials, target, BN.value)

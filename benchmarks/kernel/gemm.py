@@ -6,19 +6,17 @@ of back-to-back calls (sustained clocks). Prints one table; chooses nothing by i
 chosen configuration is written into epilogue_triton.GEMM_CONFIG by hand (benchmarks/NOTES.md).
 
     python -m benchmarks.kernel.gemm [--shapes CxDxV,...] [--configs all|default|none]
-                                     [--gluon-candidates path.py,...]
+                                     [--schedules candidates|none|CONSUMERSxCHAIN[skew],...]
 
---gluon-candidates times other builds of the Gluon GEMM beside the landed one: files that
-define `logits` with epilogue_gluon's contract (a copy of it with its constants or partitions
-changed, its relative imports made absolute), each also held to fp64 by its tile maxima.
+--schedules times other consumer schedules of the Gluon GEMM (epilogue_gluon.Schedule) beside
+the op's: its CANDIDATES by default, or those named (2x2skew: two consumers, chains of 2
+blocks, the second a block behind), each also held to fp64 by its tile maxima.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
@@ -53,11 +51,13 @@ def timed(fn, warmup_s, reps):
     return statistics.median(times)
 
 
-def load_candidate(path: str):
-    spec = importlib.util.spec_from_file_location(f"gluon_candidate_{Path(path).stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def parse_schedules(spec: str) -> list[epilogue_gluon.Schedule]:
+    if spec in ("candidates", "none"):
+        return list(epilogue_gluon.CANDIDATES) if spec == "candidates" else []
+    try:
+        return [epilogue_gluon.Schedule.from_name(name) for name in spec.split(",")]
+    except ValueError as e:
+        raise SystemExit(f"--schedules: {e}")
 
 
 def tile_max_error(chunk, h, w, rows: int = 256) -> float:
@@ -103,14 +103,14 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default=DEFAULT_SHAPES)
     p.add_argument("--configs", default="all", choices=("all", "default", "none"))
-    p.add_argument("--gluon-candidates", default="",
-                   help="comma-separated files: other builds of epilogue_gluon to time beside it")
+    p.add_argument("--schedules", default="candidates",
+                   help="other consumer schedules of the Gluon GEMM to time beside the op's: "
+                        "candidates (epilogue_gluon.CANDIDATES), none, or e.g. 2x2skew,2x1")
     p.add_argument("--warmup-s", type=float, default=0.3)
     p.add_argument("--reps", type=int, default=10)
     args = p.parse_args()
     configs = {"all": CONFIGS, "default": [epilogue_triton.GEMM_CONFIG], "none": []}[args.configs]
-    candidates = {Path(f).stem: load_candidate(f)
-                  for f in filter(None, args.gluon_candidates.split(","))}
+    schedules = parse_schedules(args.schedules)
     default = dict(epilogue_triton.GEMM_CONFIG)
     rows = []
     for spec in args.shapes.split(","):
@@ -145,13 +145,13 @@ def main() -> int:
         path = timed(lambda: epilogue_triton.row_stats_and_grad_(
             epilogue_gluon.logits(h, w, None, y, buf, opts), y, one, opts), args.warmup_s, args.reps)
         line.append(f"{gemm:.3f} ({gemm / mm:.3f}x) / {path:.3f} ({path / vendor:.3f}x)")
-        for module in (epilogue_gluon, *candidates.values()):
-            err = tile_max_error(module.logits(h, w, None, y, buf, opts), h, w)
-            if module is not epilogue_gluon:
-                gemm = timed(lambda: module.logits(h, w, None, y, buf, opts), args.warmup_s,
-                             args.reps)
+        for schedule in (epilogue_gluon.SCHEDULE, *schedules):
+            def run():
+                return epilogue_gluon.logits(h, w, None, y, buf, opts, schedule=schedule)
+            if schedule != epilogue_gluon.SCHEDULE:
+                gemm = timed(run, args.warmup_s, args.reps)
                 line.append(f"{gemm:.3f} ({gemm / mm:.3f}x)")
-            line.append(f"{err:.1e}")
+            line.append(f"{tile_max_error(run(), h, w):.1e}")
         print(" | ".join(line), flush=True)
         rows.append(line)
         h = w = buf = None  # freed before the next shape allocates
@@ -165,13 +165,15 @@ def main() -> int:
         acc_line.append(accuracy_probe())
     epilogue_triton.GEMM_CONFIG = default
     acc_line.append("(GPU tests: = the Triton GEMM's)")
-    acc_line += [""] * (1 + 2 * len(candidates))
+    acc_line += [""] * (1 + 2 * len(schedules))
     rows.append(acc_line)
     head = ["chunk CxDxV", "cuBLAS mm ms", "vendor path ms"] + [
         "BM{BM} BN{BN} BK{BK} G{GROUP_M} w{num_warps} s{num_stages}: GEMM / path ms".format(**c)
-        for c in configs] + ["Gluon warp-specialized: GEMM / path ms", "its tile-max err"]
-    for name in candidates:
-        head += [f"{name}: GEMM ms", f"{name} tile-max err"]
+        for c in configs] + [
+        f"Gluon, the op's schedule {epilogue_gluon.SCHEDULE.name}: GEMM / path ms",
+        "its tile-max err"]
+    for s in schedules:
+        head += [f"schedule {s.name}: GEMM ms", f"{s.name} tile-max err"]
     print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for line in rows:
         print("| " + " | ".join(line) + " |")

@@ -18,33 +18,36 @@ from pathlib import Path
 
 import pytest
 
+from fused_loss import epilogue_gluon as eg
+
 ROOT = Path(__file__).resolve().parents[2]
 SHARED_MEMORY_BYTES = 232448  # an H100's / H200's per-block opt-in maximum (227 KB)
-# (dtype, options, TMA store of E): the specializations the op launches
+# (dtype, options, TMA store of E, schedule): the specializations the op launches, then the
+# schedules the GPU is to time against its own, plain and with the most options (their
+# epilogue is the same code; the consumers' registers and barriers are not)
 CASES = [
-    ("bf16", (), True),
-    ("fp16", (), True),
-    ("bf16", (), False),  # V_local not a multiple of 8: E by plain stores
-    ("bf16", ("bias", "softcap"), True),
-    ("bf16", ("smoothing",), True),
-    ("bf16", ("token_stats",), True),
-]
+    ("bf16", (), True, eg.SCHEDULE),
+    ("fp16", (), True, eg.SCHEDULE),
+    ("bf16", (), False, eg.SCHEDULE),  # V_local not a multiple of 8: E by plain stores
+    ("bf16", ("bias", "softcap"), True, eg.SCHEDULE),
+    ("bf16", ("smoothing",), True, eg.SCHEDULE),
+    ("bf16", ("token_stats",), True, eg.SCHEDULE),
+] + [("bf16", options, True, s) for s in eg.CANDIDATES for options in ((), ("bias", "softcap"))]
 
 
 def _case_id(case) -> str:
-    dtype, options, tma_store = case
-    return "-".join([dtype, ",".join(options) or "plain", "tma" if tma_store else "stores"])
+    dtype, options, tma_store, schedule = case
+    return "-".join([dtype, ",".join(options) or "plain", "tma" if tma_store else "stores",
+                     schedule.name])
 
 
-def _build(dtype: str, options: tuple, tma_store: bool, tmp: Path) -> dict:
+def _build(dtype: str, options: tuple, tma_store: bool, schedule: eg.Schedule, tmp: Path) -> dict:
     """One specialization compiled for sm_90a: its shared memory and ptxas -v's report."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
-
-    from fused_loss import epilogue_gluon as eg
 
     gl_dtype = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
     bm, bn, bk = eg.BM.value, eg.BN.value, eg.BK.value
@@ -60,17 +63,19 @@ def _build(dtype: str, options: tuple, tma_store: bool, tmp: Path) -> dict:
            "labels_ptr": "*i64", "M": "i32", "V": "i32", "K": "i32", "vocab_start": "i32",
            "cap": "fp32", "HAS_BIAS": "constexpr", "HAS_CAP": "constexpr",
            "NEED_SUM": "constexpr", "TOKEN_STATS": "constexpr", "P": "constexpr",
-           "TMA_STORE": "constexpr"}
+           "TMA_STORE": "constexpr", "CONSUMERS": "constexpr", "CHAIN": "constexpr",
+           "SKEW": "constexpr"}
     p = 5 if "token_stats" in options else (3 if "smoothing" in options else 2)
     constants = {"HAS_BIAS": "bias" in options, "HAS_CAP": "softcap" in options,
                  "NEED_SUM": "smoothing" in options, "TOKEN_STATS": "token_stats" in options,
-                 "P": p, "TMA_STORE": tma_store}
+                 "P": p, "TMA_STORE": tma_store, "CONSUMERS": schedule.consumers,
+                 "CHAIN": schedule.chain, "SKEW": schedule.skew}
     names = list(sig)
     src = GluonASTSource(eg._logits_kernel, sig,
                          {(names.index(k),): v for k, v in constants.items()})
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(
-        num_warps=eg._CONSUMER_WARPS.value, maxnreg=eg._MAXNREG))
-    ptx = tmp / f"{_case_id((dtype, options, tma_store))}.ptx"
+        num_warps=eg._CONSUMER_WARPS.value // schedule.consumers, maxnreg=eg._MAXNREG))
+    ptx = tmp / f"{_case_id((dtype, options, tma_store, schedule))}.ptx"
     ptx.write_text(kernel.asm["ptx"])
     report = subprocess.run(
         [get_ptxas(90).path, "-arch=sm_90a", "-v", str(ptx), "-o", str(ptx.with_suffix(".cubin"))],
@@ -100,6 +105,27 @@ def test_builds_for_hopper_in_shared_memory_without_serialized_mmas(builds, case
     assert spills, got["ptxas"]  # ptxas -v always reports them
     # the options' epilogue temporaries may spill a few words; the plain kernel none
     assert sum(spills) <= (64 if case[1] else 0), got["ptxas"]
+
+
+@pytest.mark.parametrize("schedule, field", [
+    (eg.Schedule(consumers=3), "Schedule.consumers"),
+    (eg.Schedule(chain=0), "Schedule.chain"),
+    (eg.Schedule(chain=eg.STAGES.value // 2 + 1), "Schedule.chain"),  # a run past the ring
+    (eg.Schedule(consumers=1, skew=True), "Schedule.skew"),
+])
+def test_a_schedule_the_kernel_cannot_run_is_refused_by_name(schedule, field):
+    with pytest.raises(ValueError, match=field):
+        schedule.check()
+
+
+def test_the_schedules_are_named_as_the_benchmark_takes_them():
+    for schedule in (eg.SCHEDULE, *eg.CANDIDATES):
+        assert eg.Schedule.from_name(schedule.name) == schedule.check()
+    assert eg.Schedule.from_name("2x1skew") == eg.Schedule(consumers=2, chain=1, skew=True)
+    with pytest.raises(ValueError, match="CONSUMERSxCHAIN"):
+        eg.Schedule.from_name("two")
+    with pytest.raises(ValueError, match="Schedule.skew"):
+        eg.Schedule.from_name("1x2skew")
 
 
 if __name__ == "__main__":

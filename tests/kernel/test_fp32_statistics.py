@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fused_loss import fused_linear_cross_entropy
+from fused_loss import epilogue_gluon, fused_linear_cross_entropy
 from fused_loss.chunked import path_of
 from fused_loss.options import LossOptions
 from fused_loss.plan import logits_path
@@ -356,7 +356,6 @@ def test_gpu_lm_like_more_accurate_than_eager(shape, dtype, record_property):
 
 
 def _hopper_gemm():
-    from fused_loss import epilogue_gluon
     return epilogue_gluon.runs_here(torch.device("cuda"))
 
 
@@ -457,8 +456,10 @@ def _exact_partials(hidden, weight, bias, cap, labels, bn):
     return {"target": target, "partials": partials}
 
 
-@pytest.mark.parametrize("shape", [(1, 64, 300), (300, 1024, 50001 + 7), (2049, 2048, 32768)],
-                         ids=lambda s: "x".join(map(str, s)))
+GLUON_SHAPES = [(1, 64, 300), (300, 1024, 50001 + 7), (2049, 2048, 32768)]
+
+
+@pytest.mark.parametrize("shape", GLUON_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1}, {"logit_softcap": 30.0},
                                      {"token_stats": True}, {"bias": True}],
                          ids=lambda o: ",".join(o) or "plain")
@@ -468,7 +469,24 @@ def _exact_partials(hidden, weight, bias, cap, labels, bn):
 def test_gpu_gluon_gemm_writes_the_triton_gemms_format(shape, options, dtype):
     # the Hopper GEMM (warp-specialized Gluon) against the plain Triton one: same E, partials
     # and target logits, so the row passes serve both
-    from fused_loss import epilogue_gluon, epilogue_triton
+    check_gluon_format(shape, options, dtype, epilogue_gluon.SCHEDULE)
+
+
+@pytest.mark.parametrize("shape", GLUON_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("options", [{}, {"token_stats": True}, {"bias": True}],
+                         ids=lambda o: ",".join(o) or "plain")
+@pytest.mark.parametrize("schedule", epilogue_gluon.CANDIDATES, ids=lambda s: s.name)
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_candidate_schedules_write_the_same_format(shape, options, schedule):
+    # the consumer schedules timed against the op's keep its contract, so that the timing
+    # alone decides between them: their barriers' counts, the rows each consumer stores and
+    # the skewed runs are what differ
+    check_gluon_format(shape, options, torch.bfloat16, schedule)
+
+
+def check_gluon_format(shape, options, dtype, schedule):
+    from fused_loss import epilogue_triton
     if not epilogue_gluon.runs_here(torch.device("cuda")):
         pytest.skip("the Gluon GEMM runs on Hopper only")
     m, d, v = shape
@@ -478,10 +496,12 @@ def test_gpu_gluon_gemm_writes_the_triton_gemms_format(shape, options, dtype):
     token_stats = kw.pop("token_stats", False)
     bias = (torch.randn(v, device="cuda") * 2).to(dtype) if kw.pop("bias", False) else None
     opts = LossOptions(vocab_size=v, **kw)
-    chunks = []
-    for gemm in (epilogue_triton, epilogue_gluon):
-        out = torch.full((m, v), float("nan"), device="cuda", dtype=dtype)
-        chunks.append(gemm.logits(hidden, weight, bias, labels, out, opts, token_stats))
+    chunks = [epilogue_triton.logits(hidden, weight, bias, labels,
+                                     torch.full((m, v), float("nan"), device="cuda", dtype=dtype),
+                                     opts, token_stats),
+              epilogue_gluon.logits(hidden, weight, bias, labels,
+                                    torch.full((m, v), float("nan"), device="cuda", dtype=dtype),
+                                    opts, token_stats, schedule=schedule)]
     want, got = chunks
     assert got.bn == want.bn and got.partials.shape == want.partials.shape
     e_want, e_got = want.out.view(torch.float16).float(), got.out.view(torch.float16).float()
