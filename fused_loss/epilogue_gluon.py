@@ -76,24 +76,26 @@ class Schedule(NamedTuple):
     second partial's adds): the tensor cores idle there unless another consumer's MMAs are
     queued. One 8-warp consumer runs both warp groups in lockstep (Triton syncs the partition
     at every mbarrier wait), so their drains coincide; two 4-warp consumers run apart, and
-    with `skew` the second starts each tile with one block alone, so that its drains fall a
-    block after the first's. Which is faster is the GPU's to say: benchmarks/kernel/gemm.py
-    --schedules times them side by side (benchmarks/NOTES.md, attempts 33-36)."""
+    with `skew` the second starts each tile with that many blocks alone (each drained), so
+    that its runs' drains fall between the first's. Which is faster is the GPU's to say:
+    benchmarks/kernel/gemm.py --schedules times them side by side (benchmarks/NOTES.md,
+    attempts 33-36)."""
     consumers: int = 1  # 1: one 8-warp partition, the tile's 128 rows; 2: two 4-warp, 64 rows each
     chain: int = 2  # K blocks per partial (its fp32 adds once per chain)
-    skew: bool = False  # 2 consumers: the second a block behind the first
+    skew: int = 0  # 2 consumers: the K blocks the second runs alone at each tile's start
 
     @property
     def name(self) -> str:
-        """e.g. 2x2skew: two consumers, chains of 2 blocks, the second a block behind."""
-        return f"{self.consumers}x{self.chain}" + ("skew" if self.skew else "")
+        """e.g. 2x2skew1: two consumers, chains of 2 blocks, the second a block behind."""
+        return f"{self.consumers}x{self.chain}" + (f"skew{self.skew}" if self.skew else "")
 
     @classmethod
     def from_name(cls, name: str) -> "Schedule":
-        m = re.fullmatch(r"(\d+)x(\d+)(skew)?", name)
+        m = re.fullmatch(r"(\d+)x(\d+)(?:skew(\d+))?", name)
         if not m:
-            raise ValueError(f"schedule {name!r} is not CONSUMERSxCHAIN[skew] (e.g. 2x2skew)")
-        return cls(int(m[1]), int(m[2]), bool(m[3])).check()
+            raise ValueError(f"schedule {name!r} is not CONSUMERSxCHAIN[skewBLOCKS] "
+                             "(e.g. 2x2skew1)")
+        return cls(int(m[1]), int(m[2]), int(m[3] or 0)).check()
 
     def check(self) -> "Schedule":
         if self.consumers not in (1, 2):
@@ -105,13 +107,16 @@ class Schedule(NamedTuple):
                              f"blocks within the ring's {STAGES.value} slots), got {self.chain!r}")
         if self.skew and self.consumers != 2:
             raise ValueError("Schedule.skew needs consumers=2 (it staggers the second consumer)")
+        if not 0 <= self.skew <= self.chain:  # past a chain, the skew repeats a run's phase
+            raise ValueError(f"Schedule.skew must be 0..chain ({self.chain}), got {self.skew!r}")
         return self
 
 
 SCHEDULE = Schedule()  # the op's: one 8-warp consumer (attempt 35, the landed timing)
-# the ones the GPU is to time against it (attempt 36): two consumers, skewed or not
-CANDIDATES = (Schedule(consumers=2, chain=2, skew=True), Schedule(consumers=2, chain=1, skew=True),
-              Schedule(consumers=2, chain=2, skew=False))
+# the ones the GPU is to time against it (attempt 36): two consumers, skewed by a block, by
+# half a run, or not at all
+CANDIDATES = (Schedule(consumers=2, chain=2, skew=1), Schedule(consumers=2, chain=2, skew=2),
+              Schedule(consumers=2, chain=1, skew=1), Schedule(consumers=2, chain=2))
 
 
 @gluon.jit
@@ -233,10 +238,13 @@ def _consumer(p, PART: gl.constexpr, CONSUMERS: gl.constexpr, CHAIN: gl.constexp
         acc = gl.zeros((ROWS, BN), gl.float32, mma)
         p1 = gl.zeros((ROWS, BN), gl.float32, mma)
         p2 = gl.zeros((ROWS, BN), gl.float32, mma)
-        if SKEW and PART == 1:  # one block alone first: its drains fall between the other's
-            acc, p1, p2 = _promoted_run(a_bufs, b_bufs, ready, empty, step, acc, p1, p2, ROW0,
-                                        ROWS, 1, False)
-            acc, p1, p2 = _blocks(a_bufs, b_bufs, ready, empty, step + 1, n_k - 1, acc, p1, p2,
+        if SKEW > 0 and PART == 1:  # blocks alone first: its drains fall between the other's
+            head = gl.minimum(n_k, SKEW)
+            for _ in range(head):
+                acc, p1, p2 = _promoted_run(a_bufs, b_bufs, ready, empty, step, acc, p1, p2,
+                                            ROW0, ROWS, 1, False)
+                step += 1
+            acc, p1, p2 = _blocks(a_bufs, b_bufs, ready, empty, step, n_k - head, acc, p1, p2,
                                   ROW0, ROWS, CHAIN)
         else:
             acc, p1, p2 = _blocks(a_bufs, b_bufs, ready, empty, step, n_k, acc, p1, p2, ROW0,

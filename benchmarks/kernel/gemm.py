@@ -6,10 +6,10 @@ of back-to-back calls (sustained clocks). Prints one table; chooses nothing by i
 chosen configuration is written into epilogue_triton.GEMM_CONFIG by hand (benchmarks/NOTES.md).
 
     python -m benchmarks.kernel.gemm [--shapes CxDxV,...] [--configs all|default|none]
-                                     [--schedules candidates|none|CONSUMERSxCHAIN[skew],...]
+                                     [--schedules candidates|none|CONSUMERSxCHAIN[skewBLOCKS],...]
 
 --schedules times other consumer schedules of the Gluon GEMM (epilogue_gluon.Schedule) beside
-the op's: its CANDIDATES by default, or those named (2x2skew: two consumers, chains of 2
+the op's: its CANDIDATES by default, or those named (2x2skew1: two consumers, chains of 2
 blocks, the second a block behind), each also held to fp64 by its tile maxima.
 """
 from __future__ import annotations
@@ -105,7 +105,7 @@ def main() -> int:
     p.add_argument("--configs", default="all", choices=("all", "default", "none"))
     p.add_argument("--schedules", default="candidates",
                    help="other consumer schedules of the Gluon GEMM to time beside the op's: "
-                        "candidates (epilogue_gluon.CANDIDATES), none, or e.g. 2x2skew,2x1")
+                        "candidates (epilogue_gluon.CANDIDATES), none, or e.g. 2x2skew1,2x1")
     p.add_argument("--warmup-s", type=float, default=0.3)
     p.add_argument("--reps", type=int, default=10)
     args = p.parse_args()

@@ -111,7 +111,8 @@ def test_builds_for_hopper_in_shared_memory_without_serialized_mmas(builds, case
     (eg.Schedule(consumers=3), "Schedule.consumers"),
     (eg.Schedule(chain=0), "Schedule.chain"),
     (eg.Schedule(chain=eg.STAGES.value // 2 + 1), "Schedule.chain"),  # a run past the ring
-    (eg.Schedule(consumers=1, skew=True), "Schedule.skew"),
+    (eg.Schedule(consumers=1, skew=1), "Schedule.skew"),
+    (eg.Schedule(consumers=2, chain=1, skew=2), "Schedule.skew"),
 ])
 def test_a_schedule_the_kernel_cannot_run_is_refused_by_name(schedule, field):
     with pytest.raises(ValueError, match=field):
@@ -121,11 +122,12 @@ def test_a_schedule_the_kernel_cannot_run_is_refused_by_name(schedule, field):
 def test_the_schedules_are_named_as_the_benchmark_takes_them():
     for schedule in (eg.SCHEDULE, *eg.CANDIDATES):
         assert eg.Schedule.from_name(schedule.name) == schedule.check()
-    assert eg.Schedule.from_name("2x1skew") == eg.Schedule(consumers=2, chain=1, skew=True)
-    with pytest.raises(ValueError, match="CONSUMERSxCHAIN"):
-        eg.Schedule.from_name("two")
+    assert eg.Schedule.from_name("2x1skew1") == eg.Schedule(consumers=2, chain=1, skew=1)
+    for bad in ("two", "2x2skew"):
+        with pytest.raises(ValueError, match="CONSUMERSxCHAIN"):
+            eg.Schedule.from_name(bad)
     with pytest.raises(ValueError, match="Schedule.skew"):
-        eg.Schedule.from_name("1x2skew")
+        eg.Schedule.from_name("1x2skew1")
 
 
 if __name__ == "__main__":
