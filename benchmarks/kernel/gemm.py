@@ -36,6 +36,8 @@ CONFIGS = [
 def timed(fn, warmup_s, reps):
     # one call at a time: unsynchronized calls queue up (~1000 launches deep), and the warm-up
     # would run that queue's length, not warmup_s (12 s at the 8B chunk)
+    fn()  # a first call compiles (seconds for a Gluon schedule): no part of the warm-up
+    torch.cuda.synchronize()
     end = time.perf_counter() + warmup_s
     while time.perf_counter() < end:
         fn()
